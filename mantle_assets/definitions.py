@@ -1,0 +1,13 @@
+"""The code location: the one ``Definitions`` object ``workspace.yaml`` loads."""
+
+from dagster import Definitions
+
+from mantle_assets.orchestration.assets import image_directory, segmentation_masks
+from mantle_assets.orchestration.jobs import segmentation_job
+from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
+
+defs = Definitions(
+    assets=[image_directory, segmentation_masks],
+    jobs=[segmentation_job],
+    resources={"entity_store": EntityStoreResource(), "cellpose": CellposeResource()},
+)

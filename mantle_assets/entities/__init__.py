@@ -1,0 +1,46 @@
+"""The entity store: typed entities, their property history and lineage in DuckDB.
+
+Framework-free; the Dagster layer and the CLI build on it.
+"""
+
+from mantle_assets.entities.store import (
+    SCHEMA_VERSION,
+    Entity,
+    EntityNotFoundError,
+    EntityStore,
+    LineageEdge,
+    PropertyChange,
+    SchemaVersionError,
+    StoreBusyError,
+    default_database_path,
+)
+from mantle_assets.entities.types import (
+    DATA_TYPES,
+    ENTITY_ID_PATTERN,
+    DataType,
+    PropertyKind,
+    PropertySpec,
+    PropertyValidationError,
+    UnknownDataTypeError,
+    get_data_type,
+)
+
+__all__ = [
+    "DATA_TYPES",
+    "ENTITY_ID_PATTERN",
+    "SCHEMA_VERSION",
+    "DataType",
+    "Entity",
+    "EntityNotFoundError",
+    "EntityStore",
+    "LineageEdge",
+    "PropertyChange",
+    "PropertyKind",
+    "PropertySpec",
+    "PropertyValidationError",
+    "SchemaVersionError",
+    "StoreBusyError",
+    "UnknownDataTypeError",
+    "default_database_path",
+    "get_data_type",
+]

@@ -1,0 +1,850 @@
+"""The entity store: entities, their property history and lineage in one DuckDB file.
+
+DuckDB lets one process at a time open a database file read-write, and while
+it does, other processes cannot open it at all. Concurrent pipeline steps run
+in separate processes, so every public operation here opens a short-lived
+connection inside an inter-process file lock, runs one transaction and closes
+the connection before releasing the lock. Nothing holds the file between
+operations, which also lets people browse it with the DuckDB CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import filelock
+
+from mantle_assets.entities.types import PropertyValidationError, get_data_type
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Entity",
+    "EntityNotFoundError",
+    "EntityStore",
+    "LineageEdge",
+    "PropertyChange",
+    "SchemaVersionError",
+    "StoreBusyError",
+    "default_database_path",
+]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA_STATEMENTS: tuple[str, ...] = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    "CREATE SEQUENCE IF NOT EXISTS entity_id_seq START 1",
+    "CREATE SEQUENCE IF NOT EXISTS property_change_seq START 1",
+    """
+    CREATE TABLE IF NOT EXISTS entity_records (
+        entity_id VARCHAR PRIMARY KEY,
+        data_type VARCHAR NOT NULL,
+        name VARCHAR NOT NULL,
+        properties VARCHAR NOT NULL,   -- JSON text
+        version INTEGER NOT NULL,
+        archived BOOLEAN NOT NULL,
+        created_at TIMESTAMP NOT NULL, -- UTC
+        updated_at TIMESTAMP NOT NULL  -- UTC
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS property_history (
+        change_id BIGINT PRIMARY KEY,  -- orders changes made in the same transaction
+        entity_id VARCHAR NOT NULL,
+        property VARCHAR NOT NULL,
+        old_value VARCHAR,             -- JSON text, NULL when unset
+        new_value VARCHAR,             -- JSON text, NULL when unset
+        changed_at TIMESTAMP NOT NULL, -- UTC
+        run_id VARCHAR
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS lineage_edges (
+        parent_id VARCHAR NOT NULL,
+        child_id VARCHAR NOT NULL,
+        pipeline VARCHAR NOT NULL,
+        run_id VARCHAR NOT NULL,
+        parameters VARCHAR NOT NULL,   -- JSON text
+        created_at TIMESTAMP NOT NULL, -- UTC
+        PRIMARY KEY (parent_id, child_id, run_id)
+    )
+    """,
+    """
+    CREATE VIEW IF NOT EXISTS entities AS
+    SELECT entity_id, data_type, name, CAST(properties AS JSON) AS properties,
+           version, archived, created_at, updated_at
+    FROM entity_records
+    """,
+    """
+    CREATE VIEW IF NOT EXISTS lineage AS
+    SELECT parent_id, child_id, pipeline, run_id, CAST(parameters AS JSON) AS parameters, created_at
+    FROM lineage_edges
+    """,
+)
+
+_ENTITY_COLUMNS = "entity_id, data_type, name, properties, version, archived, created_at, updated_at"
+_EDGE_COLUMNS = "parent_id, child_id, pipeline, run_id, parameters, created_at"
+
+# Pseudo-property under which archiving shows up in an entity's history.
+_ARCHIVED_PROPERTY = "archived"
+
+_FIRST_RETRY_DELAY = 0.05
+_MAX_RETRY_DELAY = 1.0
+
+
+def default_database_path() -> Path:
+    """The database used when none is given.
+
+    Returns
+    -------
+    Path
+        ``$MANTLE_HOME/mantle.duckdb``, with ``MANTLE_HOME`` defaulting to
+        ``.mantle`` in the working directory.
+    """
+    return Path(os.environ.get("MANTLE_HOME", ".mantle")) / "mantle.duckdb"
+
+
+class EntityNotFoundError(KeyError):
+    """No entity has the given id."""
+
+    def __init__(self, entity_id: str) -> None:
+        super().__init__(f"no entity {entity_id}")
+        self.entity_id = entity_id
+
+    def __str__(self) -> str:
+        # KeyError would quote the message.
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keeps the message intact when the error crosses a process boundary.
+        return (type(self), (self.entity_id,))
+
+
+class StoreBusyError(RuntimeError):
+    """The database stayed locked by another process for longer than the lock timeout."""
+
+
+class SchemaVersionError(RuntimeError):
+    """The database was written by a newer version of the store."""
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One registered thing: a folder of images, a set of masks, a model.
+
+    Attributes
+    ----------
+    entity_id : str
+        ``E000001``, ``E000002``, ...
+    data_type : str
+        Name of the entity's :class:`~mantle_assets.entities.types.DataType`.
+    name : str
+        Human-readable name.
+    properties : dict[str, Any]
+        Validated property values.
+    version : int
+        1 at registration, incremented by each change.
+    archived : bool
+        Whether the entity was archived.
+    created_at, updated_at : datetime
+        UTC timestamps.
+    """
+
+    entity_id: str
+    data_type: str
+    name: str
+    properties: dict[str, Any]
+    version: int
+    archived: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class PropertyChange:
+    """One change of one property of an entity.
+
+    Attributes
+    ----------
+    entity_id : str
+        The entity changed.
+    property : str
+        The property changed; ``"archived"`` records archiving.
+    old_value, new_value : Any
+        The values before and after; ``None`` when unset.
+    changed_at : datetime
+        UTC timestamp.
+    run_id : str or None
+        The run that made the change, if any.
+    """
+
+    entity_id: str
+    property: str
+    old_value: Any
+    new_value: Any
+    changed_at: datetime
+    run_id: str | None
+
+
+@dataclass(frozen=True)
+class LineageEdge:
+    """A parent entity that a pipeline run turned into a child entity.
+
+    Attributes
+    ----------
+    parent_id, child_id : str
+        The input and output entities.
+    pipeline : str
+        The pipeline that ran.
+    run_id : str
+        The run.
+    parameters : dict[str, Any]
+        The run's parameters.
+    created_at : datetime
+        UTC timestamp.
+    """
+
+    parent_id: str
+    child_id: str
+    pipeline: str
+    run_id: str
+    parameters: dict[str, Any]
+    created_at: datetime
+
+
+def _utc_now() -> datetime:
+    # Stored naive in a TIMESTAMP column; the store's convention is UTC.
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc)
+
+
+def _to_json(value: Any) -> str:
+    return json.dumps(value, allow_nan=False)
+
+
+def _from_json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _is_foreign_lock_error(error: duckdb.Error) -> bool:
+    message = str(error).lower()
+    return "could not set lock" in message or "conflicting lock" in message
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _entity_from_row(row: tuple[Any, ...]) -> Entity:
+    entity_id, data_type, name, properties, version, archived, created_at, updated_at = row
+    return Entity(
+        entity_id=entity_id,
+        data_type=data_type,
+        name=name,
+        properties=json.loads(properties),
+        version=int(version),
+        archived=bool(archived),
+        created_at=_as_utc(created_at),
+        updated_at=_as_utc(updated_at),
+    )
+
+
+def _edge_from_row(row: tuple[Any, ...]) -> LineageEdge:
+    parent_id, child_id, pipeline, run_id, parameters, created_at = row
+    return LineageEdge(
+        parent_id=parent_id,
+        child_id=child_id,
+        pipeline=pipeline,
+        run_id=run_id,
+        parameters=json.loads(parameters),
+        created_at=_as_utc(created_at),
+    )
+
+
+def _check_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+class EntityStore:
+    """Entities, their property history and lineage, kept in one DuckDB file.
+
+    Safe to use from several processes at once: each operation holds an
+    inter-process lock only for its own short transaction.
+
+    Parameters
+    ----------
+    database : path, optional
+        The DuckDB file; :func:`default_database_path` if ``None``. Its
+        folder is created on first use, not here.
+    lock_timeout : float
+        Seconds an operation waits for other processes before raising
+        :class:`StoreBusyError`.
+    """
+
+    def __init__(self, database: str | os.PathLike | None = None, *, lock_timeout: float = 300.0) -> None:
+        path = default_database_path() if database is None else Path(database)
+        if str(path) == ":memory:":
+            raise ValueError("EntityStore needs a database file; ':memory:' would vanish between operations")
+        # Absolute now, so that a later chdir does not move the store.
+        self._database = Path(os.path.abspath(os.path.expanduser(path)))
+        self._lock_timeout = float(lock_timeout)
+        self._lock = filelock.FileLock(str(self._database) + ".lock", timeout=self._lock_timeout)
+
+    @property
+    def database(self) -> Path:
+        """Path: the DuckDB file."""
+        return self._database
+
+    def __repr__(self) -> str:
+        return f"EntityStore({str(self._database)!r})"
+
+    # -- connection handling -------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Connect inside the inter-process lock, run one transaction, close.
+
+        Commits when the block finishes, rolls back when it raises; the
+        connection is closed before the lock is released so that the next
+        process can open the file.
+        """
+        self._database.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise StoreBusyError(
+                f"timed out after {self._lock_timeout:g}s waiting for {self._lock.lock_file} "
+                f"(another process is using {self._database})"
+            ) from None
+        try:
+            connection = self._connect()
+            try:
+                connection.execute("BEGIN TRANSACTION")
+                try:
+                    # Checked every time: it is cheap next to opening the file,
+                    # and the file may have been replaced since the last call.
+                    self._ensure_schema(connection)
+                    yield connection
+                except BaseException:
+                    # Closing discards the transaction anyway; keep the real error.
+                    with contextlib.suppress(duckdb.Error):
+                        connection.execute("ROLLBACK")
+                    raise
+                connection.execute("COMMIT")
+            finally:
+                connection.close()
+        finally:
+            self._lock.release()
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        # Processes that take our lock never collide here; this retry is for
+        # others holding the file, such as someone's DuckDB CLI.
+        deadline = time.monotonic() + self._lock_timeout
+        delay = _FIRST_RETRY_DELAY
+        while True:
+            try:
+                return duckdb.connect(str(self._database))
+            except duckdb.IOException as error:
+                if not _is_foreign_lock_error(error):
+                    raise
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreBusyError(
+                        f"{self._database} stayed locked by another process for {self._lock_timeout:g}s: "
+                        f"{_one_line(error)}"
+                    ) from None
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
+
+    def _ensure_schema(self, connection: duckdb.DuckDBPyConnection) -> None:
+        exists = connection.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = 'schema_version'"
+        ).fetchone()[0]
+        if exists:
+            row = connection.execute("SELECT max(version) FROM schema_version").fetchone()
+            version = row[0] if row else None
+            if version is not None and version > SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"{self._database} has schema version {version}, but this mantle_assets understands "
+                    f"up to {SCHEMA_VERSION}; upgrade mantle_assets"
+                )
+            if version == SCHEMA_VERSION:
+                return
+        for statement in _SCHEMA_STATEMENTS:
+            connection.execute(statement)
+        connection.execute("DELETE FROM schema_version")
+        connection.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+
+    # -- helpers that run inside a transaction ---------------------------------
+
+    @staticmethod
+    def _fetch(connection: duckdb.DuckDBPyConnection, entity_id: str) -> Entity:
+        row = connection.execute(
+            f"SELECT {_ENTITY_COLUMNS} FROM entity_records WHERE entity_id = ?", [entity_id]
+        ).fetchone()
+        if row is None:
+            raise EntityNotFoundError(entity_id)
+        return _entity_from_row(row)
+
+    @staticmethod
+    def _check_references(connection: duckdb.DuckDBPyConnection, data_type: str, properties: Mapping) -> None:
+        spec = get_data_type(data_type).properties
+        for prop, value in properties.items():
+            if spec[prop].kind != "entity":
+                continue
+            found = connection.execute("SELECT 1 FROM entity_records WHERE entity_id = ?", [value]).fetchone()
+            if found is None:
+                raise PropertyValidationError(f"{data_type}: property {prop!r} refers to unknown entity {value}")
+
+    @staticmethod
+    def _record_change(
+        connection: duckdb.DuckDBPyConnection,
+        entity_id: str,
+        prop: str,
+        old_value: Any,
+        new_value: Any,
+        changed_at: datetime,
+        run_id: str | None,
+    ) -> None:
+        connection.execute(
+            "INSERT INTO property_history (change_id, entity_id, property, old_value, new_value, changed_at, run_id) "
+            "VALUES (nextval('property_change_seq'), ?, ?, ?, ?, ?, ?)",
+            [
+                entity_id,
+                prop,
+                None if old_value is None else _to_json(old_value),
+                None if new_value is None else _to_json(new_value),
+                changed_at,
+                run_id,
+            ],
+        )
+
+    def _insert(
+        self,
+        connection: duckdb.DuckDBPyConnection,
+        data_type: str,
+        name: str,
+        properties: dict[str, Any],
+        run_id: str | None,
+    ) -> Entity:
+        self._check_references(connection, data_type, properties)
+        # Taken last: a sequence value is not given back on rollback.
+        number = connection.execute("SELECT nextval('entity_id_seq')").fetchone()[0]
+        entity_id = f"E{number:06d}"
+        now = _utc_now()
+        connection.execute(
+            f"INSERT INTO entity_records ({_ENTITY_COLUMNS}) VALUES (?, ?, ?, ?, 1, FALSE, ?, ?)",
+            [entity_id, data_type, name, _to_json(properties), now, now],
+        )
+        for prop, value in properties.items():
+            self._record_change(connection, entity_id, prop, None, value, now, run_id)
+        return self._fetch(connection, entity_id)
+
+    def _apply_changes(
+        self,
+        connection: duckdb.DuckDBPyConnection,
+        entity: Entity,
+        changes: dict[str, Any],
+        run_id: str | None,
+    ) -> Entity:
+        changed = {prop: value for prop, value in changes.items() if entity.properties.get(prop) != value}
+        if not changed:
+            return entity
+        self._check_references(connection, entity.data_type, changed)
+        now = _utc_now()
+        merged = {**entity.properties, **changed}
+        connection.execute(
+            "UPDATE entity_records SET properties = ?, version = version + 1, updated_at = ? WHERE entity_id = ?",
+            [_to_json(merged), now, entity.entity_id],
+        )
+        for prop, value in changed.items():
+            self._record_change(connection, entity.entity_id, prop, entity.properties.get(prop), value, now, run_id)
+        return self._fetch(connection, entity.entity_id)
+
+    @staticmethod
+    def _find_child(
+        connection: duckdb.DuckDBPyConnection, parents: Sequence[str], pipeline: str, data_type: str
+    ) -> str | None:
+        # Archived outputs are retired on purpose; a new run makes a fresh one.
+        candidates = connection.execute(
+            "SELECT DISTINCT e.entity_id FROM lineage_edges l "
+            "JOIN entity_records e ON e.entity_id = l.child_id "
+            "WHERE l.parent_id = ? AND l.pipeline = ? AND e.data_type = ? AND NOT e.archived "
+            "ORDER BY e.entity_id",
+            [parents[0], pipeline, data_type],
+        ).fetchall()
+        wanted = set(parents)
+        for (child_id,) in candidates:
+            rows = connection.execute(
+                "SELECT DISTINCT parent_id FROM lineage_edges WHERE child_id = ? AND pipeline = ?",
+                [child_id, pipeline],
+            ).fetchall()
+            if {parent_id for (parent_id,) in rows} == wanted:
+                return child_id
+        return None
+
+    # -- public operations -----------------------------------------------------
+
+    def register(self, data_type: str, name: str, properties: Mapping, *, run_id: str | None = None) -> Entity:
+        """Create a new entity.
+
+        Parameters
+        ----------
+        data_type : str
+            Name of a registered data type.
+        name : str
+            Human-readable name.
+        properties : Mapping
+            Property values, validated against the data type.
+        run_id : str, optional
+            The run registering it, recorded in the history.
+
+        Returns
+        -------
+        Entity
+            The new entity, version 1.
+
+        Raises
+        ------
+        UnknownDataTypeError, PropertyValidationError
+            If the data type or properties are invalid; nothing is written.
+        StoreBusyError
+            If the database stayed locked for longer than the lock timeout.
+        """
+        validated = get_data_type(data_type).validate(properties)
+        _check_name(name, "name")
+        with self._transaction() as connection:
+            return self._insert(connection, data_type, name, validated, run_id)
+
+    def get(self, entity_id: str) -> Entity:
+        """Read one entity.
+
+        Parameters
+        ----------
+        entity_id : str
+            E.g. ``"E000042"``.
+
+        Returns
+        -------
+        Entity
+            The entity, archived or not.
+
+        Raises
+        ------
+        EntityNotFoundError
+            If no entity has that id.
+        """
+        with self._transaction() as connection:
+            return self._fetch(connection, entity_id)
+
+    def list(self, data_type: str | None = None, *, include_archived: bool = False) -> list[Entity]:
+        """Read all entities, ordered by id.
+
+        Parameters
+        ----------
+        data_type : str, optional
+            Only entities of this data type.
+        include_archived : bool
+            Whether to include archived entities.
+
+        Returns
+        -------
+        list[Entity]
+            The entities.
+        """
+        if data_type is not None:
+            get_data_type(data_type)
+        with self._transaction() as connection:
+            rows = connection.execute(
+                f"SELECT {_ENTITY_COLUMNS} FROM entity_records "
+                "WHERE (? IS NULL OR data_type = ?) AND (? OR NOT archived) ORDER BY entity_id",
+                [data_type, data_type, include_archived],
+            ).fetchall()
+        return [_entity_from_row(row) for row in rows]
+
+    def update(self, entity_id: str, changes: Mapping, *, run_id: str | None = None) -> Entity:
+        """Change some properties of an entity.
+
+        Parameters
+        ----------
+        entity_id : str
+            The entity to change.
+        changes : Mapping
+            New property values, validated as a partial set; ``None`` values
+            of optional properties are ignored.
+        run_id : str, optional
+            The run making the change, recorded in the history.
+
+        Returns
+        -------
+        Entity
+            The entity after the change; its version is incremented if any
+            value actually changed.
+
+        Raises
+        ------
+        EntityNotFoundError
+            If no entity has that id.
+        PropertyValidationError
+            If a change is invalid; nothing is written.
+        """
+        with self._transaction() as connection:
+            entity = self._fetch(connection, entity_id)
+            validated = get_data_type(entity.data_type).validate(changes, partial=True)
+            return self._apply_changes(connection, entity, validated, run_id)
+
+    def archive(self, entity_id: str, *, run_id: str | None = None) -> Entity:
+        """Mark an entity archived, hiding it from :meth:`list` by default.
+
+        Parameters
+        ----------
+        entity_id : str
+            The entity to archive.
+        run_id : str, optional
+            The run archiving it, recorded in the history as a change of the
+            pseudo-property ``"archived"``.
+
+        Returns
+        -------
+        Entity
+            The archived entity; unchanged if it already was archived.
+
+        Raises
+        ------
+        EntityNotFoundError
+            If no entity has that id.
+        """
+        with self._transaction() as connection:
+            entity = self._fetch(connection, entity_id)
+            if entity.archived:
+                return entity
+            now = _utc_now()
+            connection.execute(
+                "UPDATE entity_records SET archived = TRUE, version = version + 1, updated_at = ? "
+                "WHERE entity_id = ?",
+                [now, entity_id],
+            )
+            self._record_change(connection, entity_id, _ARCHIVED_PROPERTY, False, True, now, run_id)
+            return self._fetch(connection, entity_id)
+
+    def history(self, entity_id: str) -> list[PropertyChange]:
+        """Read the property changes of an entity, oldest first.
+
+        Parameters
+        ----------
+        entity_id : str
+            The entity.
+
+        Returns
+        -------
+        list[PropertyChange]
+            One entry per changed property, starting with the values set at
+            registration (``old_value`` ``None``).
+
+        Raises
+        ------
+        EntityNotFoundError
+            If no entity has that id.
+        """
+        with self._transaction() as connection:
+            self._fetch(connection, entity_id)
+            rows = connection.execute(
+                "SELECT entity_id, property, old_value, new_value, changed_at, run_id "
+                "FROM property_history WHERE entity_id = ? ORDER BY change_id",
+                [entity_id],
+            ).fetchall()
+        return [
+            PropertyChange(
+                entity_id=row[0],
+                property=row[1],
+                old_value=_from_json(row[2]),
+                new_value=_from_json(row[3]),
+                changed_at=_as_utc(row[4]),
+                run_id=row[5],
+            )
+            for row in rows
+        ]
+
+    def record_output(
+        self,
+        data_type: str,
+        name: str,
+        properties: Mapping,
+        *,
+        parents: Sequence[str],
+        pipeline: str,
+        run_id: str,
+        parameters: Mapping,
+    ) -> Entity:
+        """Record what a pipeline run made from some parent entities, in one transaction.
+
+        If an unarchived entity of ``data_type`` already descends from
+        exactly ``parents`` via ``pipeline``, its properties are updated
+        (history rows, version incremented if anything changed) and its name
+        is kept; otherwise a new entity is registered. Then one lineage edge
+        per parent is added, unless the same (parent, child, run) edge exists,
+        so a retried run does not duplicate anything.
+
+        Parameters
+        ----------
+        data_type : str
+            Data type of the output.
+        name : str
+            Name for a new output entity.
+        properties : Mapping
+            The output's properties, validated in full.
+        parents : Sequence[str]
+            Ids of the input entities; at least one, all existing.
+        pipeline : str
+            Name of the pipeline.
+        run_id : str
+            The run.
+        parameters : Mapping
+            The run's JSON-serialisable parameters, stored on the edges.
+
+        Returns
+        -------
+        Entity
+            The new or updated output entity.
+
+        Raises
+        ------
+        EntityNotFoundError
+            If a parent does not exist; nothing is written.
+        UnknownDataTypeError, PropertyValidationError
+            If the data type or properties are invalid; nothing is written.
+        ValueError
+            If ``parents`` is empty or ``parameters`` is not JSON-serialisable.
+        """
+        validated = get_data_type(data_type).validate(properties)
+        _check_name(name, "name")
+        _check_name(pipeline, "pipeline")
+        _check_name(run_id, "run_id")
+        if isinstance(parents, str):
+            raise ValueError(f"parents must be a sequence of entity ids, got the string {parents!r}")
+        unique_parents = list(dict.fromkeys(parents))
+        if not unique_parents:
+            raise ValueError(f"record_output for pipeline {pipeline!r} needs at least one parent")
+        try:
+            parameters_json = _to_json(dict(parameters))
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"parameters of pipeline {pipeline!r} are not JSON-serialisable: {_one_line(error)}"
+            ) from None
+
+        with self._transaction() as connection:
+            for parent_id in unique_parents:
+                self._fetch(connection, parent_id)
+            child_id = self._find_child(connection, unique_parents, pipeline, data_type)
+            if child_id is None:
+                child = self._insert(connection, data_type, name, validated, run_id)
+            else:
+                child = self._apply_changes(connection, self._fetch(connection, child_id), validated, run_id)
+            now = _utc_now()
+            for parent_id in unique_parents:
+                connection.execute(
+                    f"INSERT INTO lineage_edges ({_EDGE_COLUMNS}) "
+                    "SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS ("
+                    "  SELECT 1 FROM lineage_edges WHERE parent_id = ? AND child_id = ? AND run_id = ?)",
+                    [parent_id, child.entity_id, pipeline, run_id, parameters_json, now,
+                     parent_id, child.entity_id, run_id],
+                )
+            return child
+
+    def parents(self, entity_id: str) -> list[LineageEdge]:
+        """Read the edges from which an entity was made.
+
+        Parameters
+        ----------
+        entity_id : str
+            The child entity.
+
+        Returns
+        -------
+        list[LineageEdge]
+            Its incoming edges, oldest first; one per parent and run.
+
+        Raises
+        ------
+        EntityNotFoundError
+            If no entity has that id.
+        """
+        return self._edges(entity_id, "child_id")
+
+    def children(self, entity_id: str) -> list[LineageEdge]:
+        """Read the edges to the entities made from an entity.
+
+        Parameters
+        ----------
+        entity_id : str
+            The parent entity.
+
+        Returns
+        -------
+        list[LineageEdge]
+            Its outgoing edges, oldest first; one per child and run.
+
+        Raises
+        ------
+        EntityNotFoundError
+            If no entity has that id.
+        """
+        return self._edges(entity_id, "parent_id")
+
+    def _edges(self, entity_id: str, column: str) -> list[LineageEdge]:
+        # column is one of two literals chosen above, never caller input.
+        order = "parent_id" if column == "child_id" else "child_id"
+        with self._transaction() as connection:
+            self._fetch(connection, entity_id)
+            rows = connection.execute(
+                f"SELECT {_EDGE_COLUMNS} FROM lineage_edges WHERE {column} = ? "
+                f"ORDER BY created_at, {order}, run_id",
+                [entity_id],
+            ).fetchall()
+        return [_edge_from_row(row) for row in rows]
+
+    def find_output(self, parent_id: str, pipeline: str, data_type: str) -> Entity | None:
+        """Find an unarchived entity of a data type made from a parent by a pipeline.
+
+        Parameters
+        ----------
+        parent_id : str
+            The parent entity.
+        pipeline : str
+            The pipeline.
+        data_type : str
+            The output's data type.
+
+        Returns
+        -------
+        Entity or None
+            The matching output with the lowest id, or ``None``.
+
+        Raises
+        ------
+        EntityNotFoundError
+            If the parent does not exist.
+        """
+        with self._transaction() as connection:
+            self._fetch(connection, parent_id)
+            row = connection.execute(
+                f"SELECT {_ENTITY_COLUMNS} FROM entity_records "
+                "WHERE data_type = ? AND NOT archived AND entity_id IN ("
+                "  SELECT child_id FROM lineage_edges WHERE parent_id = ? AND pipeline = ?) "
+                "ORDER BY entity_id LIMIT 1",
+                [data_type, parent_id, pipeline],
+            ).fetchone()
+        return None if row is None else _entity_from_row(row)

@@ -1,0 +1,195 @@
+"""The Cellpose wrapper: Mantle's pipeline parameters in, label images out.
+
+Mantle's parameters keep Mantle's meanings: ``cytoplasm_channel`` is the
+channel to segment (0 = grayscale, 1/2/3 = red/green/blue, i.e. channel c of
+a field), ``nuclei_channel`` the optional nuclear channel (0 = none); equal
+values mean nuclei-only segmentation of that channel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MIN_ESTIMATED_DIAMETER = 5.0
+
+
+class ParameterError(ValueError):
+    """A pipeline parameter with an unusable value; the message names it."""
+
+
+def parse_diameter(value: str | float | int | None) -> float | None:
+    """Read the ``diameter`` parameter: pixels, or ``"None"`` for automatic estimation.
+
+    Examples
+    --------
+    >>> parse_diameter("None") is None
+    True
+    >>> parse_diameter("12.5")
+    12.5
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+        return None
+    try:
+        diameter = float(value)
+    except (TypeError, ValueError):
+        raise ParameterError(
+            f"diameter must be a number of pixels or 'None', got {value!r}"
+        ) from None
+    if not math.isfinite(diameter) or diameter <= 0:
+        raise ParameterError(f"diameter must be a positive number of pixels, got {value!r}")
+    return diameter
+
+
+def check_channels(nuclei_channel: int, cytoplasm_channel: int, n_channels: int | None = None) -> None:
+    """Refuse channel indices outside 0-3 or beyond the image's channels.
+
+    Parameters
+    ----------
+    nuclei_channel, cytoplasm_channel : int
+        Mantle channel parameters.
+    n_channels : int, optional
+        Channels the images have; when given, indices must not exceed it.
+    """
+    for name, value in (("nuclei_channel", nuclei_channel), ("cytoplasm_channel", cytoplasm_channel)):
+        if value not in (0, 1, 2, 3):
+            raise ParameterError(f"{name} must be 0, 1, 2 or 3, got {value!r}")
+        if n_channels is not None and value > n_channels:
+            raise ParameterError(
+                f"{name}={value} but the images have {n_channels} channel(s)"
+            )
+
+
+def select_channels(stack: np.ndarray, nuclei_channel: int, cytoplasm_channel: int) -> np.ndarray:
+    """Build Cellpose's input from a ``(C, Y, X)`` field.
+
+    Returns a ``(Y, X)`` image when one channel is segmented (grayscale or
+    nuclei-only), else ``(2, Y, X)``: the channel to segment, then the nuclei.
+
+    Examples
+    --------
+    >>> stack = np.stack([np.full((2, 2), 1.0), np.full((2, 2), 3.0)])
+    >>> select_channels(stack, 2, 2)[0, 0]
+    3.0
+    >>> select_channels(stack, 2, 0)[0, 0]
+    2.0
+    >>> select_channels(stack, 2, 1).shape
+    (2, 2, 2)
+    """
+    check_channels(nuclei_channel, cytoplasm_channel, stack.shape[0])
+    stack = stack.astype(np.float32, copy=False)
+    target = stack.mean(axis=0) if cytoplasm_channel == 0 else stack[cytoplasm_channel - 1]
+    if nuclei_channel in (0, cytoplasm_channel):
+        return target
+    return np.stack([target, stack[nuclei_channel - 1]])
+
+
+@dataclass(frozen=True)
+class SegmentationSettings:
+    """Cellpose evaluation options besides the channels (Cellpose's defaults)."""
+
+    diameter: float | None = None
+    flow_threshold: float = 0.4
+    cellprob_threshold: float = 0.0
+    min_size: int = 15
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    masks: np.ndarray
+    diameter: float
+    estimated: bool
+
+
+class CellposeSegmenter:
+    """A Cellpose model loaded once and applied to many images.
+
+    Parameters
+    ----------
+    weights : path
+        Cellpose model file.
+    builtin_name : str, optional
+        Cellpose's name for built-in weights; enables Cellpose's own size
+        model for automatic diameters (``size_*.npy`` from its cache).
+    gpu : bool, optional
+        Use the GPU; default: whenever torch sees one.
+    """
+
+    def __init__(self, weights: str | Path, *, builtin_name: str | None = None, gpu: bool | None = None):
+        import torch
+        from cellpose import models
+
+        use_gpu = torch.cuda.is_available() if gpu is None else gpu
+        if builtin_name is not None:
+            self.model = models.CellposeModel(gpu=use_gpu, model_type=builtin_name)
+        else:
+            self.model = models.CellposeModel(gpu=use_gpu, pretrained_model=str(weights))
+        self.diam_mean = float(self.model.diam_mean)
+        self.device = str(self.model.device)
+        self.size_model = self._builtin_size_model(builtin_name)
+
+    def _builtin_size_model(self, builtin_name: str | None):
+        if builtin_name not in ("cyto", "cyto2", "cyto3", "nuclei"):
+            return None
+        from cellpose import models
+
+        try:
+            return models.SizeModel(cp_model=self.model, pretrained_size=models.size_model_path(builtin_name))
+        except Exception:  # noqa: BLE001 - no cached or downloadable size model
+            return None
+
+    def _eval(self, image: np.ndarray, diameter: float, settings: SegmentationSettings) -> np.ndarray:
+        channels, channel_axis = ([1, 2], 0) if image.ndim == 3 else ([0, 0], None)
+        masks, _, _ = self.model.eval(
+            image,
+            channels=channels,
+            channel_axis=channel_axis,
+            diameter=diameter,
+            flow_threshold=settings.flow_threshold,
+            cellprob_threshold=settings.cellprob_threshold,
+            min_size=settings.min_size,
+            batch_size=settings.batch_size,
+        )
+        return np.asarray(masks)
+
+    def estimate_diameter(self, image: np.ndarray, settings: SegmentationSettings = SegmentationSettings()) -> float:
+        """Estimate the median object diameter of an image, in pixels.
+
+        Built-in models use Cellpose's size model. Other models segment the
+        image once at the network's own scale (``diam_mean``) and take the
+        median diameter of the objects found, which is the second step of
+        Cellpose's own size model without its style regression.
+        """
+        if self.size_model is not None:
+            channels, channel_axis = ([1, 2], 0) if image.ndim == 3 else ([0, 0], None)
+            diameter, _ = self.size_model.eval(image, channels=channels, channel_axis=channel_axis)
+            return max(float(diameter), MIN_ESTIMATED_DIAMETER)
+        from cellpose.utils import diameters
+
+        masks = self._eval(image, self.diam_mean, settings)
+        if masks.max() == 0:
+            return self.diam_mean
+        return max(float(diameters(masks)[0]), MIN_ESTIMATED_DIAMETER)
+
+    def segment(self, image: np.ndarray, settings: SegmentationSettings = SegmentationSettings()) -> SegmentationResult:
+        """Segment one image prepared by :func:`select_channels`.
+
+        Parameters
+        ----------
+        image : ndarray
+            ``(Y, X)`` or ``(2, Y, X)``.
+        settings : SegmentationSettings
+            ``diameter=None`` estimates the diameter of this image first.
+
+        Returns
+        -------
+        SegmentationResult
+            Label image (0 = background), the diameter used and whether it was estimated.
+        """
+        estimated = settings.diameter is None
+        diameter = self.estimate_diameter(image, settings) if estimated else settings.diameter
+        return SegmentationResult(self._eval(image, diameter, settings), diameter, estimated)

@@ -1,0 +1,166 @@
+"""Where Cellpose weights come from: built-in names, Cellpose's cache, bundled models, files.
+
+Cellpose 3 silently falls back to ``cyto3`` for a name it does not know and
+downloads built-in weights on first use. Here a model name is resolved up
+front to a weights file, so an unknown name or an unreachable download fails
+before any work starts, with a message that says what is usable offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+BUNDLED_METADATA = "model.json"
+
+
+class ModelResolutionError(ValueError):
+    """A model that cannot be used; the message names it and the offline alternatives."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A Cellpose model the platform can run.
+
+    Attributes
+    ----------
+    name : str
+        Built-in or bundled name, or the weights file path.
+    kind : {"builtin", "bundled", "file"}
+    path : Path
+        Where the weights are (or will be, once a built-in is downloaded).
+    offline : bool
+        Whether the weights are on disk, so no download is needed.
+    diam_mean : float or None
+        Object diameter the network works at, when known without loading it.
+    """
+
+    name: str
+    kind: str
+    path: Path
+    offline: bool
+    diam_mean: float | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "path": str(self.path),
+            "offline": self.offline,
+            "diam_mean": self.diam_mean,
+        }
+
+
+def cellpose_model_dir() -> Path:
+    """Cellpose's weights cache (``CELLPOSE_LOCAL_MODELS_PATH`` or ``~/.cellpose/models``)."""
+    from cellpose import models
+
+    return Path(models.MODEL_DIR)
+
+
+def builtin_model_names() -> list[str]:
+    """Names of Cellpose's built-in models, without duplicates, in Cellpose's order."""
+    from cellpose import models
+
+    return list(dict.fromkeys(models.MODEL_NAMES))
+
+
+def _builtin_basename(name: str) -> str:
+    # Cellpose's file naming (cellpose.models.model_path), computed here because
+    # calling model_path itself starts a download when the file is missing.
+    return f"{name}torch_0" if name in ("cyto", "cyto2", "nuclei") else name
+
+
+def builtin_spec(name: str) -> ModelSpec:
+    path = cellpose_model_dir() / _builtin_basename(name)
+    return ModelSpec(
+        name, "builtin", path, path.is_file(), 17.0 if name == "nuclei" else 30.0
+    )
+
+
+def bundled_specs() -> list[ModelSpec]:
+    """Models shipped inside this package, each a folder with weights and ``model.json``."""
+    specs = []
+    if BUNDLED_DIR.is_dir():
+        for folder in sorted(BUNDLED_DIR.iterdir()):
+            metadata_file = folder / BUNDLED_METADATA
+            if metadata_file.is_file():
+                metadata = json.loads(metadata_file.read_text())
+                path = folder / metadata["weights"]
+                specs.append(
+                    ModelSpec(folder.name, "bundled", path, path.is_file(), metadata["diam_mean"])
+                )
+    return specs
+
+
+def available_models() -> list[ModelSpec]:
+    """Every model known by name: bundled ones first, then Cellpose's built-ins."""
+    return bundled_specs() + [builtin_spec(name) for name in builtin_model_names()]
+
+
+def offline_model_names() -> list[str]:
+    return [spec.name for spec in available_models() if spec.offline]
+
+
+def resolve_model(name_or_path: str, *, download: bool = True) -> ModelSpec:
+    """Find the weights of a model given by name or path.
+
+    Parameters
+    ----------
+    name_or_path : str
+        A bundled model name, a Cellpose built-in name, or a path to a
+        Cellpose model file.
+    download : bool
+        Whether a built-in model missing from Cellpose's cache may be
+        downloaded (Cellpose's own download, into its cache).
+
+    Returns
+    -------
+    ModelSpec
+        With ``offline=True``: the weights file exists.
+
+    Raises
+    ------
+    ModelResolutionError
+        For an unknown name, or built-in weights neither cached nor downloadable.
+    """
+    name = name_or_path.strip()
+    for spec in bundled_specs():
+        if spec.name == name:
+            return spec
+    if name in builtin_model_names():
+        spec = builtin_spec(name)
+        if spec.offline:
+            return spec
+        if download:
+            return _download_builtin(spec)
+        raise ModelResolutionError(
+            f"cellpose_model '{name}' is not in Cellpose's cache ({spec.path.parent}); "
+            f"models available offline: {', '.join(offline_model_names()) or 'none'}"
+        )
+    path = Path(os.path.expanduser(name))
+    if path.is_file():
+        return ModelSpec(str(path.resolve()), "file", path.resolve(), True)
+    raise ModelResolutionError(
+        f"unknown cellpose_model '{name}': use a bundled model "
+        f"({', '.join(s.name for s in bundled_specs()) or 'none'}), a Cellpose built-in "
+        f"({', '.join(builtin_model_names())}) or the path of a model file"
+    )
+
+
+def _download_builtin(spec: ModelSpec) -> ModelSpec:
+    from cellpose import models
+
+    try:
+        models.cache_model_path(spec.path.name)
+    except Exception as error:  # noqa: BLE001 - urllib, socket and HTTP errors alike
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelResolutionError(
+            f"cellpose_model '{spec.name}' is not in Cellpose's cache ({spec.path.parent}) "
+            f"and could not be downloaded ({reason}); models available offline: "
+            f"{', '.join(offline_model_names()) or 'none'}"
+        ) from None
+    return builtin_spec(spec.name)

@@ -1,0 +1,275 @@
+"""Training and evaluating Cellpose models on annotated nuclei.
+
+Framework-free: arrays and paths in, a model file and figures out. The Dagster
+asset and the ``mantle train`` command call these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mantle_assets.imaging.io import read_image
+
+AP_THRESHOLDS = (0.5, 0.75, 0.9)
+
+
+@dataclass(frozen=True)
+class AnnotatedSet:
+    """Images with their instance masks, in matching order."""
+
+    names: list[str]
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def find_annotated_pairs(directory: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """Pair each annotated image with its mask file.
+
+    Two layouts are understood: ``images/<name>.tif`` beside ``masks/<name>.tif``
+    (the layout of ``shared/data/nuclei_gt``), and Cellpose's own flat layout
+    ``<name>.tif`` beside ``<name>_masks.tif`` (or ``_seg``-less ``_cp_masks``).
+
+    Parameters
+    ----------
+    directory : path
+        The annotated directory.
+
+    Returns
+    -------
+    list of (image_path, mask_path)
+        Sorted by image name.
+
+    Raises
+    ------
+    ValueError
+        If the directory holds no image with a mask.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise ValueError(f"annotated directory not found: {root}")
+    pairs: list[tuple[Path, Path]] = []
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        masks = {p.stem: p for p in (root / "masks").iterdir() if p.is_file()}
+        for image in sorted((root / "images").iterdir()):
+            if image.is_file() and image.stem in masks:
+                pairs.append((image, masks[image.stem]))
+    else:
+        files = {p.stem: p for p in root.iterdir() if p.is_file()}
+        for stem, image in sorted(files.items()):
+            if stem.endswith("_masks"):
+                continue
+            mask = files.get(f"{stem}_masks") or files.get(f"{stem}_cp_masks")
+            if mask is not None:
+                pairs.append((image, mask))
+    if not pairs:
+        raise ValueError(
+            f"no annotated images in {root}: expected images/ and masks/ folders "
+            "or <name>.tif with <name>_masks.tif"
+        )
+    return pairs
+
+
+def load_annotated_set(directory: str | os.PathLike) -> AnnotatedSet:
+    """Read every image/mask pair of an annotated directory.
+
+    Multi-channel images are reduced to their first channel: the annotated
+    sets are single-stain nuclei images.
+    """
+    names, images, masks = [], [], []
+    for image_path, mask_path in find_annotated_pairs(directory):
+        image = read_image(image_path)
+        if image.ndim == 3:
+            image = image[..., 0] if image.shape[-1] <= 4 else image[0]
+        mask = read_image(mask_path)
+        if mask.shape != image.shape:
+            raise ValueError(
+                f"{mask_path}: mask shape {mask.shape} differs from image shape {image.shape}"
+            )
+        names.append(image_path.stem)
+        images.append(image.astype(np.float32))
+        masks.append(mask.astype(np.int32))
+    return AnnotatedSet(names, images, masks)
+
+
+@dataclass(frozen=True)
+class TrainingParameters:
+    """Hyper-parameters of one Cellpose training run (all recorded with the model)."""
+
+    n_epochs: int = 120
+    learning_rate: float = 0.005
+    weight_decay: float = 1e-5
+    batch_size: int = 8
+    nimg_per_epoch: int = 48
+    diam_mean: float = 17.0
+    crop_size: int = 224
+    seed: int = 0
+    min_train_masks: int = 5
+    # Share of each epoch's crops drawn from each training set, by set name;
+    # sets not named share the rest in proportion to their size.
+    set_weights: dict[str, float] = field(default_factory=dict)
+
+
+def sampling_probabilities(
+    set_sizes: dict[str, int], set_weights: dict[str, float]
+) -> np.ndarray:
+    """Per-image sampling probabilities that give each set its share of an epoch.
+
+    Parameters
+    ----------
+    set_sizes : dict of str to int
+        Number of images of each training set, in concatenation order.
+    set_weights : dict of str to float
+        Share of samples for named sets (summing to at most 1).
+
+    Returns
+    -------
+    ndarray
+        One probability per image, summing to 1.
+
+    Examples
+    --------
+    >>> sampling_probabilities({"a": 2, "b": 6}, {"a": 0.5}).round(3).tolist()
+    [0.25, 0.25, 0.083, 0.083, 0.083, 0.083, 0.083, 0.083]
+    """
+    named = sum(set_weights.get(name, 0.0) for name in set_sizes)
+    if named > 1.0 + 1e-9:
+        raise ValueError(f"set weights sum to {named:.3f} > 1")
+    unnamed_total = sum(n for name, n in set_sizes.items() if name not in set_weights)
+    probabilities = []
+    for name, size in set_sizes.items():
+        if name in set_weights:
+            share = set_weights[name]
+        else:
+            share = (1.0 - named) * size / unnamed_total if unnamed_total else 0.0
+        probabilities.extend([share / size] * size)
+    p = np.asarray(probabilities, dtype=np.float64)
+    return p / p.sum()
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    model_path: Path
+    wall_seconds: float
+    diam_mean: float
+    diam_labels: float
+    final_train_loss: float
+    hardware: str
+    n_train_images: int
+
+
+def describe_hardware() -> str:
+    """A short description of the device torch trains on."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def train_cellpose_model(
+    train_sets: dict[str, AnnotatedSet],
+    output_dir: str | os.PathLike,
+    model_name: str,
+    params: TrainingParameters = TrainingParameters(),
+) -> TrainingResult:
+    """Train a standard Cellpose 3 network from scratch with ``cellpose.train.train_seg``.
+
+    Parameters
+    ----------
+    train_sets : dict of str to AnnotatedSet
+        Training sets by name (names are used by ``params.set_weights``).
+    output_dir : path
+        Cellpose writes ``<output_dir>/models/<model_name>``, overwriting it
+        every 10 epochs as a checkpoint.
+    model_name : str
+        File name of the model.
+    params : TrainingParameters
+        Hyper-parameters.
+
+    Returns
+    -------
+    TrainingResult
+    """
+    import torch
+    from cellpose import models, train
+
+    np.random.seed(params.seed)
+    torch.manual_seed(params.seed)
+    images = [im for s in train_sets.values() for im in s.images]
+    masks = [m for s in train_sets.values() for m in s.masks]
+    probabilities = sampling_probabilities(
+        {name: len(s) for name, s in train_sets.items()}, params.set_weights
+    )
+    model = models.CellposeModel(
+        gpu=torch.cuda.is_available(), pretrained_model=False, diam_mean=params.diam_mean
+    )
+    start = time.perf_counter()
+    model_path, train_losses, _ = train.train_seg(
+        model.net,
+        train_data=images,
+        train_labels=masks,
+        train_probs=probabilities,
+        channels=[0, 0],
+        batch_size=params.batch_size,
+        learning_rate=params.learning_rate,
+        weight_decay=params.weight_decay,
+        n_epochs=params.n_epochs,
+        nimg_per_epoch=params.nimg_per_epoch,
+        bsize=params.crop_size,
+        min_train_masks=params.min_train_masks,
+        save_path=str(output_dir),
+        save_every=10,
+        model_name=model_name,
+    )
+    wall = time.perf_counter() - start
+    return TrainingResult(
+        model_path=Path(model_path),
+        wall_seconds=wall,
+        diam_mean=float(model.net.diam_mean.item()),
+        diam_labels=float(model.net.diam_labels.item()),
+        final_train_loss=float(train_losses[-1]),
+        hardware=describe_hardware(),
+        n_train_images=len(images),
+    )
+
+
+def average_precision(
+    true_masks: list[np.ndarray],
+    predicted_masks: list[np.ndarray],
+    thresholds: tuple[float, ...] = AP_THRESHOLDS,
+) -> dict[str, float]:
+    """Average precision at IoU thresholds, as Cellpose reports it.
+
+    AP = TP / (TP + FP + FN) per image, averaged over images, using
+    ``cellpose.metrics.average_precision``.
+
+    Returns
+    -------
+    dict
+        ``{"ap50": ..., "ap75": ..., "ap90": ...}`` (keys from the thresholds).
+    """
+    from cellpose import metrics
+
+    ap, _, _, _ = metrics.average_precision(
+        [m.astype(np.int32) for m in true_masks],
+        [m.astype(np.int32) for m in predicted_masks],
+        threshold=list(thresholds),
+    )
+    return {f"ap{round(t * 100)}": float(np.mean(ap[:, i])) for i, t in enumerate(thresholds)}
+
+
+def parse_named_path(text: str) -> tuple[str, Path]:
+    """Split ``NAME=PATH`` (or a bare ``PATH``, named after its folder)."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        return Path(text).name, Path(text)
+    return name, Path(path)

@@ -1,0 +1,186 @@
+"""Assets: registered image directories and their Cellpose segmentation masks."""
+
+import base64
+import shutil
+import statistics
+
+from dagster import (
+    AssetExecutionContext,
+    DataVersion,
+    DataVersionsByPartition,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    observable_source_asset,
+)
+
+from mantle_assets.atomic import atomic_directory
+from mantle_assets.entities import EntityStore
+from mantle_assets.imaging.fields import ImageDirectoryError, group_fields
+from mantle_assets.imaging.pipeline import segment_directory
+from mantle_assets.models.registry import resolve_model
+from mantle_assets.orchestration.config import SegmentationConfig
+from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
+from mantle_assets.registration import IMAGE_DIRECTORY, directory_fingerprint
+from mantle_assets.settings import mask_root
+
+SEGMENTATION_PIPELINE = "cellpose-segmentation"
+MASK_DIRECTORY = "segmentation_mask_directory"
+
+# Tags of the GPU step: a marker for people and tooling, the pod resources a
+# Kubernetes executor requests for it, and (via ``pool``) the run queue's gpu limit.
+GPU_OP_TAGS = {
+    "mantle/gpu": "true",
+    "dagster-k8s/config": {
+        "container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}},
+    },
+}
+
+
+def image_directory_version(directory: str) -> DataVersion:
+    file_count, fingerprint = directory_fingerprint(directory)
+    return DataVersion(f"{file_count} files, sha256 {fingerprint[:16]}")
+
+
+@observable_source_asset(
+    name=IMAGE_DIRECTORY,
+    partitions_def=image_directory_partitions,
+    group_name="images",
+    description="Directories of microscopy images registered as image_directory entities "
+    "(partition key = entity id). Observing records each directory's file count and fingerprint.",
+    tags={"dagster/kind/tiff": "", "dagster/kind/duckdb": ""},
+)
+def image_directory(entity_store: EntityStoreResource) -> DataVersionsByPartition:
+    versions = {}
+    for entity in entity_store.store().list(IMAGE_DIRECTORY):
+        try:
+            versions[entity.entity_id] = image_directory_version(entity.properties["image_directory"])
+        except OSError:
+            versions[entity.entity_id] = DataVersion("missing")
+    return DataVersionsByPartition(versions)
+
+
+def load_image_directory(store: EntityStore, entity_id: str):
+    """The entity and its field grouping, failing with a one-line message."""
+    entity = store.get(entity_id)
+    if entity.data_type != IMAGE_DIRECTORY:
+        raise ValueError(f"{entity_id} is a {entity.data_type}, not an {IMAGE_DIRECTORY}")
+    try:
+        grouping = group_fields(entity.properties["image_directory"])
+    except ImageDirectoryError as error:
+        raise ImageDirectoryError(f"{entity_id}: {error}") from None
+    return entity, grouping
+
+
+def summary_metadata(values: list[int]) -> dict:
+    return {
+        "min": min(values),
+        "median": statistics.median(values),
+        "max": max(values),
+    }
+
+
+@asset(
+    deps=[image_directory],
+    partitions_def=image_directory_partitions,
+    group_name="segmentation",
+    kinds={"cellpose", "pytorch", "duckdb"},
+    owners=["team:imaging"],
+    op_tags=GPU_OP_TAGS,
+    pool="gpu",
+    description="Cellpose label images, one <field>_cp_masks.tif per field, recorded as a "
+    "segmentation_mask_directory entity linked to its image_directory.",
+)
+def segmentation_masks(
+    context: AssetExecutionContext,
+    config: SegmentationConfig,
+    entity_store: EntityStoreResource,
+    cellpose: CellposeResource,
+) -> MaterializeResult:
+    store = entity_store.store()
+    source, grouping = load_image_directory(store, context.partition_key)
+    settings = config.settings()
+    spec = resolve_model(config.cellpose_model)
+    segmenter = cellpose.segmenter(spec)
+
+    run_id = context.run.run_id
+    output_dir = mask_root() / source.entity_id / run_id
+
+    def log_field(outcome):
+        context.log.info(f"{outcome.field}: {outcome.cells} objects in {outcome.seconds:.1f} s")
+
+    with atomic_directory(output_dir) as partial:
+        result = segment_directory(
+            grouping,
+            segmenter,
+            nuclei_channel=config.nuclei_channel,
+            cytoplasm_channel=config.cytoplasm_channel,
+            settings=settings,
+            output_dir=partial,
+            on_field=log_field,
+        )
+    cells = [f.cells for f in result.fields]
+    seconds = [f.seconds for f in result.fields]
+    properties = {
+        "mask_directory": str(output_dir),
+        "source_entity": source.entity_id,
+        **config.parameters(),
+        "estimated_diameter": result.median_diameter() if settings.diameter is None else None,
+        "cellpose_version": cellpose_version(),
+        "device": segmenter.device,
+        "fields": len(result.fields),
+        "total_cells": result.total_cells,
+        "cells_per_field": result.cells_per_field(),
+        "run_id": run_id,
+        "extra_parameters": {
+            "flow_threshold": config.flow_threshold,
+            "cellprob_threshold": config.cellprob_threshold,
+            "min_size": config.min_size,
+            "batch_size": config.batch_size,
+            "model_path": str(spec.path),
+        },
+    }
+    try:
+        output = store.record_output(
+            MASK_DIRECTORY,
+            f"{source.name} masks",
+            properties,
+            parents=[source.entity_id],
+            pipeline=SEGMENTATION_PIPELINE,
+            run_id=run_id,
+            parameters={**config.parameters(), **properties["extra_parameters"]},
+        )
+    except BaseException:
+        # The store is unchanged; the masks must not outlive the failed record.
+        shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+
+    preview = base64.b64encode(result.preview_png).decode()
+    return MaterializeResult(
+        metadata={
+            "input_entity": source.entity_id,
+            "output_entity": output.entity_id,
+            "output_version": output.version,
+            "experiment_name": source.properties.get("experiment_name") or "",
+            "fields": len(result.fields),
+            "total_cells": result.total_cells,
+            "cells_per_field": MetadataValue.json(summary_metadata(cells)),
+            "cellpose_model": config.cellpose_model,
+            "parameters": MetadataValue.json(properties["extra_parameters"] | config.parameters()),
+            "diameter_used_px": MetadataValue.float(result.median_diameter()),
+            "device": segmenter.device,
+            "seconds_per_field": MetadataValue.float(statistics.mean(seconds)),
+            "output_path": MetadataValue.path(str(output_dir)),
+            "preview": MetadataValue.md(
+                f"Outlines on field `{result.preview_field}`\n\n"
+                f"![preview](data:image/png;base64,{preview})"
+            ),
+        }
+    )
+
+
+def cellpose_version() -> str:
+    from importlib.metadata import version
+
+    return version("cellpose")

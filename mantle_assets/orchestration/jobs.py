@@ -1,0 +1,12 @@
+"""Asset jobs."""
+
+from dagster import define_asset_job
+
+from mantle_assets.orchestration.partitions import image_directory_partitions
+
+segmentation_job = define_asset_job(
+    "segmentation_job",
+    selection=["segmentation_masks"],
+    partitions_def=image_directory_partitions,
+    description="Segment one registered image directory (partition) with Cellpose.",
+)

@@ -1,0 +1,37 @@
+"""Dagster resources: the entity store and Cellpose."""
+
+from __future__ import annotations
+
+from dagster import ConfigurableResource
+from pydantic import PrivateAttr
+
+from mantle_assets.entities import EntityStore
+from mantle_assets.imaging.segmentation import CellposeSegmenter
+from mantle_assets.models.registry import ModelSpec
+from mantle_assets.settings import mantle_home
+
+
+class EntityStoreResource(ConfigurableResource):
+    """The DuckDB entity store; ``database`` defaults to ``$MANTLE_HOME/mantle.duckdb``."""
+
+    database: str | None = None
+
+    def store(self) -> EntityStore:
+        return EntityStore(self.database or mantle_home() / "mantle.duckdb")
+
+
+class CellposeResource(ConfigurableResource):
+    """Loads Cellpose models, each once per step however many images it segments.
+
+    ``gpu``: ``None`` uses the GPU whenever torch sees one.
+    """
+
+    gpu: bool | None = None
+    _loaded: dict = PrivateAttr(default_factory=dict)
+
+    def segmenter(self, spec: ModelSpec) -> CellposeSegmenter:
+        if spec.path not in self._loaded:
+            self._loaded[spec.path] = CellposeSegmenter(
+                spec.path, builtin_name=spec.name if spec.kind == "builtin" else None, gpu=self.gpu
+            )
+        return self._loaded[spec.path]

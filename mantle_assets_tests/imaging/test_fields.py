@@ -1,0 +1,535 @@
+"""Tests for grouping image files into fields of view."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from mantle_assets.imaging.fields import (
+    Field,
+    FieldGrouping,
+    ImageDirectoryError,
+    group_fields,
+    list_image_files,
+    read_field,
+    well_of,
+)
+
+SHAPE = (6, 7)  # (Y, X), deliberately non-square to catch transposes
+UUID = "051DAA7C-7042-435F-99F0-1E7AA0D2E4F9"
+UUID2 = "9A2C11D4-0B3E-4F7A-8C61-5D0E2B7F3A10"
+
+
+def ramp(offset: int = 0, dtype=np.uint8, shape=SHAPE) -> np.ndarray:
+    """Distinct, known pixel values per channel."""
+    return (np.arange(np.prod(shape)).reshape(shape) + offset).astype(dtype)
+
+
+def write_tif(path: Path, data: np.ndarray, **kwargs) -> Path:
+    tifffile.imwrite(path, data, **kwargs)
+    return path
+
+
+# --------------------------------------------------------------------------- per-channel schemes
+
+
+@pytest.mark.parametrize(
+    ("pattern", "names", "fields", "labels"),
+    [
+        (
+            "channel-prefix",
+            {
+                "01-A-01": ["Channel1-01-A-01.tif", "Channel2-01-A-01.tif"],
+                "01-A-02": ["Channel1-01-A-02.tif", "Channel2-01-A-02.tif"],
+            },
+            ["01-A-01", "01-A-02"],
+            ("Channel1", "Channel2"),
+        ),
+        (
+            "w-suffix",
+            {
+                "IXMtest_A02_s1": ["IXMtest_A02_s1_w1.tif", "IXMtest_A02_s1_w2.tif"],
+                "IXMtest_A02_s2": ["IXMtest_A02_s2_w1.tif", "IXMtest_A02_s2_w2.tif"],
+            },
+            ["IXMtest_A02_s1", "IXMtest_A02_s2"],
+            ("w1", "w2"),
+        ),
+        (
+            "w-suffix",
+            {
+                "IXMtest_A02_s1": [f"IXMtest_A02_s1_w1{UUID}.tif", f"IXMtest_A02_s1_w2{UUID2}.tif"],
+                "IXMtest_B03_s1": [f"IXMtest_B03_s1_w1{UUID}.tif", f"IXMtest_B03_s1_w2{UUID2}.tif"],
+            },
+            ["IXMtest_A02_s1", "IXMtest_B03_s1"],
+            ("w1", "w2"),
+        ),
+        (
+            "c-suffix",
+            {"img1": ["img1_c0.tif", "img1_c1.tif"], "img2": ["img2_c0.tif", "img2_c1.tif"]},
+            ["img1", "img2"],
+            ("c0", "c1"),
+        ),
+        (
+            "ch-suffix",
+            {"pos01": ["pos01_ch00.tif", "pos01_ch01.tif"], "pos02": ["pos02_ch00.tif", "pos02_ch01.tif"]},
+            ["pos01", "pos02"],
+            ("ch00", "ch01"),
+        ),
+    ],
+)
+def test_per_channel_schemes(tmp_path, pattern, names, fields, labels):
+    for f, (field, files) in enumerate(names.items()):
+        for c, name in enumerate(files):
+            write_tif(tmp_path / name, ramp(100 * c + f, np.uint16))
+
+    grouping = group_fields(tmp_path)
+
+    assert grouping.pattern == pattern
+    assert grouping.directory == tmp_path
+    assert [field.name for field in grouping.fields] == fields
+    assert grouping.channel_labels == labels
+    assert grouping.n_channels == 2
+    assert grouping.fields[0].files == tuple(tmp_path / n for n in names[fields[0]])
+    metadata = grouping.to_metadata()
+    assert json.loads(json.dumps(metadata)) == {
+        "pattern": pattern,
+        "n_fields": 2,
+        "n_channels": 2,
+        "channel_labels": list(labels),
+        "fields": names,
+    }
+    for f, field in enumerate(grouping.fields):
+        pixels = read_field(field)
+        assert pixels.shape == (2, *SHAPE)
+        assert pixels.dtype == np.uint16
+        np.testing.assert_array_equal(pixels[0], ramp(f, np.uint16))
+        np.testing.assert_array_equal(pixels[1], ramp(100 + f, np.uint16))
+
+
+def test_channel_labels_sort_naturally(tmp_path):
+    for c in (10, 2, 1):
+        write_tif(tmp_path / f"Channel{c}-01-A-01.tif", ramp(c))
+    grouping = group_fields(tmp_path)
+    assert grouping.channel_labels == ("Channel1", "Channel2", "Channel10")
+    assert [f.name for f in grouping.fields[0].files] == [
+        "Channel1-01-A-01.tif",
+        "Channel2-01-A-01.tif",
+        "Channel10-01-A-01.tif",
+    ]
+    np.testing.assert_array_equal(read_field(grouping.fields[0])[:, 0, 0], [1, 2, 10])
+
+
+def test_fields_sort_naturally(tmp_path):
+    for s in (10, 2, 1):
+        for w in (1, 2):
+            write_tif(tmp_path / f"plate_A01_s{s}_w{w}.tif", ramp())
+    names = [f.name for f in group_fields(tmp_path).fields]
+    assert names == ["plate_A01_s1", "plate_A01_s2", "plate_A01_s10"]
+
+
+def test_per_channel_png_files_and_grey_rgb(tmp_path):
+    Image.fromarray(ramp(1)).save(tmp_path / "f_c0.png")
+    grey_rgb = np.repeat(ramp(2)[..., None], 3, axis=-1)
+    Image.fromarray(grey_rgb).save(tmp_path / "f_c1.png")
+    pseudo_coloured = np.zeros((*SHAPE, 3), np.uint8)
+    pseudo_coloured[..., 2] = ramp(3)  # e.g. DAPI exported in the blue channel only
+    Image.fromarray(pseudo_coloured).save(tmp_path / "f_c2.png")
+
+    grouping = group_fields(tmp_path)
+    assert grouping.pattern == "c-suffix"
+    pixels = read_field(grouping.fields[0])
+    assert pixels.shape == (3, *SHAPE) and pixels.dtype == np.uint8
+    for c in range(3):
+        np.testing.assert_array_equal(pixels[c], ramp(c + 1))
+
+
+def test_per_channel_colour_file_is_refused_on_read(tmp_path):
+    write_tif(tmp_path / "f_c0.tif", ramp())
+    colour = np.stack([ramp(0), ramp(1), ramp(2)], axis=-1)
+    Image.fromarray(colour).save(tmp_path / "f_c1.png")
+    grouping = group_fields(tmp_path)
+    with pytest.raises(ImageDirectoryError, match=r"f_c1\.png.*colour"):
+        read_field(grouping.fields[0])
+
+
+def test_per_channel_mixed_dtypes_are_promoted(tmp_path):
+    write_tif(tmp_path / "f_c0.tif", ramp(0, np.uint8))
+    write_tif(tmp_path / "f_c1.tif", ramp(1000, np.uint16))
+    pixels = read_field(group_fields(tmp_path).fields[0])
+    assert pixels.dtype == np.uint16
+    np.testing.assert_array_equal(pixels[0], ramp(0, np.uint16))
+    np.testing.assert_array_equal(pixels[1], ramp(1000, np.uint16))
+
+
+def test_single_label_is_one_file_per_field(tmp_path):
+    write_tif(tmp_path / "A01_s1_w1.tif", ramp())
+    write_tif(tmp_path / "A01_s2_w1.tif", ramp())
+    grouping = group_fields(tmp_path)
+    assert grouping.pattern == "one-file-per-field"
+    assert [f.name for f in grouping.fields] == ["A01_s1_w1", "A01_s2_w1"]
+
+
+def test_partial_match_is_one_file_per_field(tmp_path):
+    # Per-channel grouping needs every file to match; one stray file disables it.
+    write_tif(tmp_path / "x_c0.tif", ramp())
+    write_tif(tmp_path / "x_c1.tif", ramp())
+    write_tif(tmp_path / "overview.tif", ramp())
+    grouping = group_fields(tmp_path)
+    assert grouping.pattern == "one-file-per-field"
+    assert [f.name for f in grouping.fields] == ["overview", "x_c0", "x_c1"]
+    assert grouping.channel_labels == ("1",)
+
+
+# --------------------------------------------------------------------------- one file per field
+
+
+def test_rgb_png_fields(tmp_path):
+    rgb = np.stack([ramp(0), ramp(50), ramp(100)], axis=-1)
+    Image.fromarray(rgb).save(tmp_path / "b.png")
+    Image.fromarray(rgb[::-1].copy()).save(tmp_path / "a.PNG")
+
+    grouping = group_fields(tmp_path)
+    assert grouping.pattern == "one-file-per-field"
+    assert [f.name for f in grouping.fields] == ["a", "b"]
+    assert grouping.channel_labels == ("1", "2", "3")
+    assert grouping.to_metadata() == {
+        "pattern": "one-file-per-field",
+        "n_fields": 2,
+        "n_channels": 3,
+        "channel_labels": ["1", "2", "3"],
+        "fields": {"a": ["a.PNG"], "b": ["b.png"]},
+    }
+    pixels = read_field(grouping.fields[1])
+    assert pixels.shape == (3, *SHAPE) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, np.moveaxis(rgb, -1, 0))
+
+
+def test_rgba_png_drops_alpha(tmp_path):
+    rgba = np.stack([ramp(0), ramp(1), ramp(2), np.full(SHAPE, 255, np.uint8)], axis=-1)
+    Image.fromarray(rgba).save(tmp_path / "x.png")
+    grouping = group_fields(tmp_path)
+    assert grouping.n_channels == 3
+    np.testing.assert_array_equal(read_field(grouping.fields[0]), np.moveaxis(rgba[..., :3], -1, 0))
+
+
+def test_rgba_tiff_drops_declared_alpha(tmp_path):
+    rgba = np.stack([ramp(0), ramp(1), ramp(2), np.full(SHAPE, 255, np.uint8)], axis=-1)
+    # metadata=None: a plain RGBA TIFF as image editors write it, not a tifffile array dump.
+    write_tif(tmp_path / "x.tif", rgba, photometric="rgb", metadata=None)
+    grouping = group_fields(tmp_path)
+    assert grouping.n_channels == 3
+    np.testing.assert_array_equal(read_field(grouping.fields[0]), np.moveaxis(rgba[..., :3], -1, 0))
+
+
+@pytest.mark.filterwarnings("ignore:.*stored as RGB:DeprecationWarning")
+def test_four_channel_array_dumped_by_tifffile_keeps_all_channels(tmp_path):
+    stack = np.stack([ramp(c, np.uint16) for c in range(4)])
+    write_tif(tmp_path / "x.tif", stack)  # tifffile tags this RGBA by default
+    grouping = group_fields(tmp_path)
+    assert grouping.n_channels == 4
+    np.testing.assert_array_equal(read_field(grouping.fields[0]), stack)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_channel_first_tiff_stack(tmp_path, dtype):
+    stack = np.stack([ramp(10 * c, dtype) for c in range(5)])
+    write_tif(tmp_path / "field.tif", stack, photometric="minisblack")
+    grouping = group_fields(tmp_path)
+    assert grouping.pattern == "one-file-per-field"
+    assert grouping.n_channels == 5
+    pixels = read_field(grouping.fields[0])
+    assert pixels.dtype == dtype
+    np.testing.assert_array_equal(pixels, stack)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_channel_last_tiff_stack(tmp_path, dtype):
+    stack = np.stack([ramp(10 * c, dtype) for c in range(2)], axis=-1)
+    write_tif(tmp_path / "field.tiff", stack, photometric="minisblack")
+    grouping = group_fields(tmp_path)
+    assert grouping.channel_labels == ("1", "2")
+    pixels = read_field(grouping.fields[0])
+    assert pixels.shape == (2, *SHAPE) and pixels.dtype == dtype
+    np.testing.assert_array_equal(pixels, np.moveaxis(stack, -1, 0))
+
+
+def test_imagej_channel_stack_with_singleton_axes(tmp_path):
+    stack = np.stack([ramp(c, np.uint16) for c in range(3)])
+    write_tif(tmp_path / "ij.tif", stack[np.newaxis], imagej=True, metadata={"axes": "TCYX"})
+    pixels = read_field(group_fields(tmp_path).fields[0])
+    np.testing.assert_array_equal(pixels, stack)
+
+
+def test_ome_suffix_is_not_part_of_the_field_name(tmp_path):
+    write_tif(tmp_path / "well_A01.ome.tif", ramp())
+    assert [f.name for f in group_fields(tmp_path).fields] == ["well_A01"]
+
+
+@pytest.mark.parametrize(("dtype", "value"), [(np.uint8, 200), (np.uint16, 60000), (np.float32, 0.25)])
+def test_grey_tiff(tmp_path, dtype, value):
+    data = ramp(0, dtype)
+    data[0, 0] = value
+    write_tif(tmp_path / "g.tif", data)
+    grouping = group_fields(tmp_path)
+    assert grouping.channel_labels == ("1",)
+    pixels = read_field(grouping.fields[0])
+    assert pixels.shape == (1, *SHAPE) and pixels.dtype == dtype
+    np.testing.assert_array_equal(pixels[0], data)
+
+
+def test_big_endian_tiff_reads_native(tmp_path):
+    write_tif(tmp_path / "be.tif", ramp(300, np.uint16), byteorder=">")
+    pixels = read_field(group_fields(tmp_path).fields[0])
+    assert pixels.dtype == np.dtype(np.uint16)
+    np.testing.assert_array_equal(pixels[0], ramp(300, np.uint16))
+
+
+def test_16_bit_png(tmp_path):
+    Image.fromarray(ramp(40000, np.uint16)).save(tmp_path / "g.png")
+    pixels = read_field(group_fields(tmp_path).fields[0])
+    assert pixels.dtype == np.uint16
+    np.testing.assert_array_equal(pixels[0], ramp(40000, np.uint16))
+
+
+def test_grey_jpeg(tmp_path):
+    data = np.full((16, 16), 120, np.uint8)  # flat, so JPEG keeps it exactly enough
+    Image.fromarray(data).save(tmp_path / "g.jpg", quality=95)
+    grouping = group_fields(tmp_path)
+    assert grouping.channel_labels == ("1",)
+    pixels = read_field(grouping.fields[0])
+    assert pixels.shape == (1, 16, 16) and pixels.dtype == np.uint8
+    assert np.abs(pixels.astype(int) - 120).max() <= 2
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_bmp(tmp_path, mode):
+    data = ramp() if mode == "L" else np.stack([ramp(0), ramp(1), ramp(2)], axis=-1)
+    Image.fromarray(data).save(tmp_path / "x.bmp")
+    pixels = read_field(group_fields(tmp_path).fields[0])
+    expected = data[np.newaxis] if mode == "L" else np.moveaxis(data, -1, 0)
+    np.testing.assert_array_equal(pixels, expected)
+
+
+def test_palette_png(tmp_path):
+    grey = Image.fromarray(ramp()).convert("P")  # grey palette
+    grey.save(tmp_path / "grey.png")
+    colour = np.stack([ramp(0), ramp(100), np.zeros(SHAPE, np.uint8)], axis=-1)
+    Image.fromarray(colour).quantize(256).save(tmp_path / "colour.png")
+    grey_dir, colour_dir = tmp_path / "g", tmp_path / "c"
+    grey_dir.mkdir(), colour_dir.mkdir()
+    (tmp_path / "grey.png").rename(grey_dir / "grey.png")
+    (tmp_path / "colour.png").rename(colour_dir / "colour.png")
+
+    grey_pixels = read_field(group_fields(grey_dir).fields[0])
+    np.testing.assert_array_equal(grey_pixels, ramp()[np.newaxis])
+    colour_grouping = group_fields(colour_dir)
+    assert colour_grouping.n_channels == 3
+    assert read_field(colour_grouping.fields[0]).shape == (3, *SHAPE)
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def test_list_image_files(tmp_path):
+    for name in ["b.TIF", "a.png", "c.jpeg", "d.bmp", "e.tiff", "f.JPG", ".hidden.tif", "._a.png", "notes.txt"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub.tif").mkdir()
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "z.tif").write_bytes(b"x")
+    assert [p.name for p in list_image_files(tmp_path)] == ["a.png", "b.TIF", "c.jpeg", "d.bmp", "e.tiff", "f.JPG"]
+
+
+def test_hidden_files_do_not_break_grouping(tmp_path):
+    write_tif(tmp_path / "f_c0.tif", ramp())
+    write_tif(tmp_path / "f_c1.tif", ramp())
+    (tmp_path / "._f_c0.tif").write_bytes(b"\x00" * 10)  # macOS resource fork
+    (tmp_path / "README.txt").write_text("plate notes")
+    assert group_fields(tmp_path).pattern == "c-suffix"
+
+
+def test_field_accepts_lists_and_strings(tmp_path):
+    field = Field("x", [str(tmp_path / "a.tif")])
+    assert field.files == (tmp_path / "a.tif",)
+    assert hash(field)
+
+
+def test_metadata_of_hand_built_grouping_outside_directory(tmp_path):
+    grouping = FieldGrouping(tmp_path / "d", "one-file-per-field", (Field("x", (Path("/elsewhere/x.tif"),)),), ("1",))
+    assert grouping.to_metadata()["fields"] == {"x": ["/elsewhere/x.tif"]}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ImageDirectoryError, match=r"nope.*does not exist"):
+        group_fields(tmp_path / "nope")
+
+
+def test_not_a_directory(tmp_path):
+    path = write_tif(tmp_path / "x.tif", ramp())
+    with pytest.raises(ImageDirectoryError, match=r"x\.tif is not a directory"):
+        group_fields(path)
+
+
+def test_empty_directory(tmp_path):
+    with pytest.raises(ImageDirectoryError, match=r"no images in .*: expected TIFF, PNG, JPEG or BMP files"):
+        group_fields(tmp_path)
+
+
+def test_directory_with_non_images_only(tmp_path):
+    (tmp_path / "readme.txt").write_text("hi")
+    (tmp_path / "data.csv").write_text("a,b")
+    with pytest.raises(ImageDirectoryError, match=f"no images in {tmp_path}"):
+        group_fields(tmp_path)
+
+
+def test_missing_channel_file(tmp_path):
+    write_tif(tmp_path / "Channel1-01-A-01.tif", ramp())
+    write_tif(tmp_path / "Channel2-01-A-01.tif", ramp())
+    write_tif(tmp_path / "Channel1-02-A-02.tif", ramp())
+    with pytest.raises(ImageDirectoryError, match=r": field 02-A-02 has no Channel2 file$") as info:
+        group_fields(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_duplicate_channel_file(tmp_path):
+    write_tif(tmp_path / f"X_A01_s1_w1{UUID}.tif", ramp())
+    write_tif(tmp_path / f"X_A01_s1_w1{UUID.replace('0', '1')}.tif", ramp())
+    write_tif(tmp_path / "X_A01_s1_w2.tif", ramp())
+    with pytest.raises(ImageDirectoryError, match=r"field X_A01_s1 has two w1 files"):
+        group_fields(tmp_path)
+
+
+def test_duplicate_field_name(tmp_path):
+    write_tif(tmp_path / "a.tif", ramp())
+    Image.fromarray(ramp()).save(tmp_path / "a.png")
+    with pytest.raises(ImageDirectoryError, match=r"two files give field a: a\.png, a\.tif"):
+        group_fields(tmp_path)
+
+
+def test_zero_byte_file(tmp_path):
+    write_tif(tmp_path / "a.tif", ramp())
+    (tmp_path / "b.tif").write_bytes(b"")
+    with pytest.raises(ImageDirectoryError, match=r"b\.tif: the file is empty"):
+        group_fields(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["bad.tif", "bad.png", "bad.jpg", "bad.bmp"])
+def test_corrupt_file(tmp_path, name):
+    write_tif(tmp_path / "a.tif", ramp())
+    (tmp_path / name).write_bytes(b"this is not an image at all")
+    with pytest.raises(ImageDirectoryError, match=f"cannot read image .*{re.escape(name)}") as info:
+        group_fields(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_file_fails_on_read(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)).save(tmp_path / "t.png")
+    data = (tmp_path / "t.png").read_bytes()
+    (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
+    grouping = group_fields(tmp_path)  # headers are intact
+    with pytest.raises(ImageDirectoryError, match=r"cannot read image .*t\.png"):
+        read_field(grouping.fields[0])
+
+
+def test_mixed_shapes_between_channels(tmp_path):
+    write_tif(tmp_path / "f_ch00.tif", ramp())
+    write_tif(tmp_path / "f_ch01.tif", ramp(shape=(8, 8)))
+    with pytest.raises(ImageDirectoryError, match=r"field f: .*f_ch01\.tif is 8x8 but f_ch00\.tif is 6x7"):
+        group_fields(tmp_path)
+
+
+def test_mixed_channel_counts_between_fields(tmp_path):
+    Image.fromarray(np.stack([ramp()] * 3, axis=-1)).save(tmp_path / "a.png")
+    Image.fromarray(ramp()).save(tmp_path / "b.png")
+    with pytest.raises(ImageDirectoryError, match=r"mixed channel counts: a\.png has 3 .* b\.png has 1"):
+        group_fields(tmp_path)
+
+
+def test_multi_channel_per_channel_file(tmp_path):
+    write_tif(tmp_path / "f_c0.tif", ramp())
+    write_tif(tmp_path / "f_c1.tif", np.stack([ramp(), ramp()]), photometric="minisblack")
+    with pytest.raises(ImageDirectoryError, match=r"f_c1\.tif: holds 2 channels"):
+        group_fields(tmp_path)
+
+
+def test_z_stack_is_refused(tmp_path):
+    write_tif(tmp_path / "stack.tif", np.zeros((20, 32, 32), np.uint16))
+    with pytest.raises(ImageDirectoryError, match=r"stack\.tif: shape \(20, 32, 32\) looks like a 3-D stack"):
+        group_fields(tmp_path)
+
+
+def test_small_z_stack_with_axes_metadata_is_refused(tmp_path):
+    write_tif(tmp_path / "z.tif", np.zeros((3, 32, 32), np.uint16), imagej=True, metadata={"axes": "ZYX"})
+    with pytest.raises(ImageDirectoryError, match=r"z\.tif: .*looks like a 3-D stack"):
+        group_fields(tmp_path)
+
+
+def test_four_dimensional_stack_is_refused(tmp_path):
+    write_tif(tmp_path / "zc.tif", np.zeros((4, 2, 16, 16), np.uint16), photometric="minisblack")
+    with pytest.raises(ImageDirectoryError, match=r"zc\.tif: image of shape \(4, 2, 16, 16\) has 4 dimensions"):
+        group_fields(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shown"),
+    [(np.float64, "float64"), (np.int32, "int32"), (np.int64, "int64"), (np.int16, "int16"), (bool, "bool")],
+)
+def test_unsupported_tiff_dtype(tmp_path, dtype, shown):
+    write_tif(tmp_path / "x.tif", np.zeros(SHAPE, dtype))
+    with pytest.raises(ImageDirectoryError, match=rf"x\.tif: unsupported pixel type {shown}.*uint8, uint16 or float32"):
+        group_fields(tmp_path)
+
+
+def test_unsupported_pil_modes(tmp_path):
+    Image.fromarray(np.zeros(SHAPE, bool)).save(tmp_path / "mask.png")
+    with pytest.raises(ImageDirectoryError, match=r"mask\.png: unsupported pixel type bool"):
+        group_fields(tmp_path)
+
+
+def test_read_field_without_files():
+    with pytest.raises(ImageDirectoryError, match="field x has no files"):
+        read_field(Field("x", ()))
+
+
+def test_read_field_missing_file(tmp_path):
+    with pytest.raises(ImageDirectoryError, match=r"cannot read image .*gone\.tif"):
+        read_field(Field("x", (tmp_path / "gone.tif",)))
+
+
+def test_error_messages_are_one_line(tmp_path):
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00" + b"\xff" * 20)
+    with pytest.raises(ImageDirectoryError) as info:
+        group_fields(tmp_path)
+    assert "\n" not in str(info.value) and "bad.tif" in str(info.value)
+
+
+# --------------------------------------------------------------------------- wells
+
+
+@pytest.mark.parametrize(
+    ("name", "well"),
+    [
+        ("01-A-01", "A01"),
+        ("01-H-12", "H12"),
+        ("IXMtest_A02_s1", "A02"),
+        ("plate1_P24_s3", "P24"),
+        ("r02c03f01p01", "B03"),
+        ("r16c24f09p01-ch1sk1fk1fl1", "P24"),
+        ("B3_pos01", "B03"),
+        ("AF48_s1", "AF48"),
+        ("image_0001", None),
+        ("pos01", None),
+        ("sample", None),
+        ("x_s1", None),
+    ],
+)
+def test_well_of(name, well):
+    assert well_of(name) == well
