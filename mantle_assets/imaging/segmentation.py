@@ -72,9 +72,9 @@ def select_channels(stack: np.ndarray, nuclei_channel: int, cytoplasm_channel: i
     Examples
     --------
     >>> stack = np.stack([np.full((2, 2), 1.0), np.full((2, 2), 3.0)])
-    >>> select_channels(stack, 2, 2)[0, 0]
+    >>> float(select_channels(stack, 2, 2)[0, 0])
     3.0
-    >>> select_channels(stack, 2, 0)[0, 0]
+    >>> float(select_channels(stack, 0, 0)[0, 0])
     2.0
     >>> select_channels(stack, 2, 1).shape
     (2, 2, 2)

@@ -273,3 +273,34 @@ def parse_named_path(text: str) -> tuple[str, Path]:
     if not sep:
         return Path(text).name, Path(text)
     return name, Path(path)
+
+
+def evaluate_segmenter(segmenter, annotated: AnnotatedSet) -> dict[str, float]:
+    """Score a loaded model on an annotated set with automatic diameters.
+
+    Parameters
+    ----------
+    segmenter : CellposeSegmenter
+        The model, loaded.
+    annotated : AnnotatedSet
+        Validation images and their true masks.
+
+    Returns
+    -------
+    dict
+        ``ap50``/``ap75``/``ap90`` (mean over images) and
+        ``diameter_median_relative_error``: the median over images of
+        ``|estimated - annotated| / annotated`` median object diameter.
+    """
+    from cellpose.utils import diameters
+
+    predicted, errors = [], []
+    for image, truth in zip(annotated.images, annotated.masks):
+        result = segmenter.segment(image)
+        predicted.append(result.masks)
+        true_diameter = diameters(truth)[0]
+        errors.append(abs(result.diameter - true_diameter) / true_diameter)
+    scores = average_precision(annotated.masks, predicted)
+    scores["diameter_median_relative_error"] = float(np.median(errors))
+    scores["n_images"] = len(annotated)
+    return scores

@@ -10,3 +10,9 @@ segmentation_job = define_asset_job(
     partitions_def=image_directory_partitions,
     description="Segment one registered image directory (partition) with Cellpose.",
 )
+
+training_job = define_asset_job(
+    "training_job",
+    selection=["trained_cellpose_model"],
+    description="Train and validate a Cellpose model from annotated directories.",
+)

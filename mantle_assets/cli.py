@@ -1,0 +1,295 @@
+"""The ``mantle`` command: a thin layer over the library and the Dagster definitions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from mantle_assets.settings import dagster_home, mantle_home
+
+
+class MantleCommandError(click.ClickException):
+    """A one-line error printed as ``Error: ...`` with exit status 1."""
+
+
+def _prepare_environment() -> None:
+    """Point this process and its children at the same Mantle and Dagster state."""
+    os.environ["MANTLE_HOME"] = str(mantle_home())
+    os.environ["DAGSTER_HOME"] = str(dagster_home())
+    dagster_home().mkdir(parents=True, exist_ok=True)
+
+
+def _store():
+    from mantle_assets.entities import EntityStore
+
+    return EntityStore()
+
+
+def _instance():
+    from dagster import DagsterInstance
+
+    return DagsterInstance.get()
+
+
+def _echo_json(value) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def _entity_json(entity) -> dict:
+    return {
+        "entity_id": entity.entity_id,
+        "data_type": entity.data_type,
+        "name": entity.name,
+        "version": entity.version,
+        "archived": entity.archived,
+        "created_at": entity.created_at.isoformat(),
+        "updated_at": entity.updated_at.isoformat(),
+        "properties": entity.properties,
+    }
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Mantle: register microscopy image directories, segment them with Cellpose, browse lineage.
+
+    State lives in $MANTLE_HOME (default ./.mantle); Dagster runs in $DAGSTER_HOME
+    (default $MANTLE_HOME/dagster), shared by the CLI and `mantle ui`.
+    """
+    _prepare_environment()
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--experiment", "experiment_name", help="Experiment name recorded with the entity.")
+@click.option("--name", help="Entity name (default: the directory's name).")
+def register(directory: Path, experiment_name: str | None, name: str | None) -> None:
+    """Register DIRECTORY of images as an image_directory entity and Dagster partition.
+
+    Prints the new entity id.
+    """
+    entity = _register(directory, experiment_name, name)
+    click.echo(entity.entity_id)
+
+
+def _register(directory: Path, experiment_name: str | None, name: str | None):
+    from mantle_assets.imaging.fields import ImageDirectoryError
+    from mantle_assets.orchestration.partitions import image_directory_partitions
+    from mantle_assets.registration import register_image_directory
+
+    try:
+        entity = register_image_directory(_store(), directory, experiment_name, name=name)
+    except (ImageDirectoryError, ValueError) as error:
+        raise MantleCommandError(str(error)) from None
+    _instance().add_dynamic_partitions(image_directory_partitions.name, [entity.entity_id])
+    return entity
+
+
+@main.command()
+@click.option("--type", "data_type", help="Only entities of this data type.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--archived", is_flag=True, help="Include archived entities.")
+def entities(data_type: str | None, as_json: bool, archived: bool) -> None:
+    """List entities."""
+    found = _store().list(data_type, include_archived=archived)
+    if as_json:
+        _echo_json([_entity_json(e) for e in found])
+        return
+    for entity in found:
+        click.echo(f"{entity.entity_id}  {entity.data_type:<28} v{entity.version}  {entity.name}")
+
+
+@main.command()
+@click.argument("entity_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def show(entity_id: str, as_json: bool) -> None:
+    """Show an entity: properties, lineage and property history."""
+    from mantle_assets.entities import EntityNotFoundError
+
+    store = _store()
+    try:
+        entity = store.get(entity_id)
+    except EntityNotFoundError as error:
+        raise MantleCommandError(str(error)) from None
+    described = _entity_json(entity) | {
+        "parents": [e.__dict__ for e in store.parents(entity_id)],
+        "children": [e.__dict__ for e in store.children(entity_id)],
+        "history": [c.__dict__ for c in store.history(entity_id)],
+    }
+    if as_json:
+        _echo_json(described)
+        return
+    click.echo(f"{entity.entity_id}  {entity.data_type}  {entity.name}  (version {entity.version})")
+    for key, value in entity.properties.items():
+        text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+        click.echo(f"  {key}: {text if len(text) < 100 else text[:97] + '...'}")
+    for edge in described["parents"]:
+        click.echo(f"  parent {edge['parent_id']} via {edge['pipeline']} (run {edge['run_id']})")
+    for edge in described["children"]:
+        click.echo(f"  child  {edge['child_id']} via {edge['pipeline']} (run {edge['run_id']})")
+    click.echo(f"  {len(described['history'])} property changes recorded")
+
+
+def _segmentation_options(function):
+    options = [
+        click.option("--cellpose-model", default=None, help="Bundled or built-in model name, or a model file."),
+        click.option("--nuclei-channel", type=int, default=None, help="0 = none, 1 = red, 2 = green, 3 = blue."),
+        click.option("--cytoplasm-channel", type=int, default=None, help="0 = grayscale, 1/2/3 = R/G/B."),
+        click.option("--diameter", default=None, help="Object diameter in pixels, or None to estimate."),
+        click.option("--flow-threshold", type=float, default=None),
+        click.option("--cellprob-threshold", type=float, default=None),
+        click.option("--min-size", type=int, default=None),
+        click.option("--batch-size", type=int, default=None),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _execute(job_name: str, asset_name: str, config: dict, instance, partition_key: str | None = None):
+    """Run an asset job in this process, recorded in the shared Dagster instance."""
+    from mantle_assets.definitions import defs
+
+    result = defs.get_job_def(job_name).execute_in_process(
+        run_config={"ops": {asset_name: {"config": config}}},
+        instance=instance,
+        partition_key=partition_key,
+        raise_on_error=False,
+    )
+    if not result.success:
+        failure = result.failure_data_for_node(asset_name)
+        message = failure.error.message.strip().splitlines()[-1] if failure and failure.error else "run failed"
+        raise MantleCommandError(f"{job_name} run {result.run_id} failed: {message}")
+    return result
+
+
+def _segment(entity_id: str, parameters: dict):
+    """Materialise one partition of segmentation_masks through Dagster; return the output entity."""
+    from mantle_assets.entities import EntityNotFoundError
+    from mantle_assets.imaging.segmentation import check_channels
+    from mantle_assets.models.registry import ModelResolutionError, resolve_model
+    from mantle_assets.orchestration.assets import load_image_directory
+    from mantle_assets.orchestration.config import SegmentationConfig
+    from mantle_assets.orchestration.partitions import image_directory_partitions
+
+    # Everything checkable is checked before a run exists, so a bad request records nothing.
+    try:
+        config = SegmentationConfig(**{k: v for k, v in parameters.items() if v is not None})
+        _, grouping = load_image_directory(_store(), entity_id)
+        config.settings()
+        check_channels(config.nuclei_channel, config.cytoplasm_channel, grouping.n_channels)
+        resolve_model(config.cellpose_model)
+    except (EntityNotFoundError, ModelResolutionError, ValueError) as error:
+        raise MantleCommandError(str(error).splitlines()[0]) from None
+    instance = _instance()
+    if not instance.has_dynamic_partition(image_directory_partitions.name, entity_id):
+        instance.add_dynamic_partitions(image_directory_partitions.name, [entity_id])
+    result = _execute("segmentation_job", "segmentation_masks", config.model_dump(), instance, entity_id)
+    materialization = result.asset_materializations_for_node("segmentation_masks")[0]
+    return _store().get(materialization.metadata["output_entity"].value), result.run_id
+
+
+@main.command()
+@click.argument("entity_id")
+@_segmentation_options
+def segment(entity_id: str, **parameters) -> None:
+    """Segment image_directory ENTITY_ID with Cellpose (a Dagster run visible in `mantle ui`)."""
+    output, run_id = _segment(entity_id, parameters)
+    props = output.properties
+    click.echo(
+        f"{output.entity_id}: {props['total_cells']} objects in {props['fields']} fields "
+        f"-> {props['mask_directory']} (run {run_id})"
+    )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {name, kind, path, offline, diam_mean}.")
+def models(as_json: bool) -> None:
+    """List the Cellpose models: bundled, cached built-ins and downloadable built-ins."""
+    from mantle_assets.models.registry import available_models
+
+    specs = available_models()
+    if as_json:
+        _echo_json([spec.to_json() for spec in specs])
+        return
+    for spec in specs:
+        where = "offline" if spec.offline else "download on first use"
+        click.echo(f"{spec.name:<30} {spec.kind:<8} {where:<22} {spec.path}")
+
+
+@main.command()
+@click.option("--all", "all_wells", is_flag=True, help="Segment all 96 wells (default: a quick subset).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="BBBC014 folder (images/ and plate_layout.csv); default: $MANTLE_DEMO_DATA, "
+              "../shared/data/bbbc014, else the public archive is downloaded.")
+@click.option("--cellpose-model", default=None, help="Model to segment with (default: the bundled nuclei model).")
+def demo(all_wells: bool, data: Path | None, cellpose_model: str | None) -> None:
+    """Register the BBBC014 demo plate and segment its nuclei (DNA = Channel2)."""
+    from mantle_assets import demo as demo_plate
+
+    try:
+        images = demo_plate.prepare_plate(data, all_wells=all_wells, cache=mantle_home() / "demo")
+    except demo_plate.DemoDataError as error:
+        raise MantleCommandError(str(error)) from None
+    entity = _find_registered(images) or _register(images, demo_plate.EXPERIMENT, None)
+    click.echo(f"image_directory {entity.entity_id}: {images}")
+    parameters = demo_plate.segmentation_parameters(cellpose_model)
+    output, run_id = _segment(entity.entity_id, parameters)
+    for field, cells in output.properties["cells_per_field"].items():
+        click.echo(f"  {field}: {cells} nuclei")
+    click.echo(
+        f"segmentation_mask_directory {output.entity_id}: {output.properties['total_cells']} nuclei "
+        f"in {output.properties['fields']} fields (run {run_id})"
+    )
+
+
+def _find_registered(directory: Path):
+    resolved = str(directory.resolve())
+    for entity in _store().list("image_directory"):
+        if entity.properties["image_directory"] == resolved:
+            return entity
+    return None
+
+
+@main.command()
+@click.option("--port", type=int, default=3000, show_default=True)
+def ui(port: int) -> None:
+    """Start Dagster's webserver and daemon on 127.0.0.1 against Mantle's state."""
+    command = [
+        sys.executable, "-m", "dagster", "dev",
+        "-m", "mantle_assets.definitions",
+        "-h", "127.0.0.1", "-p", str(port),
+    ]
+    click.echo(f"Dagster UI on http://127.0.0.1:{port} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+    raise SystemExit(subprocess.call(command))
+
+
+@main.command()
+@click.option("--train", "train_directories", multiple=True, required=True,
+              help="Annotated directory as NAME=PATH (repeatable).")
+@click.option("--val", "validation_directory", required=True, help="Annotated validation directory.")
+@click.option("--name", "model_name", default="mantle-nuclei", show_default=True)
+@click.option("--epochs", "n_epochs", type=int, default=None)
+@click.option("--nimg-per-epoch", type=int, default=None)
+@click.option("--learning-rate", type=float, default=None)
+@click.option("--diam-mean", type=float, default=None)
+@click.option("--crop-size", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--weight", "weights", multiple=True, help="NAME=FRACTION: share of each epoch from a set.")
+def train(weights: tuple[str, ...], **options) -> None:
+    """Train a Cellpose model (the trained_cellpose_model asset) and record it as an entity."""
+    from mantle_assets.orchestration.training import TrainingConfig
+
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items() if v is not None}
+    config["set_weights"] = {name: float(share) for name, _, share in (w.partition("=") for w in weights)}
+    TrainingConfig(**config)
+    result = _execute("training_job", "trained_cellpose_model", config, _instance())
+    metadata = result.asset_materializations_for_node("trained_cellpose_model")[0].metadata
+    click.echo(
+        f"{metadata['model_entity'].value}: {metadata['model_file'].value} "
+        f"AP@0.5={metadata['ap50'].value:.3f} AP@0.75={metadata['ap75'].value:.3f}"
+    )

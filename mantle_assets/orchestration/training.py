@@ -1,0 +1,135 @@
+"""Training a Cellpose model as a tracked asset, with its data recorded as entities."""
+
+from pathlib import Path
+
+from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from pydantic import Field
+
+from mantle_assets.atomic import atomic_directory
+from mantle_assets.entities import EntityStore
+from mantle_assets.imaging.segmentation import CellposeSegmenter
+from mantle_assets.models.training import (
+    TrainingParameters,
+    evaluate_segmenter,
+    load_annotated_set,
+    parse_named_path,
+    train_cellpose_model,
+)
+from mantle_assets.orchestration.resources import EntityStoreResource
+from mantle_assets.settings import mantle_home
+
+TRAINING_PIPELINE = "cellpose-training"
+ANNOTATED = "annotated_image_directory"
+
+
+class TrainingConfig(Config):
+    train_directories: list[str] = Field(
+        description="Annotated directories as NAME=PATH (images/ + masks/, or Cellpose's _masks naming)."
+    )
+    validation_directory: str = Field(description="Annotated directory scored after training (never trained on).")
+    model_name: str = "mantle-nuclei"
+    n_epochs: int = TrainingParameters.n_epochs
+    learning_rate: float = TrainingParameters.learning_rate
+    weight_decay: float = TrainingParameters.weight_decay
+    batch_size: int = TrainingParameters.batch_size
+    nimg_per_epoch: int = TrainingParameters.nimg_per_epoch
+    diam_mean: float = TrainingParameters.diam_mean
+    crop_size: int = TrainingParameters.crop_size
+    seed: int = TrainingParameters.seed
+    set_weights: dict[str, float] = Field(
+        default_factory=dict, description="Share of each epoch drawn from a named training set."
+    )
+
+    def parameters(self) -> TrainingParameters:
+        return TrainingParameters(
+            n_epochs=self.n_epochs,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            nimg_per_epoch=self.nimg_per_epoch,
+            diam_mean=self.diam_mean,
+            crop_size=self.crop_size,
+            seed=self.seed,
+            set_weights=dict(self.set_weights),
+        )
+
+
+def annotated_entity(store: EntityStore, name: str, directory: Path, annotated) -> str:
+    """The entity of an annotated directory, registered on first use."""
+    resolved = str(directory.resolve())
+    for entity in store.list(ANNOTATED):
+        if entity.properties["annotated_directory"] == resolved:
+            return entity.entity_id
+    n_objects = int(sum(len(set(m.ravel().tolist())) - 1 for m in annotated.masks))
+    return store.register(
+        ANNOTATED,
+        name,
+        {"annotated_directory": resolved, "n_images": len(annotated), "n_objects": n_objects},
+    ).entity_id
+
+
+@asset(
+    group_name="models",
+    kinds={"cellpose", "pytorch", "duckdb"},
+    owners=["team:imaging"],
+    pool="gpu",
+    op_tags={"mantle/gpu": "true"},
+    description="A Cellpose 3 model trained from annotated nuclei with cellpose.train.train_seg, "
+    "scored on a validation set (AP at IoU 0.5/0.75/0.9) and recorded as a cellpose_model entity.",
+)
+def trained_cellpose_model(
+    context: AssetExecutionContext, config: TrainingConfig, entity_store: EntityStoreResource
+) -> MaterializeResult:
+    store = entity_store.store()
+    named = [parse_named_path(text) for text in config.train_directories]
+    train_sets = {name: load_annotated_set(path) for name, path in named}
+    validation_path = Path(config.validation_directory)
+    validation = load_annotated_set(validation_path)
+    train_ids = [annotated_entity(store, name, path, train_sets[name]) for name, path in named]
+    validation_id = annotated_entity(store, validation_path.name, validation_path, validation)
+
+    run_id = context.run.run_id
+    final = mantle_home() / "models" / config.model_name / run_id
+    params = config.parameters()
+    with atomic_directory(final) as partial:
+        trained = train_cellpose_model(train_sets, partial, config.model_name, params)
+    weights = final / "models" / config.model_name
+    scores = evaluate_segmenter(CellposeSegmenter(weights), validation)
+    context.log.info(f"validation {validation_path.name}: {scores}")
+
+    model = store.record_output(
+        "cellpose_model",
+        config.model_name,
+        {
+            "model_file": str(weights),
+            "training_entities": train_ids,
+            "validation_entity": validation_id,
+            "hyperparameters": params.__dict__,
+            "seed": params.seed,
+            "epochs": params.n_epochs,
+            "wall_seconds": trained.wall_seconds,
+            "hardware": trained.hardware,
+            "diam_mean": trained.diam_mean,
+            "diam_labels": trained.diam_labels,
+            "validation_ap": scores,
+        },
+        parents=train_ids,
+        pipeline=TRAINING_PIPELINE,
+        run_id=run_id,
+        parameters=params.__dict__,
+    )
+    return MaterializeResult(
+        metadata={
+            "model_entity": model.entity_id,
+            "model_file": MetadataValue.path(str(weights)),
+            "training_entities": MetadataValue.json(train_ids),
+            "validation_entity": validation_id,
+            "ap50": scores["ap50"],
+            "ap75": scores["ap75"],
+            "ap90": scores["ap90"],
+            "diameter_median_relative_error": scores["diameter_median_relative_error"],
+            "wall_seconds": trained.wall_seconds,
+            "hardware": trained.hardware,
+            "final_train_loss": trained.final_train_loss,
+        }
+    )

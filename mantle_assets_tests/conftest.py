@@ -1,0 +1,61 @@
+"""Shared fixtures: isolated Mantle/Dagster homes and crops of the BBBC014 demo plate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from mantle_assets.demo import default_data_candidates
+
+CROP = (slice(200, 360), slice(200, 360))
+TWO_WELLS = ("01-A-01", "12-A-12")
+
+
+def bbbc014_images() -> Path | None:
+    for candidate in default_data_candidates():
+        if (candidate / "images").is_dir():
+            return candidate / "images"
+    return None
+
+
+requires_bbbc014 = pytest.mark.skipif(
+    bbbc014_images() is None, reason="BBBC014 demo plate not found (set MANTLE_DEMO_DATA)"
+)
+
+
+@pytest.fixture(autouse=True)
+def mantle_home(tmp_path, monkeypatch) -> Path:
+    """A fresh $MANTLE_HOME and $DAGSTER_HOME for every test: nothing lands in the working tree."""
+    home = tmp_path / "mantle home"
+    monkeypatch.setenv("MANTLE_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    (home / "dagster").mkdir(parents=True)
+    return home
+
+
+@pytest.fixture
+def bbbc014_crops(tmp_path) -> Path:
+    """Two BBBC014 wells cropped to 160x160, both channels, named as on the plate."""
+    images = bbbc014_images()
+    if images is None:
+        pytest.skip("BBBC014 demo plate not found (set MANTLE_DEMO_DATA)")
+    directory = tmp_path / "plate crops"
+    directory.mkdir()
+    for well in TWO_WELLS:
+        for channel in (1, 2):
+            pixels = tifffile.imread(images / f"Channel{channel}-{well}.tif")
+            tifffile.imwrite(directory / f"Channel{channel}-{well}.tif", np.ascontiguousarray(pixels[CROP]))
+    return directory
+
+
+@pytest.fixture
+def bundled_model_name() -> str:
+    from mantle_assets.models.registry import bundled_specs
+
+    specs = [s for s in bundled_specs() if s.offline]
+    if not specs:
+        pytest.fail("no bundled model in the package")
+    return specs[0].name

@@ -1,0 +1,49 @@
+import math
+
+import numpy as np
+import pytest
+
+from mantle_assets.imaging.segmentation import (
+    ParameterError,
+    check_channels,
+    parse_diameter,
+    select_channels,
+)
+
+
+@pytest.mark.parametrize("text", ["None", "none", " None ", ""])
+def test_none_means_automatic_diameter(text):
+    assert parse_diameter(text) is None
+
+
+@pytest.mark.parametrize("text, value", [("12", 12.0), ("7.5", 7.5), (30, 30.0)])
+def test_diameter_in_pixels(text, value):
+    assert parse_diameter(text) == value
+
+
+@pytest.mark.parametrize("text", ["-3", "0", "nan", "inf", "big", math.nan])
+def test_bad_diameter_names_the_parameter(text):
+    with pytest.raises(ParameterError, match="^diameter must be") as error:
+        parse_diameter(text)
+    assert "\n" not in str(error.value)
+
+
+def test_channel_beyond_the_images_is_refused():
+    with pytest.raises(ParameterError, match="nuclei_channel=3 but the images have 2 channel"):
+        check_channels(3, 3, n_channels=2)
+
+
+@pytest.mark.parametrize("nuclei, cytoplasm", [(4, 0), (0, -1)])
+def test_channel_outside_rgb_is_refused(nuclei, cytoplasm):
+    with pytest.raises(ParameterError, match="_channel must be 0, 1, 2 or 3"):
+        check_channels(nuclei, cytoplasm)
+
+
+def test_select_channels_follows_mantle_meanings():
+    stack = np.stack([np.full((3, 4), 10.0), np.full((3, 4), 20.0), np.full((3, 4), 60.0)])
+    assert np.all(select_channels(stack, 0, 0) == 30.0)  # grayscale: mean of channels
+    assert np.all(select_channels(stack, 3, 3) == 60.0)  # nuclei-only of blue
+    assert np.all(select_channels(stack, 0, 2) == 20.0)  # green without nuclei
+    pair = select_channels(stack, 3, 1)  # red cytoplasm, blue nuclei
+    assert pair.shape == (2, 3, 4)
+    assert np.all(pair[0] == 10.0) and np.all(pair[1] == 60.0)

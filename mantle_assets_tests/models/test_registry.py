@@ -1,0 +1,74 @@
+import pytest
+from cellpose import models as cellpose_models
+
+from mantle_assets.models.registry import (
+    ModelResolutionError,
+    available_models,
+    builtin_model_names,
+    bundled_specs,
+    resolve_model,
+)
+
+
+@pytest.fixture
+def empty_cellpose_cache(tmp_path, monkeypatch):
+    # Cellpose reads CELLPOSE_LOCAL_MODELS_PATH once, at import; point its cache at a temp dir.
+    cache = tmp_path / "cellpose cache"
+    cache.mkdir()
+    monkeypatch.setattr(cellpose_models, "MODEL_DIR", cache)
+    return cache
+
+
+def test_unknown_name_is_refused_listing_the_choices(empty_cellpose_cache):
+    with pytest.raises(ModelResolutionError) as error:
+        resolve_model("nosuchmodel")
+    message = str(error.value)
+    assert message.startswith("unknown cellpose_model 'nosuchmodel'")
+    assert "cyto3" in message and "nuclei" in message
+    assert "\n" not in message
+
+
+def test_builtin_found_in_cellpose_cache_is_offline(empty_cellpose_cache):
+    (empty_cellpose_cache / "nucleitorch_0").write_bytes(b"weights")
+    spec = resolve_model("nuclei")
+    assert (spec.kind, spec.offline, spec.path) == ("builtin", True, empty_cellpose_cache / "nucleitorch_0")
+    assert spec.diam_mean == 17.0
+
+
+def test_builtin_neither_cached_nor_downloadable_names_offline_models(empty_cellpose_cache):
+    # No machine here reaches cellpose.org, so this exercises the real download failing.
+    with pytest.raises(ModelResolutionError) as error:
+        resolve_model("cyto3")
+    message = str(error.value)
+    assert "'cyto3' is not in Cellpose's cache" in message
+    assert "could not be downloaded" in message
+    for spec in bundled_specs():
+        assert spec.name in message
+    assert not any(empty_cellpose_cache.iterdir())
+
+
+def test_builtin_without_download_permission(empty_cellpose_cache):
+    with pytest.raises(ModelResolutionError, match="models available offline"):
+        resolve_model("cyto3", download=False)
+
+
+def test_a_model_file_path_resolves_to_itself(tmp_path, empty_cellpose_cache):
+    weights = tmp_path / "my model"
+    weights.write_bytes(b"weights")
+    spec = resolve_model(str(weights))
+    assert (spec.kind, spec.offline, spec.path) == ("file", True, weights)
+
+
+def test_bundled_models_are_listed_offline_with_their_files():
+    specs = bundled_specs()
+    assert specs, "the package ships at least one model"
+    for spec in specs:
+        assert spec.offline and spec.path.is_file()
+        assert resolve_model(spec.name) == spec
+
+
+def test_available_models_cover_bundled_and_every_builtin(empty_cellpose_cache):
+    names = [spec.name for spec in available_models()]
+    assert names[: len(bundled_specs())] == [s.name for s in bundled_specs()]
+    assert set(builtin_model_names()) <= set(names)
+    assert len(names) == len(set(names))

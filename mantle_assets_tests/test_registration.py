@@ -1,0 +1,58 @@
+import os
+
+import numpy as np
+import pytest
+import tifffile
+
+from mantle_assets.entities import EntityStore
+from mantle_assets.imaging.fields import ImageDirectoryError
+from mantle_assets.registration import directory_fingerprint, register_image_directory
+
+
+@pytest.fixture
+def plate(tmp_path):
+    directory = tmp_path / "plate"
+    directory.mkdir()
+    for well in ("01-A-01", "02-A-02"):
+        for channel in (1, 2):
+            tifffile.imwrite(directory / f"Channel{channel}-{well}.tif", np.full((8, 8), channel, np.uint8))
+    (directory / "notes.txt").write_text("not an image")
+    return directory
+
+
+def test_fingerprint_changes_when_an_image_changes(plate):
+    count, before = directory_fingerprint(plate)
+    assert count == 4
+    assert directory_fingerprint(plate) == (4, before)
+    target = plate / "Channel1-01-A-01.tif"
+    stat = target.stat()
+    tifffile.imwrite(target, np.zeros((8, 8), np.uint8))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert directory_fingerprint(plate)[1] != before
+
+
+def test_fingerprint_ignores_non_images(plate):
+    before = directory_fingerprint(plate)
+    (plate / "more notes.txt").write_text("still not an image")
+    assert directory_fingerprint(plate) == before
+
+
+def test_registration_records_grouping_and_fingerprint(plate, tmp_path):
+    store = EntityStore(tmp_path / "db" / "mantle.duckdb")
+    entity = register_image_directory(store, plate, "dose test")
+    assert entity.entity_id == "E000001"
+    assert entity.properties["experiment_name"] == "dose test"
+    grouping = entity.properties["field_grouping"]
+    assert (grouping["pattern"], grouping["n_fields"], grouping["n_channels"]) == ("channel-prefix", 2, 2)
+    assert entity.properties["file_count"] == 4
+    assert entity.properties["fingerprint"] == directory_fingerprint(plate)[1]
+
+
+def test_directory_without_images_is_refused_and_nothing_recorded(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("no images")
+    store = EntityStore(tmp_path / "db" / "mantle.duckdb")
+    with pytest.raises(ImageDirectoryError, match="no images in"):
+        register_image_directory(store, empty, "x")
+    assert store.list() == []
