@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -61,6 +62,8 @@ def main() -> None:
     (default $MANTLE_HOME/dagster), shared by the CLI and `mantle ui`.
     """
     _prepare_environment()
+    # Dagster flags beta APIs on import; users of the CLI cannot act on that.
+    warnings.filterwarnings("ignore", message=".*currently in beta")
 
 
 @main.command()
@@ -154,7 +157,7 @@ def _execute(job_name: str, asset_name: str, config: dict, instance, partition_k
     """Run an asset job in this process, recorded in the shared Dagster instance."""
     from mantle_assets.definitions import defs
 
-    result = defs.get_job_def(job_name).execute_in_process(
+    result = defs.resolve_job_def(job_name).execute_in_process(
         run_config={"ops": {asset_name: {"config": config}}},
         instance=instance,
         partition_key=partition_key,
@@ -162,28 +165,32 @@ def _execute(job_name: str, asset_name: str, config: dict, instance, partition_k
     )
     if not result.success:
         failure = result.failure_data_for_node(asset_name)
-        message = failure.error.message.strip().splitlines()[-1] if failure and failure.error else "run failed"
-        raise MantleCommandError(f"{job_name} run {result.run_id} failed: {message}")
+        raise MantleCommandError(f"{job_name} run {result.run_id} failed: {root_cause(failure)}")
     return result
+
+
+def root_cause(failure) -> str:
+    """The first line of the innermost error under Dagster's step-failure wrappers."""
+    error = failure.error if failure else None
+    if error is None:
+        return "run failed"
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip().splitlines()[0]
 
 
 def _segment(entity_id: str, parameters: dict):
     """Materialise one partition of segmentation_masks through Dagster; return the output entity."""
     from mantle_assets.entities import EntityNotFoundError
-    from mantle_assets.imaging.segmentation import check_channels
-    from mantle_assets.models.registry import ModelResolutionError, resolve_model
-    from mantle_assets.orchestration.assets import load_image_directory
+    from mantle_assets.orchestration.assets import prepare_segmentation
     from mantle_assets.orchestration.config import SegmentationConfig
     from mantle_assets.orchestration.partitions import image_directory_partitions
 
     # Everything checkable is checked before a run exists, so a bad request records nothing.
     try:
         config = SegmentationConfig(**{k: v for k, v in parameters.items() if v is not None})
-        _, grouping = load_image_directory(_store(), entity_id)
-        config.settings()
-        check_channels(config.nuclei_channel, config.cytoplasm_channel, grouping.n_channels)
-        resolve_model(config.cellpose_model)
-    except (EntityNotFoundError, ModelResolutionError, ValueError) as error:
+        prepare_segmentation(_store(), entity_id, config)
+    except (EntityNotFoundError, ValueError) as error:
         raise MantleCommandError(str(error).splitlines()[0]) from None
     instance = _instance()
     if not instance.has_dynamic_partition(image_directory_partitions.name, entity_id):
@@ -293,3 +300,5 @@ def train(weights: tuple[str, ...], **options) -> None:
         f"{metadata['model_entity'].value}: {metadata['model_file'].value} "
         f"AP@0.5={metadata['ap50'].value:.3f} AP@0.75={metadata['ap75'].value:.3f}"
     )
+if __name__ == "__main__":
+    main()

@@ -3,12 +3,16 @@
 from dagster import Definitions
 
 from mantle_assets.orchestration.assets import image_directory, segmentation_masks
-from mantle_assets.orchestration.jobs import segmentation_job, training_job
+from mantle_assets.orchestration.jobs import (
+    observe_image_directories_job,
+    segmentation_job,
+    training_job,
+)
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
 from mantle_assets.orchestration.training import trained_cellpose_model
 
 defs = Definitions(
     assets=[image_directory, segmentation_masks, trained_cellpose_model],
-    jobs=[segmentation_job, training_job],
+    jobs=[segmentation_job, training_job, observe_image_directories_job],
     resources={"entity_store": EntityStoreResource(), "cellpose": CellposeResource()},
 )

@@ -18,6 +18,7 @@ from mantle_assets.atomic import atomic_directory
 from mantle_assets.entities import EntityStore
 from mantle_assets.imaging.fields import ImageDirectoryError, group_fields
 from mantle_assets.imaging.pipeline import segment_directory
+from mantle_assets.imaging.segmentation import check_channels
 from mantle_assets.models.registry import resolve_model
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.partitions import image_directory_partitions
@@ -73,6 +74,24 @@ def load_image_directory(store: EntityStore, entity_id: str):
     return entity, grouping
 
 
+def prepare_segmentation(store: EntityStore, entity_id: str, config: SegmentationConfig):
+    """Check a segmentation request before any work: the entity, its images, the parameters, the model.
+
+    Returns
+    -------
+    (Entity, FieldGrouping, SegmentationSettings, ModelSpec)
+
+    Raises
+    ------
+    ValueError
+        A one-line message naming the entity, file or parameter at fault.
+    """
+    source, grouping = load_image_directory(store, entity_id)
+    settings = config.settings()
+    check_channels(config.nuclei_channel, config.cytoplasm_channel, grouping.n_channels)
+    return source, grouping, settings, resolve_model(config.cellpose_model)
+
+
 def summary_metadata(values: list[int]) -> dict:
     return {
         "min": min(values),
@@ -99,9 +118,7 @@ def segmentation_masks(
     cellpose: CellposeResource,
 ) -> MaterializeResult:
     store = entity_store.store()
-    source, grouping = load_image_directory(store, context.partition_key)
-    settings = config.settings()
-    spec = resolve_model(config.cellpose_model)
+    source, grouping, settings, spec = prepare_segmentation(store, context.partition_key, config)
     segmenter = cellpose.segmenter(spec)
 
     run_id = context.run.run_id

@@ -16,3 +16,9 @@ training_job = define_asset_job(
     selection=["trained_cellpose_model"],
     description="Train and validate a Cellpose model from annotated directories.",
 )
+
+observe_image_directories_job = define_asset_job(
+    "observe_image_directories_job",
+    selection=["image_directory"],
+    description="Record each registered directory's file count and fingerprint (its data version).",
+)

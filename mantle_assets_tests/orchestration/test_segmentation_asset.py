@@ -1,0 +1,119 @@
+"""The segmentation asset end to end: real entity store, real Dagster instance, real Cellpose."""
+
+import numpy as np
+import pytest
+import tifffile
+from dagster import AssetKey, DagsterInstance
+
+from mantle_assets.cli import root_cause
+from mantle_assets.definitions import defs
+from mantle_assets.entities import EntityStore
+from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.registration import register_image_directory
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def instance(mantle_home):
+    with DagsterInstance.local_temp(str(mantle_home / "dagster")) as local:
+        yield local
+
+
+@pytest.fixture
+def registered(bbbc014_crops, instance):
+    entity = register_image_directory(EntityStore(), bbbc014_crops, "crops")
+    instance.add_dynamic_partitions(image_directory_partitions.name, [entity.entity_id])
+    return entity
+
+
+def run_segmentation(instance, entity_id, **config):
+    return defs.resolve_job_def("segmentation_job").execute_in_process(
+        run_config={"ops": {"segmentation_masks": {"config": config}}},
+        instance=instance,
+        partition_key=entity_id,
+        raise_on_error=False,
+    )
+
+
+def dna_nuclei(bundled_model_name, diameter="None"):
+    return dict(cellpose_model=bundled_model_name, nuclei_channel=2, cytoplasm_channel=2, diameter=diameter)
+
+
+def test_materialisation_records_masks_entity_and_lineage(registered, instance, bundled_model_name, mantle_home):
+    result = run_segmentation(instance, registered.entity_id, **dna_nuclei(bundled_model_name))
+    assert result.success
+    metadata = result.asset_materializations_for_node("segmentation_masks")[0].metadata
+
+    store = EntityStore()
+    output = store.get(metadata["output_entity"].value)
+    assert output.data_type == "segmentation_mask_directory"
+    props = output.properties
+    assert props["source_entity"] == registered.entity_id
+    assert (props["cellpose_model"], props["nuclei_channel"], props["cytoplasm_channel"], props["diameter"]) == (
+        bundled_model_name, 2, 2, "None")
+    assert props["run_id"] == result.run_id
+    assert 5 < props["estimated_diameter"] < 30  # BBBC014 nuclei are ~10-14 px across
+
+    masks = sorted((mantle_home / "masks" / registered.entity_id / result.run_id).iterdir())
+    assert [m.name for m in masks] == ["01-A-01_cp_masks.tif", "12-A-12_cp_masks.tif"]
+    counts = {}
+    for path in masks:
+        labels = tifffile.imread(path)
+        assert labels.dtype == np.uint16 and labels.shape == (160, 160)
+        counts[path.name.removesuffix("_cp_masks.tif")] = int(labels.max())
+        assert len(np.unique(labels)) - 1 == labels.max()  # labels are consecutive
+    assert props["cells_per_field"] == counts
+    assert props["total_cells"] == sum(counts.values())
+    assert all(count >= 10 for count in counts.values())  # a 160 px crop holds dozens of nuclei
+
+    (edge,) = store.parents(output.entity_id)
+    assert (edge.parent_id, edge.pipeline, edge.run_id) == (registered.entity_id, "cellpose-segmentation", result.run_id)
+    assert edge.parameters["cellpose_model"] == bundled_model_name
+
+    assert metadata["input_entity"].value == registered.entity_id
+    assert metadata["total_cells"].value == props["total_cells"]
+    assert "data:image/png;base64," in metadata["preview"].value
+    assert metadata["cells_per_field"].value == {
+        "min": min(counts.values()), "median": float(np.median(list(counts.values()))), "max": max(counts.values())}
+
+
+def test_rematerialising_versions_the_output_without_duplicates(registered, instance, bundled_model_name, mantle_home):
+    first = run_segmentation(instance, registered.entity_id, **dna_nuclei(bundled_model_name, "12"))
+    second = run_segmentation(instance, registered.entity_id, **dna_nuclei(bundled_model_name, "14"))
+    assert first.success and second.success
+    store = EntityStore()
+    (output,) = store.list("segmentation_mask_directory")
+    assert output.version == 2
+    assert output.properties["run_id"] == second.run_id
+    assert {e.run_id for e in store.parents(output.entity_id)} == {first.run_id, second.run_id}
+    assert len(store.parents(output.entity_id)) == 2
+    changed = {c.property for c in store.history(output.entity_id) if c.run_id == second.run_id}
+    assert {"diameter", "mask_directory", "run_id"} <= changed
+    run_dirs = sorted(p.name for p in (mantle_home / "masks" / registered.entity_id).iterdir())
+    assert run_dirs == sorted([first.run_id, second.run_id])  # neither run overwrote the other
+
+
+def test_bad_channel_fails_the_run_and_records_nothing(registered, instance, bundled_model_name, mantle_home):
+    result = run_segmentation(
+        instance, registered.entity_id, cellpose_model=bundled_model_name, nuclei_channel=3, cytoplasm_channel=3)
+    assert not result.success
+    failure = result.failure_data_for_node("segmentation_masks")
+    assert root_cause(failure).endswith("nuclei_channel=3 but the images have 2 channel(s)")
+    assert EntityStore().list("segmentation_mask_directory") == []
+    assert not (mantle_home / "masks").exists() or not any((mantle_home / "masks").rglob("*.tif"))
+
+
+def test_observation_versions_change_with_the_directory(registered, instance, bbbc014_crops):
+    def observed_version():
+        assert defs.resolve_job_def("observe_image_directories_job").execute_in_process(instance=instance).success
+        (record,) = instance.fetch_observations(AssetKey("image_directory"), limit=1).records
+        assert record.partition_key == registered.entity_id
+        return record.asset_observation.data_version
+
+    before = observed_version()
+    assert before.startswith("4 files, sha256 ")
+    tifffile.imwrite(bbbc014_crops / "Channel1-13-B-01.tif", np.zeros((160, 160), np.uint8))
+    tifffile.imwrite(bbbc014_crops / "Channel2-13-B-01.tif", np.zeros((160, 160), np.uint8))
+    after = observed_version()
+    assert after.startswith("6 files, ") and after != before

@@ -1,0 +1,45 @@
+import subprocess
+import sys
+
+from dagster import AssetKey, Definitions, DynamicPartitionsDefinition
+
+from mantle_assets.definitions import defs
+from mantle_assets.orchestration.assets import GPU_OP_TAGS
+
+
+def test_definitions_load_and_validate():
+    Definitions.validate_loadable(defs)
+    for job in ("segmentation_job", "training_job", "observe_image_directories_job"):
+        assert defs.resolve_job_def(job) is not None
+
+
+def test_masks_are_partitioned_by_image_directory_entity():
+    masks = defs.get_assets_def(AssetKey("segmentation_masks"))
+    assert isinstance(masks.partitions_def, DynamicPartitionsDefinition)
+    assert masks.partitions_def.name == "image_directory"
+    assert AssetKey("image_directory") in masks.dependency_keys
+
+
+def test_segmentation_step_is_gpu_work():
+    masks = defs.get_assets_def(AssetKey("segmentation_masks"))
+    tags = masks.op.tags
+    assert tags["mantle/gpu"] == "true"
+    limits = GPU_OP_TAGS["dagster-k8s/config"]["container_config"]["resources"]["limits"]
+    assert limits == {"nvidia.com/gpu": 1}
+    assert "dagster-k8s/config" in tags
+    assert masks.op.pool == "gpu"
+
+
+def test_importing_the_code_location_does_no_work(tmp_path):
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    # Every defs module is imported when the UI loads: no database, no model, no torch.
+    code = (
+        "import sys, mantle_assets.definitions; "
+        "print(int('torch' in sys.modules), int('cellpose' in sys.modules))"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert output == ["0", "0"]
+    assert list(workdir.iterdir()) == []
