@@ -130,16 +130,20 @@ class CellposeSegmenter:
             self.model = models.CellposeModel(gpu=use_gpu, pretrained_model=str(weights))
         self.diam_mean = float(self.model.diam_mean)
         self.device = str(self.model.device)
-        self.size_model = self._builtin_size_model(builtin_name)
+        self.size_model = self._size_model(Path(weights), builtin_name)
 
-    def _builtin_size_model(self, builtin_name: str | None):
-        if builtin_name not in ("cyto", "cyto2", "cyto3", "nuclei"):
-            return None
+    def _size_model(self, weights: Path, builtin_name: str | None):
+        """Cellpose's size model: its own for built-ins, ``<weights>_size.npy`` for others."""
         from cellpose import models
 
+        if builtin_name is None:
+            size_file = weights.with_name(weights.name + "_size.npy")
+            return models.SizeModel(cp_model=self.model, pretrained_size=str(size_file)) if size_file.is_file() else None
+        if builtin_name not in ("cyto", "cyto2", "cyto3", "nuclei"):
+            return None
         try:
             return models.SizeModel(cp_model=self.model, pretrained_size=models.size_model_path(builtin_name))
-        except Exception:  # noqa: BLE001 - no cached or downloadable size model
+        except Exception:  # noqa: BLE001 - neither cached nor downloadable
             return None
 
     def _eval(self, image: np.ndarray, diameter: float, settings: SegmentationSettings) -> np.ndarray:
@@ -159,10 +163,12 @@ class CellposeSegmenter:
     def estimate_diameter(self, image: np.ndarray, settings: SegmentationSettings = SegmentationSettings()) -> float:
         """Estimate the median object diameter of an image, in pixels.
 
-        Built-in models use Cellpose's size model. Other models segment the
-        image once at the network's own scale (``diam_mean``) and take the
-        median diameter of the objects found, which is the second step of
-        Cellpose's own size model without its style regression.
+        Uses Cellpose's size model (style regression, then the median
+        diameter of the masks found at that size): Cellpose's own for
+        built-ins, ``<weights>_size.npy`` (``cellpose.train.train_size``) for
+        trained models. Without one, the image is segmented once at the
+        network's own scale (``diam_mean``) and the median diameter of the
+        objects found is returned.
         """
         if self.size_model is not None:
             channels, channel_axis = ([1, 2], 0) if image.ndim == 3 else ([0, 0], None)

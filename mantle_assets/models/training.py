@@ -113,6 +113,10 @@ class TrainingParameters:
     crop_size: int = 224
     seed: int = 0
     min_train_masks: int = 5
+    # Cellpose's size model (style -> diameter regression) for diameter=None.
+    size_epochs: int = 5
+    size_nimg_per_epoch: int = 100
+    size_crop_size: int = 512
     # Share of each epoch's crops drawn from each training set, by set name;
     # sets not named share the rest in proportion to their size.
     set_weights: dict[str, float] = field(default_factory=dict)
@@ -181,7 +185,12 @@ def train_cellpose_model(
     model_name: str,
     params: TrainingParameters = TrainingParameters(),
 ) -> TrainingResult:
-    """Train a standard Cellpose 3 network from scratch with ``cellpose.train.train_seg``.
+    """Train a standard Cellpose 3 network from scratch, and its size model.
+
+    ``cellpose.train.train_seg`` trains the network; ``cellpose.train.train_size``
+    then fits the style-to-diameter regression Cellpose's ``SizeModel`` uses,
+    saved beside the weights as ``<model>_size.npy``, so ``diameter=None``
+    works as it does with Cellpose's built-in models.
 
     Parameters
     ----------
@@ -229,6 +238,18 @@ def train_cellpose_model(
         save_path=str(output_dir),
         save_every=10,
         model_name=model_name,
+    )
+    train.train_size(
+        model.net,
+        str(model_path),
+        train_data=images,
+        train_labels=masks,
+        train_probs=probabilities,
+        channels=[0, 0],
+        nimg_per_epoch=params.size_nimg_per_epoch,
+        n_epochs=params.size_epochs,
+        bsize=params.size_crop_size,
+        min_train_masks=params.min_train_masks,
     )
     wall = time.perf_counter() - start
     return TrainingResult(

@@ -36,6 +36,9 @@ class TrainingConfig(Config):
     diam_mean: float = TrainingParameters.diam_mean
     crop_size: int = TrainingParameters.crop_size
     seed: int = TrainingParameters.seed
+    size_epochs: int = TrainingParameters.size_epochs
+    size_nimg_per_epoch: int = TrainingParameters.size_nimg_per_epoch
+    size_crop_size: int = TrainingParameters.size_crop_size
     set_weights: dict[str, float] = Field(
         default_factory=dict, description="Share of each epoch drawn from a named training set."
     )
@@ -50,6 +53,9 @@ class TrainingConfig(Config):
             diam_mean=self.diam_mean,
             crop_size=self.crop_size,
             seed=self.seed,
+            size_epochs=self.size_epochs,
+            size_nimg_per_epoch=self.size_nimg_per_epoch,
+            size_crop_size=self.size_crop_size,
             set_weights=dict(self.set_weights),
         )
 

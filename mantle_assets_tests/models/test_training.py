@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import tifffile
+
+from mantle_assets.models.training import (
+    average_precision,
+    find_annotated_pairs,
+    load_annotated_set,
+    parse_named_path,
+    sampling_probabilities,
+)
+
+
+def squares(offset=0):
+    labels = np.zeros((64, 64), np.int32)
+    for index, (y, x) in enumerate([(5, 5), (5, 40), (40, 5), (40, 40)], start=1):
+        labels[y + offset : y + offset + 15, x : x + 15] = index
+    return labels
+
+
+def test_images_and_masks_folders_are_paired(tmp_path):
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / "images" / f"{name}.tif", np.zeros((4, 4), np.uint8))
+        tifffile.imwrite(tmp_path / "masks" / f"{name}.tif", np.zeros((4, 4), np.uint16))
+    tifffile.imwrite(tmp_path / "images" / "unlabelled.tif", np.zeros((4, 4), np.uint8))
+    pairs = find_annotated_pairs(tmp_path)
+    assert [(i.name, m.parent.name) for i, m in pairs] == [("a.tif", "masks"), ("b.tif", "masks")]
+
+
+def test_cellpose_masks_naming_is_paired(tmp_path):
+    tifffile.imwrite(tmp_path / "cells.tif", np.ones((4, 4), np.uint8))
+    tifffile.imwrite(tmp_path / "cells_masks.tif", squares()[:4, :4].astype(np.uint16))
+    annotated = load_annotated_set(tmp_path)
+    assert annotated.names == ["cells"]
+    assert annotated.images[0].dtype == np.float32
+
+
+def test_directory_without_annotations_is_refused(tmp_path):
+    tifffile.imwrite(tmp_path / "cells.tif", np.ones((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="no annotated images in"):
+        find_annotated_pairs(tmp_path)
+
+
+def test_set_weights_give_each_set_its_share():
+    p = sampling_probabilities({"small": 10, "large": 90, "other": 100}, {"small": 0.5})
+    assert p.sum() == pytest.approx(1.0)
+    assert p[:10].sum() == pytest.approx(0.5)
+    assert p[10:100].sum() == pytest.approx(0.5 * 90 / 190)
+    with pytest.raises(ValueError, match="sum to"):
+        sampling_probabilities({"a": 1, "b": 1}, {"a": 0.7, "b": 0.6})
+
+
+def test_named_paths():
+    assert parse_named_path("train=/data/x") == ("train", __import__("pathlib").Path("/data/x"))
+    assert parse_named_path("/data/bbbc039_val")[0] == "bbbc039_val"
+
+
+def test_average_precision_of_known_predictions():
+    truth = squares()
+    assert average_precision([truth], [truth]) == {"ap50": 1.0, "ap75": 1.0, "ap90": 1.0}
+    shifted = squares(offset=3)  # IoU of each pair = 12*15 / (18*15) = 0.667
+    scores = average_precision([truth], [shifted])
+    assert scores["ap50"] == 1.0 and scores["ap75"] == 0.0
+    half = truth.copy()
+    half[half > 2] = 0  # two of four objects found: TP=2, FN=2 -> AP = 0.5
+    assert average_precision([truth], [half])["ap50"] == pytest.approx(0.5)
