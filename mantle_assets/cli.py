@@ -300,5 +300,25 @@ def train(weights: tuple[str, ...], **options) -> None:
         f"{metadata['model_entity'].value}: {metadata['model_file'].value} "
         f"AP@0.5={metadata['ap50'].value:.3f} AP@0.75={metadata['ap75'].value:.3f}"
     )
+
+
+@main.command()
+@click.argument("model_entity_id")
+@click.argument("name")
+def bundle(model_entity_id: str, name: str) -> None:
+    """Package trained cellpose_model MODEL_ENTITY_ID as bundled model NAME (for maintainers)."""
+    from mantle_assets.entities import EntityNotFoundError
+    from mantle_assets.models.bundling import bundle_model
+
+    try:
+        model = _store().get(model_entity_id)
+    except EntityNotFoundError as error:
+        raise MantleCommandError(str(error)) from None
+    if model.data_type != "cellpose_model":
+        raise MantleCommandError(f"{model_entity_id} is a {model.data_type}, not a cellpose_model")
+    folder = bundle_model(Path(model.properties["model_file"]), name, dict(model.properties))
+    click.echo(str(folder))
+
+
 if __name__ == "__main__":
     main()

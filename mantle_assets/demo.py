@@ -72,7 +72,10 @@ def quick_wells(layout_csv: Path) -> list[str]:
     chosen = []
     for control in ("-1", "1"):
         matching = [r for r in rows if r["SBS_Controls"].strip() == control]
-        chosen += [f"{int(r['ImageNumber']):02d}-{r['Row']}-{int(r['Column']):02d}" for r in matching[:QUICK_WELLS_PER_CONTROL]]
+        chosen += [
+            f"{int(r['ImageNumber']):02d}-{r['Row']}-{int(r['Column']):02d}"
+            for r in matching[:QUICK_WELLS_PER_CONTROL]
+        ]
     return chosen
 
 

@@ -250,7 +250,7 @@ def _group_per_channel(
     directory: Path, pattern: str, files: list[Path], matches: list[re.Match[str]]
 ) -> FieldGrouping:
     by_field: dict[str, dict[str, Path]] = {}
-    for path, match in zip(files, matches):
+    for path, match in zip(files, matches, strict=True):
         channels = by_field.setdefault(match["field"], {})
         label = match["label"]
         if label in channels:

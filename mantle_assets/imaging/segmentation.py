@@ -138,7 +138,9 @@ class CellposeSegmenter:
 
         if builtin_name is None:
             size_file = weights.with_name(weights.name + "_size.npy")
-            return models.SizeModel(cp_model=self.model, pretrained_size=str(size_file)) if size_file.is_file() else None
+            if not size_file.is_file():
+                return None
+            return models.SizeModel(cp_model=self.model, pretrained_size=str(size_file))
         if builtin_name not in ("cyto", "cyto2", "cyto3", "nuclei"):
             return None
         try:

@@ -296,8 +296,8 @@ def parse_named_path(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def evaluate_segmenter(segmenter, annotated: AnnotatedSet) -> dict[str, float]:
-    """Score a loaded model on an annotated set with automatic diameters.
+def evaluate_segmenter(segmenter, annotated: AnnotatedSet, *, annotated_diameters: bool = False) -> dict[str, float]:
+    """Score a loaded model on an annotated set.
 
     Parameters
     ----------
@@ -305,6 +305,9 @@ def evaluate_segmenter(segmenter, annotated: AnnotatedSet) -> dict[str, float]:
         The model, loaded.
     annotated : AnnotatedSet
         Validation images and their true masks.
+    annotated_diameters : bool
+        Segment each image at its annotated median diameter instead of the
+        automatic estimate (isolates the network from the size estimate).
 
     Returns
     -------
@@ -315,11 +318,15 @@ def evaluate_segmenter(segmenter, annotated: AnnotatedSet) -> dict[str, float]:
     """
     from cellpose.utils import diameters
 
+    from mantle_assets.imaging.segmentation import SegmentationSettings
+
     predicted, errors = [], []
-    for image, truth in zip(annotated.images, annotated.masks):
-        result = segmenter.segment(image)
-        predicted.append(result.masks)
+    for image, truth in zip(annotated.images, annotated.masks, strict=True):
         true_diameter = diameters(truth)[0]
+        result = segmenter.segment(
+            image, SegmentationSettings(diameter=true_diameter if annotated_diameters else None)
+        )
+        predicted.append(result.masks)
         errors.append(abs(result.diameter - true_diameter) / true_diameter)
     scores = average_precision(annotated.masks, predicted)
     scores["diameter_median_relative_error"] = float(np.median(errors))

@@ -13,6 +13,7 @@ from dagster import (
     asset,
     observable_source_asset,
 )
+from tqdm import tqdm
 
 from mantle_assets.atomic import atomic_directory
 from mantle_assets.entities import EntityStore
@@ -124,10 +125,14 @@ def segmentation_masks(
     run_id = context.run.run_id
     output_dir = mask_root() / source.entity_id / run_id
 
+    # The bar shows when a person runs this from a terminal (`mantle segment`); daemon runs log only.
+    progress = tqdm(total=len(grouping.fields), desc=f"{source.entity_id} fields", unit="field", disable=None)
+
     def log_field(outcome):
+        progress.update()
         context.log.info(f"{outcome.field}: {outcome.cells} objects in {outcome.seconds:.1f} s")
 
-    with atomic_directory(output_dir) as partial:
+    with progress, atomic_directory(output_dir) as partial:
         result = segment_directory(
             grouping,
             segmenter,
@@ -185,7 +190,8 @@ def segmentation_masks(
             "cells_per_field": MetadataValue.json(summary_metadata(cells)),
             "cellpose_model": config.cellpose_model,
             "parameters": MetadataValue.json(properties["extra_parameters"] | config.parameters()),
-            "diameter_used_px": MetadataValue.float(result.median_diameter()),
+            "diameter_px": MetadataValue.float(result.median_diameter()),
+            "diameter_estimated": settings.diameter is None,
             "device": segmenter.device,
             "seconds_per_field": MetadataValue.float(statistics.mean(seconds)),
             "output_path": MetadataValue.path(str(output_dir)),

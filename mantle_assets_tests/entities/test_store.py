@@ -6,7 +6,7 @@ import multiprocessing
 import pickle
 import time
 import traceback
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 import duckdb
@@ -197,7 +197,7 @@ def test_ids_are_sequential_and_readable(store, images):
     entity = store.get("E000002")
     assert entity.name == "p1" and entity.version == 1 and not entity.archived
     assert entity.properties == {"image_directory": images.as_posix()}
-    assert entity.created_at.tzinfo == timezone.utc and entity.updated_at == entity.created_at
+    assert entity.created_at.tzinfo == UTC and entity.updated_at == entity.created_at
 
 
 def test_unknown_id_raises_entity_not_found(store):

@@ -84,7 +84,7 @@ def write_tif(path: Path, data: np.ndarray, **kwargs) -> Path:
     ],
 )
 def test_per_channel_schemes(tmp_path, pattern, names, fields, labels):
-    for f, (field, files) in enumerate(names.items()):
+    for f, (_field, files) in enumerate(names.items()):
         for c, name in enumerate(files):
             write_tif(tmp_path / name, ramp(100 * c + f, np.uint16))
 
