@@ -12,6 +12,16 @@ PARTIAL_PREFIX = ".partial-"
 
 
 @contextlib.contextmanager
+def removed_on_failure(path: Path) -> Iterator[None]:
+    """Delete ``path`` if the block fails: outputs must not outlive a failed record."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a hidden sibling directory to fill; rename it to ``final`` on success.
 

@@ -22,7 +22,19 @@ def _prepare_environment() -> None:
     """Point this process and its children at the same Mantle and Dagster state."""
     os.environ["MANTLE_HOME"] = str(mantle_home())
     os.environ["DAGSTER_HOME"] = str(dagster_home())
-    dagster_home().mkdir(parents=True, exist_ok=True)
+
+
+class MantleGroup(click.Group):
+    """Turns the platform's expected errors into one-line messages instead of tracebacks."""
+
+    def invoke(self, ctx):
+        from mantle_assets.entities import EntityNotFoundError, SchemaVersionError, StoreBusyError
+        from mantle_assets.entities.types import UnknownDataTypeError
+
+        try:
+            return super().invoke(ctx)
+        except (EntityNotFoundError, SchemaVersionError, StoreBusyError, UnknownDataTypeError) as error:
+            raise MantleCommandError(str(error).splitlines()[0]) from None
 
 
 def _store():
@@ -34,6 +46,7 @@ def _store():
 def _instance():
     from dagster import DagsterInstance
 
+    dagster_home().mkdir(parents=True, exist_ok=True)
     return DagsterInstance.get()
 
 
@@ -54,7 +67,7 @@ def _entity_json(entity) -> dict:
     }
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=MantleGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Mantle: register microscopy image directories, segment them with Cellpose, browse lineage.
 
@@ -111,13 +124,8 @@ def entities(data_type: str | None, as_json: bool, archived: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(entity_id: str, as_json: bool) -> None:
     """Show an entity: properties, lineage and property history."""
-    from mantle_assets.entities import EntityNotFoundError
-
     store = _store()
-    try:
-        entity = store.get(entity_id)
-    except EntityNotFoundError as error:
-        raise MantleCommandError(str(error)) from None
+    entity = store.get(entity_id)
     described = _entity_json(entity) | {
         "parents": [e.__dict__ for e in store.parents(entity_id)],
         "children": [e.__dict__ for e in store.children(entity_id)],
@@ -255,9 +263,9 @@ def demo(all_wells: bool, data: Path | None, cellpose_model: str | None) -> None
 
 
 def _find_registered(directory: Path):
-    resolved = str(directory.resolve())
+    resolved = directory.resolve()
     for entity in _store().list("image_directory"):
-        if entity.properties["image_directory"] == resolved:
+        if Path(entity.properties["image_directory"]).resolve() == resolved:
             return entity
     return None
 
@@ -307,13 +315,9 @@ def train(weights: tuple[str, ...], **options) -> None:
 @click.argument("name")
 def bundle(model_entity_id: str, name: str) -> None:
     """Package trained cellpose_model MODEL_ENTITY_ID as bundled model NAME (for maintainers)."""
-    from mantle_assets.entities import EntityNotFoundError
     from mantle_assets.models.bundling import bundle_model
 
-    try:
-        model = _store().get(model_entity_id)
-    except EntityNotFoundError as error:
-        raise MantleCommandError(str(error)) from None
+    model = _store().get(model_entity_id)
     if model.data_type != "cellpose_model":
         raise MantleCommandError(f"{model_entity_id} is a {model.data_type}, not a cellpose_model")
     folder = bundle_model(Path(model.properties["model_file"]), name, dict(model.properties))

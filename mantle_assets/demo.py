@@ -8,9 +8,14 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from tqdm import tqdm
+
+from mantle_assets.atomic import atomic_directory
+
 EXPERIMENT = "BBBC014 NF-kB translocation"
 ARCHIVE_URL = "https://data.broadinstitute.org/bbbc/BBBC014/BBBC014_v1_images.zip"
 PLATE_LAYOUT = "plate_layout.csv"
+DOWNLOAD_TIMEOUT_S = 60
 QUICK_WELLS_PER_CONTROL = 2
 # DNA (Hoechst) is Channel2: nuclei-only segmentation of channel 2.
 DNA_CHANNEL = 2
@@ -48,20 +53,23 @@ def download_plate(target: Path) -> Path:
     if images.is_dir() and any(images.iterdir()):
         return target
     target.mkdir(parents=True, exist_ok=True)
-    archive = target / "BBBC014_v1_images.zip"
+    archive = target / "BBBC014_v1_images.zip.part"
     try:
-        urllib.request.urlretrieve(ARCHIVE_URL, archive)
-    except OSError as error:
+        with urllib.request.urlopen(ARCHIVE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response, archive.open("wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="BBBC014") as progress:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    progress.update(len(chunk))
+        with atomic_directory(images) as partial, zipfile.ZipFile(archive) as zipped:
+            for member in zipped.infolist():
+                name = Path(member.filename).name
+                if not member.is_dir() and name.lower().endswith((".tif", ".bmp")):
+                    (partial / name).write_bytes(zipped.read(member))
+    except (OSError, zipfile.BadZipFile) as error:
         raise DemoDataError(f"BBBC014 not found locally and its download failed ({ARCHIVE_URL}: {error})") from None
-    partial = target / ".images-partial"
-    with zipfile.ZipFile(archive) as zipped:
-        for member in zipped.infolist():
-            name = Path(member.filename).name
-            if not member.is_dir() and name.lower().endswith((".tif", ".bmp")):
-                (partial / name).parent.mkdir(parents=True, exist_ok=True)
-                (partial / name).write_bytes(zipped.read(member))
-    partial.rename(images)
-    archive.unlink()
+    finally:
+        archive.unlink(missing_ok=True)
     return target
 
 

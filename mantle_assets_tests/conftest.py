@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,11 @@ def bbbc014_images() -> Path | None:
     return None
 
 
-requires_bbbc014 = pytest.mark.skipif(
-    bbbc014_images() is None, reason="BBBC014 demo plate not found (set MANTLE_DEMO_DATA)"
-)
+def missing_data(reason: str):
+    """Skip for lack of shared data, except in CI (MANTLE_REQUIRE_DATA=1), where it is a failure."""
+    if os.environ.get("MANTLE_REQUIRE_DATA") == "1":
+        pytest.fail(f"{reason} (MANTLE_REQUIRE_DATA=1)")
+    pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +44,7 @@ def bbbc014_crops(tmp_path) -> Path:
     """Two BBBC014 wells cropped to 160x160, both channels, named as on the plate."""
     images = bbbc014_images()
     if images is None:
-        pytest.skip("BBBC014 demo plate not found (set MANTLE_DEMO_DATA)")
+        missing_data("BBBC014 demo plate not found (set MANTLE_DEMO_DATA)")
     directory = tmp_path / "plate crops"
     directory.mkdir()
     for well in TWO_WELLS:

@@ -24,6 +24,7 @@ import duckdb
 import filelock
 
 from mantle_assets.entities.types import PropertyValidationError, get_data_type
+from mantle_assets.settings import mantle_home
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -109,7 +110,7 @@ def default_database_path() -> Path:
         ``$MANTLE_HOME/mantle.duckdb``, with ``MANTLE_HOME`` defaulting to
         ``.mantle`` in the working directory.
     """
-    return Path(os.environ.get("MANTLE_HOME", ".mantle")) / "mantle.duckdb"
+    return mantle_home() / "mantle.duckdb"
 
 
 class EntityNotFoundError(KeyError):
@@ -459,13 +460,19 @@ class EntityStore:
         entity: Entity,
         changes: dict[str, Any],
         run_id: str | None,
+        *,
+        replace: bool = False,
     ) -> Entity:
+        # replace=True makes ``changes`` the complete new property set: properties it
+        # lacks are removed (recorded with new value None), as a new output version needs.
         changed = {prop: value for prop, value in changes.items() if entity.properties.get(prop) != value}
-        if not changed:
+        removed = [prop for prop in entity.properties if replace and prop not in changes]
+        if not changed and not removed:
             return entity
         self._check_references(connection, entity.data_type, changed)
         now = _utc_now()
-        merged = {**entity.properties, **changed}
+        merged = {prop: value for prop, value in {**entity.properties, **changed}.items() if prop not in removed}
+        changed.update(dict.fromkeys(removed))
         connection.execute(
             "UPDATE entity_records SET properties = ?, version = version + 1, updated_at = ? WHERE entity_id = ?",
             [_to_json(merged), now, entity.entity_id],
@@ -476,15 +483,15 @@ class EntityStore:
 
     @staticmethod
     def _find_child(
-        connection: duckdb.DuckDBPyConnection, parents: Sequence[str], pipeline: str, data_type: str
+        connection: duckdb.DuckDBPyConnection, parents: Sequence[str], pipeline: str, data_type: str, name: str
     ) -> str | None:
         # Archived outputs are retired on purpose; a new run makes a fresh one.
         candidates = connection.execute(
             "SELECT DISTINCT e.entity_id FROM lineage_edges l "
             "JOIN entity_records e ON e.entity_id = l.child_id "
-            "WHERE l.parent_id = ? AND l.pipeline = ? AND e.data_type = ? AND NOT e.archived "
+            "WHERE l.parent_id = ? AND l.pipeline = ? AND e.data_type = ? AND e.name = ? AND NOT e.archived "
             "ORDER BY e.entity_id",
-            [parents[0], pipeline, data_type],
+            [parents[0], pipeline, data_type, name],
         ).fetchall()
         wanted = set(parents)
         for (child_id,) in candidates:
@@ -748,11 +755,13 @@ class EntityStore:
         with self._transaction() as connection:
             for parent_id in unique_parents:
                 self._fetch(connection, parent_id)
-            child_id = self._find_child(connection, unique_parents, pipeline, data_type)
+            child_id = self._find_child(connection, unique_parents, pipeline, data_type, name)
             if child_id is None:
                 child = self._insert(connection, data_type, name, validated, run_id)
             else:
-                child = self._apply_changes(connection, self._fetch(connection, child_id), validated, run_id)
+                child = self._apply_changes(
+                    connection, self._fetch(connection, child_id), validated, run_id, replace=True
+                )
             now = _utc_now()
             for parent_id in unique_parents:
                 connection.execute(
@@ -815,36 +824,3 @@ class EntityStore:
                 [entity_id],
             ).fetchall()
         return [_edge_from_row(row) for row in rows]
-
-    def find_output(self, parent_id: str, pipeline: str, data_type: str) -> Entity | None:
-        """Find an unarchived entity of a data type made from a parent by a pipeline.
-
-        Parameters
-        ----------
-        parent_id : str
-            The parent entity.
-        pipeline : str
-            The pipeline.
-        data_type : str
-            The output's data type.
-
-        Returns
-        -------
-        Entity or None
-            The matching output with the lowest id, or ``None``.
-
-        Raises
-        ------
-        EntityNotFoundError
-            If the parent does not exist.
-        """
-        with self._transaction() as connection:
-            self._fetch(connection, parent_id)
-            row = connection.execute(
-                f"SELECT {_ENTITY_COLUMNS} FROM entity_records "
-                "WHERE data_type = ? AND NOT archived AND entity_id IN ("
-                "  SELECT child_id FROM lineage_edges WHERE parent_id = ? AND pipeline = ?) "
-                "ORDER BY entity_id LIMIT 1",
-                [data_type, parent_id, pipeline],
-            ).fetchone()
-        return None if row is None else _entity_from_row(row)

@@ -62,10 +62,14 @@ def cellpose_model_dir() -> Path:
 
 
 def builtin_model_names() -> list[str]:
-    """Names of Cellpose's built-in models, without duplicates, in Cellpose's order."""
+    """Cellpose's built-in models for the standard network, in Cellpose's order.
+
+    The transformer models need ``backbone="transformer"`` (and the
+    segmentation_models_pytorch package), so they are not offered.
+    """
     from cellpose import models
 
-    return list(dict.fromkeys(models.MODEL_NAMES))
+    return [name for name in dict.fromkeys(models.MODEL_NAMES) if "transformer" not in name]
 
 
 def _builtin_basename(name: str) -> str:

@@ -1,7 +1,6 @@
 """Assets: registered image directories and their Cellpose segmentation masks."""
 
 import base64
-import shutil
 import statistics
 
 from dagster import (
@@ -15,7 +14,7 @@ from dagster import (
 )
 from tqdm import tqdm
 
-from mantle_assets.atomic import atomic_directory
+from mantle_assets.atomic import atomic_directory, removed_on_failure
 from mantle_assets.entities import EntityStore
 from mantle_assets.imaging.fields import ImageDirectoryError, group_fields
 from mantle_assets.imaging.pipeline import segment_directory
@@ -58,7 +57,7 @@ def image_directory(entity_store: EntityStoreResource) -> DataVersionsByPartitio
     for entity in entity_store.store().list(IMAGE_DIRECTORY):
         try:
             versions[entity.entity_id] = image_directory_version(entity.properties["image_directory"])
-        except OSError:
+        except (OSError, ImageDirectoryError):
             versions[entity.entity_id] = DataVersion("missing")
     return DataVersionsByPartition(versions)
 
@@ -163,7 +162,7 @@ def segmentation_masks(
             "model_path": str(spec.path),
         },
     }
-    try:
+    with removed_on_failure(output_dir):
         output = store.record_output(
             MASK_DIRECTORY,
             f"{source.name} masks",
@@ -173,10 +172,6 @@ def segmentation_masks(
             run_id=run_id,
             parameters={**config.parameters(), **properties["extra_parameters"]},
         )
-    except BaseException:
-        # The store is unchanged; the masks must not outlive the failed record.
-        shutil.rmtree(output_dir, ignore_errors=True)
-        raise
 
     preview = base64.b64encode(result.preview_png).decode()
     return MaterializeResult(

@@ -8,7 +8,6 @@ from pydantic import PrivateAttr
 from mantle_assets.entities import EntityStore
 from mantle_assets.imaging.segmentation import CellposeSegmenter
 from mantle_assets.models.registry import ModelSpec
-from mantle_assets.settings import mantle_home
 
 
 class EntityStoreResource(ConfigurableResource):
@@ -17,7 +16,7 @@ class EntityStoreResource(ConfigurableResource):
     database: str | None = None
 
     def store(self) -> EntityStore:
-        return EntityStore(self.database or mantle_home() / "mantle.duckdb")
+        return EntityStore(self.database)
 
 
 class CellposeResource(ConfigurableResource):

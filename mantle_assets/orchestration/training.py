@@ -5,7 +5,7 @@ from pathlib import Path
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from mantle_assets.atomic import atomic_directory
+from mantle_assets.atomic import atomic_directory, removed_on_failure
 from mantle_assets.entities import EntityStore
 from mantle_assets.imaging.segmentation import CellposeSegmenter
 from mantle_assets.models.training import (
@@ -91,8 +91,6 @@ def trained_cellpose_model(
     train_sets = {name: load_annotated_set(path) for name, path in named}
     validation_path = Path(config.validation_directory)
     validation = load_annotated_set(validation_path)
-    train_ids = [annotated_entity(store, name, path, train_sets[name]) for name, path in named]
-    validation_id = annotated_entity(store, validation_path.name, validation_path, validation)
 
     run_id = context.run.run_id
     final = mantle_home() / "models" / config.model_name / run_id
@@ -100,30 +98,32 @@ def trained_cellpose_model(
     with atomic_directory(final) as partial:
         trained = train_cellpose_model(train_sets, partial, config.model_name, params)
     weights = final / "models" / config.model_name
-    scores = evaluate_segmenter(CellposeSegmenter(weights), validation)
-    context.log.info(f"validation {validation_path.name}: {scores}")
-
-    model = store.record_output(
-        "cellpose_model",
-        config.model_name,
-        {
-            "model_file": str(weights),
-            "training_entities": train_ids,
-            "validation_entity": validation_id,
-            "hyperparameters": params.__dict__,
-            "seed": params.seed,
-            "epochs": params.n_epochs,
-            "wall_seconds": trained.wall_seconds,
-            "hardware": trained.hardware,
-            "diam_mean": trained.diam_mean,
-            "diam_labels": trained.diam_labels,
-            "validation_ap": scores,
-        },
-        parents=train_ids,
-        pipeline=TRAINING_PIPELINE,
-        run_id=run_id,
-        parameters=params.__dict__,
-    )
+    with removed_on_failure(final):
+        scores = evaluate_segmenter(CellposeSegmenter(weights), validation)
+        context.log.info(f"validation {validation_path.name}: {scores}")
+        train_ids = [annotated_entity(store, name, path, train_sets[name]) for name, path in named]
+        validation_id = annotated_entity(store, validation_path.name, validation_path, validation)
+        model = store.record_output(
+            "cellpose_model",
+            config.model_name,
+            {
+                "model_file": str(weights),
+                "training_entities": train_ids,
+                "validation_entity": validation_id,
+                "hyperparameters": params.__dict__,
+                "seed": params.seed,
+                "epochs": params.n_epochs,
+                "wall_seconds": trained.wall_seconds,
+                "hardware": trained.hardware,
+                "diam_mean": trained.diam_mean,
+                "diam_labels": trained.diam_labels,
+                "validation_ap": scores,
+            },
+            parents=train_ids,
+            pipeline=TRAINING_PIPELINE,
+            run_id=run_id,
+            parameters=params.__dict__,
+        )
     return MaterializeResult(
         metadata={
             "model_entity": model.entity_id,

@@ -78,7 +78,7 @@ def test_default_database_path_follows_mantle_home(tmp_path, monkeypatch):
     assert default_database_path() == tmp_path / "home" / "mantle.duckdb"
     assert EntityStore().database == tmp_path / "home" / "mantle.duckdb"
     monkeypatch.delenv("MANTLE_HOME")
-    assert default_database_path() == Path(".mantle") / "mantle.duckdb"
+    assert default_database_path() == Path.cwd() / ".mantle" / "mantle.duckdb"
 
 
 def test_schema_and_views_are_created_on_first_use(store, database, images):
@@ -292,8 +292,31 @@ def test_record_output_updates_existing_child_and_adds_edges(store, images, tmp_
     retried = record("run-2", 12)
     assert retried.version == 2
     assert len(store.children(image.entity_id)) == 2
-    assert store.find_output(image.entity_id, "segment", "segmentation_mask_directory") == retried
-    assert store.find_output(image.entity_id, "train", "segmentation_mask_directory") is None
+    assert store.list("segmentation_mask_directory") == [retried]
+
+
+def test_a_new_output_version_drops_properties_the_run_did_not_set(store, images, tmp_path):
+    image = store.register("image_directory", "plate", {"image_directory": images})
+    arguments = dict(parents=[image.entity_id], pipeline="segment", parameters={})
+    properties = _mask_properties(tmp_path / "masks", image.entity_id)
+    first = store.record_output(
+        "segmentation_mask_directory", "m", {**properties, "estimated_diameter": 12.5}, run_id="r1", **arguments
+    )
+    second = store.record_output("segmentation_mask_directory", "m", properties, run_id="r2", **arguments)
+    assert second.entity_id == first.entity_id and second.version == 2
+    assert "estimated_diameter" not in second.properties
+    removal = [(c.old_value, c.new_value) for c in store.history(second.entity_id)
+               if c.property == "estimated_diameter" and c.run_id == "r2"]
+    assert removal == [(12.5, None)]
+
+
+def test_outputs_with_different_names_are_different_entities(store, images, tmp_path):
+    image = store.register("image_directory", "plate", {"image_directory": images})
+    arguments = dict(parents=[image.entity_id], pipeline="segment", parameters={})
+    properties = _mask_properties(tmp_path / "masks", image.entity_id)
+    one = store.record_output("segmentation_mask_directory", "one", properties, run_id="r1", **arguments)
+    two = store.record_output("segmentation_mask_directory", "two", properties, run_id="r2", **arguments)
+    assert one.entity_id != two.entity_id
 
 
 def test_record_output_matches_the_exact_parent_set(store, images, tmp_path):
@@ -327,7 +350,6 @@ def test_archived_output_is_not_reused(store, images, tmp_path):
     properties = _mask_properties(tmp_path / "masks", image.entity_id)
     old = store.record_output("segmentation_mask_directory", "m", properties, run_id="r1", **arguments)
     store.archive(old.entity_id)
-    assert store.find_output(image.entity_id, "segment", "segmentation_mask_directory") is None
     new = store.record_output("segmentation_mask_directory", "m", properties, run_id="r2", **arguments)
     assert new.entity_id != old.entity_id
 

@@ -10,6 +10,7 @@ from dagster import DagsterInstance
 from mantle_assets.definitions import defs
 from mantle_assets.demo import default_data_candidates
 from mantle_assets.entities import EntityStore
+from mantle_assets_tests.conftest import missing_data
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,7 @@ def nuclei_gt() -> Path:
         annotated = candidate.parent / "nuclei_gt"
         if annotated.is_dir():
             return annotated
-    pytest.skip("annotated nuclei (shared/data/nuclei_gt) not found")
+    missing_data("annotated nuclei (shared/data/nuclei_gt) not found")
 
 
 def cropped_set(source: Path, target: Path, count: int) -> Path:
