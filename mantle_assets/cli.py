@@ -47,6 +47,8 @@ def _instance():
     from dagster import DagsterInstance
 
     dagster_home().mkdir(parents=True, exist_ok=True)
+    # An empty dagster.yaml selects Dagster's defaults (SQLite under DAGSTER_HOME) without a warning.
+    (dagster_home() / "dagster.yaml").touch()
     return DagsterInstance.get()
 
 
@@ -219,6 +221,34 @@ def segment(entity_id: str, **parameters) -> None:
         f"{output.entity_id}: {props['total_cells']} objects in {props['fields']} fields "
         f"-> {props['mask_directory']} (run {run_id})"
     )
+
+
+@main.command()
+@click.argument("entity_id")
+@_segmentation_options
+def defaults(entity_id: str, **parameters) -> None:
+    """Set ENTITY_ID's default segmentation parameters (used by automatic runs); print them."""
+    from mantle_assets.orchestration.config import SegmentationConfig
+    from mantle_assets.orchestration.sensors import default_segmentation_config
+
+    store = _store()
+    current = store.get(entity_id).properties.get("segmentation_defaults") or {}
+    merged = {**current, **{k: v for k, v in parameters.items() if v is not None}}
+    try:
+        config = SegmentationConfig(**merged)
+        config.settings()
+    except ValueError as error:
+        raise MantleCommandError(str(error).splitlines()[0]) from None
+    entity = store.update(entity_id, {"segmentation_defaults": merged})
+    _echo_json(default_segmentation_config(entity).model_dump())
+
+
+@main.command()
+@click.argument("entity_id")
+def archive(entity_id: str) -> None:
+    """Archive ENTITY_ID: it leaves listings, and an image directory loses its Dagster partition."""
+    entity = _store().archive(entity_id)
+    click.echo(f"{entity.entity_id} archived")
 
 
 @main.command()

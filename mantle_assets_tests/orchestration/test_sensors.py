@@ -1,0 +1,94 @@
+"""The new-image-directory sensor on a real instance, for each cursor state."""
+
+import numpy as np
+import pytest
+import tifffile
+from dagster import AddDynamicPartitionsRequest, DagsterInstance, build_sensor_context
+
+from mantle_assets.definitions import defs
+from mantle_assets.entities import EntityStore
+from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.sensors import new_image_directory_sensor
+from mantle_assets.registration import register_image_directory
+
+
+@pytest.fixture
+def instance(mantle_home):
+    with DagsterInstance.local_temp(str(mantle_home / "dagster")) as local:
+        yield local
+
+
+@pytest.fixture
+def register(tmp_path):
+    store = EntityStore()
+
+    def register_plate(name, defaults=None):
+        directory = tmp_path / name
+        directory.mkdir()
+        tifffile.imwrite(directory / "field.tif", np.zeros((8, 8), np.uint8))
+        entity = register_image_directory(store, directory, "exp")
+        if defaults:
+            entity = store.update(entity.entity_id, {"segmentation_defaults": defaults})
+        return entity
+
+    return register_plate
+
+
+def tick(instance, cursor=None):
+    context = build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources)
+    result = new_image_directory_sensor(context)
+    for request in result.dynamic_partitions_requests or []:
+        # Apply what the daemon would apply, so the next tick sees it.
+        if isinstance(request, AddDynamicPartitionsRequest):
+            instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+        else:
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+    return result
+
+
+def test_first_tick_adds_partitions_and_requests_runs_with_defaults(instance, register):
+    plain = register("plate-a")
+    tuned = register("plate-b", {"nuclei_channel": 2, "cytoplasm_channel": 2, "diameter": "12"})
+    result = tick(instance)
+    (add,) = result.dynamic_partitions_requests
+    assert add.partitions_def_name == image_directory_partitions.name
+    assert add.partition_keys == [plain.entity_id, tuned.entity_id]
+    by_key = {r.partition_key: r for r in result.run_requests}
+    assert set(by_key) == {plain.entity_id, tuned.entity_id}
+    tuned_config = by_key[tuned.entity_id].run_config["ops"]["segmentation_masks"]["config"]
+    assert (tuned_config["nuclei_channel"], tuned_config["diameter"]) == (2, "12")
+    plain_config = by_key[plain.entity_id].run_config["ops"]["segmentation_masks"]["config"]
+    assert (plain_config["nuclei_channel"], plain_config["diameter"]) == (0, "None")
+    assert by_key[plain.entity_id].run_key == f"new-image-directory-{plain.entity_id}"
+    assert result.cursor == tuned.entity_id
+
+
+def test_nothing_new_skips(instance, register):
+    register("plate-a")
+    first = tick(instance)
+    second = tick(instance, first.cursor)
+    assert not second.run_requests and not second.dynamic_partitions_requests
+    assert "no new" in second.skip_reason.skip_message
+
+
+def test_only_entities_after_the_cursor_are_requested(instance, register):
+    register("plate-a")
+    first = tick(instance)
+    newer = register("plate-b")
+    # Registered through the CLI, its partition may already exist: still one run for it.
+    instance.add_dynamic_partitions(image_directory_partitions.name, [newer.entity_id])
+    result = tick(instance, first.cursor)
+    assert [r.partition_key for r in result.run_requests] == [newer.entity_id]
+    assert result.cursor == newer.entity_id
+
+
+def test_archived_entity_loses_its_partition(instance, register):
+    kept, retired = register("plate-a"), register("plate-b")
+    first = tick(instance)
+    EntityStore().archive(retired.entity_id)
+    result = tick(instance, first.cursor)
+    (delete,) = result.dynamic_partitions_requests
+    assert delete.partition_keys == [retired.entity_id]
+    assert not result.run_requests
+    assert instance.get_dynamic_partitions(image_directory_partitions.name) == [kept.entity_id]
