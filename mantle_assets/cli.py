@@ -46,9 +46,9 @@ def _store():
 def _instance():
     from dagster import DagsterInstance
 
-    dagster_home().mkdir(parents=True, exist_ok=True)
-    # An empty dagster.yaml selects Dagster's defaults (SQLite under DAGSTER_HOME) without a warning.
-    (dagster_home() / "dagster.yaml").touch()
+    from mantle_assets.orchestration.instance import write_instance_settings
+
+    write_instance_settings(dagster_home())
     return DagsterInstance.get()
 
 

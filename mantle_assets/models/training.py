@@ -239,18 +239,7 @@ def train_cellpose_model(
         save_every=10,
         model_name=model_name,
     )
-    train.train_size(
-        model.net,
-        str(model_path),
-        train_data=images,
-        train_labels=masks,
-        train_probs=probabilities,
-        channels=[0, 0],
-        nimg_per_epoch=params.size_nimg_per_epoch,
-        n_epochs=params.size_epochs,
-        bsize=params.size_crop_size,
-        min_train_masks=params.min_train_masks,
-    )
+    train_size_model(model.net, Path(model_path), images, masks, probabilities, params)
     wall = time.perf_counter() - start
     return TrainingResult(
         model_path=Path(model_path),
@@ -261,6 +250,31 @@ def train_cellpose_model(
         hardware=describe_hardware(),
         n_train_images=len(images),
     )
+
+
+def train_size_model(net, weights: Path, images, masks, probabilities, params: TrainingParameters) -> Path:
+    """Fit Cellpose's size model for trained weights with ``cellpose.train.train_size``.
+
+    Returns
+    -------
+    Path
+        ``<weights>_size.npy``, which ``cellpose.models.SizeModel`` reads.
+    """
+    from cellpose import train
+
+    train.train_size(
+        net,
+        str(weights),
+        train_data=images,
+        train_labels=masks,
+        train_probs=probabilities,
+        channels=[0, 0],
+        nimg_per_epoch=params.size_nimg_per_epoch,
+        n_epochs=params.size_epochs,
+        bsize=params.size_crop_size,
+        min_train_masks=params.min_train_masks,
+    )
+    return weights.with_name(weights.name + "_size.npy")
 
 
 def average_precision(
