@@ -8,13 +8,17 @@ from mantle_assets.orchestration.jobs import (
     segmentation_job,
     training_job,
 )
-from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
-from mantle_assets.orchestration.sensors import new_image_directory_sensor
+from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource, InboxResource
+from mantle_assets.orchestration.sensors import inbox_sensor, new_image_directory_sensor
 from mantle_assets.orchestration.training import trained_cellpose_model
 
 defs = Definitions(
     assets=[image_directory, segmentation_masks, trained_cellpose_model],
     jobs=[segmentation_job, training_job, observe_image_directories_job],
-    sensors=[new_image_directory_sensor],
-    resources={"entity_store": EntityStoreResource(), "cellpose": CellposeResource()},
+    sensors=[new_image_directory_sensor, inbox_sensor],
+    resources={
+        "entity_store": EntityStoreResource(),
+        "cellpose": CellposeResource(),
+        "inbox": InboxResource(),
+    },
 )

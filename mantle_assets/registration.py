@@ -49,6 +49,7 @@ def register_image_directory(
     experiment_name: str | None = None,
     *,
     name: str | None = None,
+    segmentation_defaults: dict | None = None,
 ) -> Entity:
     """Group a directory's images into fields and record it as an ``image_directory`` entity.
 
@@ -61,5 +62,5 @@ def register_image_directory(
     return store.register(
         IMAGE_DIRECTORY,
         name or Path(grouping.directory).name,
-        image_directory_properties(grouping, experiment_name),
+        {**image_directory_properties(grouping, experiment_name), "segmentation_defaults": segmentation_defaults},
     )

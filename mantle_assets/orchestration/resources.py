@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from dagster import ConfigurableResource
 from pydantic import PrivateAttr
 
@@ -34,3 +37,14 @@ class CellposeResource(ConfigurableResource):
                 spec.path, builtin_name=spec.name if spec.kind == "builtin" else None, gpu=self.gpu
             )
         return self._loaded[spec.path]
+
+
+class InboxResource(ConfigurableResource):
+    """The inbox folder (default ``$MANTLE_INBOX``) and how long a new folder must stay unchanged."""
+
+    directory: str | None = None
+    quiet_seconds: float = 120.0
+
+    def path(self) -> Path | None:
+        configured = self.directory or os.environ.get("MANTLE_INBOX")
+        return Path(configured).expanduser() if configured else None

@@ -1,5 +1,9 @@
 """Sensors: new image directories become partitions and get segmented without anyone clicking."""
 
+import json
+import time
+from pathlib import Path
+
 from dagster import (
     DefaultSensorStatus,
     RunRequest,
@@ -9,11 +13,13 @@ from dagster import (
 )
 
 from mantle_assets.entities import Entity
+from mantle_assets.imaging.fields import ImageDirectoryError
+from mantle_assets.inbox import read_sidecar, scan_inbox
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.jobs import segmentation_job
 from mantle_assets.orchestration.partitions import image_directory_partitions
-from mantle_assets.orchestration.resources import EntityStoreResource
-from mantle_assets.registration import IMAGE_DIRECTORY
+from mantle_assets.orchestration.resources import EntityStoreResource, InboxResource
+from mantle_assets.registration import IMAGE_DIRECTORY, register_image_directory
 
 
 def default_segmentation_config(entity: Entity) -> SegmentationConfig:
@@ -60,4 +66,55 @@ def new_image_directory_sensor(
         ],
         dynamic_partitions_requests=requests,
         cursor=max([handled_up_to, *(e.entity_id for e in new)]),
+    )
+
+
+@sensor(
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Registers each new sub-folder of the inbox ($MANTLE_INBOX) as an image_directory entity "
+    "once its files have stopped changing; experiment name and segmentation defaults come from an "
+    "experiment.yaml/.json sidecar, else the folder name.",
+)
+def inbox_sensor(
+    context: SensorEvaluationContext, entity_store: EntityStoreResource, inbox: InboxResource
+) -> SensorResult:
+    root = inbox.path()
+    if root is None or not root.is_dir():
+        return SensorResult(skip_reason=f"no inbox folder ({root or 'MANTLE_INBOX is not set'})")
+    store = entity_store.store()
+    registered = {
+        Path(e.properties["image_directory"]).resolve()
+        for e in store.list(IMAGE_DIRECTORY, include_archived=True)
+    }
+    # Folders that failed, by signature: reported once, retried only after they change.
+    failed: dict[str, str] = json.loads(context.cursor or "{}")
+    now, added = time.time(), []
+    for folder in scan_inbox(root):
+        key = str(folder.path.resolve())
+        if folder.path.resolve() in registered or failed.get(key) == folder.signature:
+            continue
+        if now - folder.last_change < inbox.quiet_seconds:
+            continue
+        try:
+            sidecar = read_sidecar(folder.path)
+            defaults = sidecar.get("segmentation_defaults")
+            if defaults is not None:
+                SegmentationConfig(**defaults).settings()
+            entity = register_image_directory(
+                store,
+                folder.path,
+                sidecar.get("experiment_name") or folder.path.name,
+                segmentation_defaults=defaults,
+            )
+        except (ImageDirectoryError, ValueError) as error:
+            context.log.warning(f"inbox folder not registered: {str(error).splitlines()[0]}")
+            failed[key] = folder.signature
+            continue
+        failed.pop(key, None)
+        added.append(entity.entity_id)
+        context.log.info(f"registered {folder.path} as {entity.entity_id}")
+    return SensorResult(
+        cursor=json.dumps(failed, sort_keys=True),
+        skip_reason=None if added else "no new quiet inbox folders",
     )
