@@ -224,23 +224,34 @@ def segment(entity_id: str, **parameters) -> None:
 
 
 @main.command()
-@click.argument("entity_id")
+@click.argument("entity_id", required=False)
+@click.option("--experiment", "experiment_name", help="Set the defaults of every image directory of this experiment.")
 @_segmentation_options
-def defaults(entity_id: str, **parameters) -> None:
-    """Set ENTITY_ID's default segmentation parameters (used by automatic runs); print them."""
+def defaults(entity_id: str | None, experiment_name: str | None, **parameters) -> None:
+    """Set default segmentation parameters of ENTITY_ID or of an experiment; print them.
+
+    Automatic runs (the new-image-directory sensor, the nightly backfill) use them.
+    """
     from mantle_assets.orchestration.config import SegmentationConfig
-    from mantle_assets.orchestration.sensors import default_segmentation_config
 
     store = _store()
-    current = store.get(entity_id).properties.get("segmentation_defaults") or {}
-    merged = {**current, **{k: v for k, v in parameters.items() if v is not None}}
-    try:
-        config = SegmentationConfig(**merged)
-        config.settings()
-    except ValueError as error:
-        raise MantleCommandError(str(error).splitlines()[0]) from None
-    entity = store.update(entity_id, {"segmentation_defaults": merged})
-    _echo_json(default_segmentation_config(entity).model_dump())
+    if (entity_id is None) == (experiment_name is None):
+        raise MantleCommandError("give either ENTITY_ID or --experiment NAME")
+    targets = [store.get(entity_id)] if entity_id else [
+        e for e in store.list("image_directory") if e.properties.get("experiment_name") == experiment_name
+    ]
+    if not targets:
+        raise MantleCommandError(f"no image directories in experiment {experiment_name!r}")
+    given = {k: v for k, v in parameters.items() if v is not None}
+    for entity in targets:
+        merged = {**(entity.properties.get("segmentation_defaults") or {}), **given}
+        try:
+            config = SegmentationConfig(**merged)
+            config.settings()
+        except ValueError as error:
+            raise MantleCommandError(str(error).splitlines()[0]) from None
+        store.update(entity.entity_id, {"segmentation_defaults": merged})
+        click.echo(f"{entity.entity_id}: {json.dumps(config.model_dump())}")
 
 
 @main.command()

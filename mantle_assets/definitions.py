@@ -9,6 +9,7 @@ from mantle_assets.orchestration.jobs import (
     training_job,
 )
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource, InboxResource
+from mantle_assets.orchestration.schedules import stale_segmentation_schedule
 from mantle_assets.orchestration.sensors import inbox_sensor, new_image_directory_sensor
 from mantle_assets.orchestration.training import trained_cellpose_model
 
@@ -16,6 +17,7 @@ defs = Definitions(
     assets=[image_directory, segmentation_masks, trained_cellpose_model],
     jobs=[segmentation_job, training_job, observe_image_directories_job],
     sensors=[new_image_directory_sensor, inbox_sensor],
+    schedules=[stale_segmentation_schedule],
     resources={
         "entity_store": EntityStoreResource(),
         "cellpose": CellposeResource(),

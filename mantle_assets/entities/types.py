@@ -244,6 +244,8 @@ _DATA_TYPE_DEFINITIONS: tuple[DataType, ...] = (
             "cells_per_field": PropertySpec("json", description="Number of cells found per field."),
             "run_id": PropertySpec("string", description="The run that produced the masks."),
             "extra_parameters": PropertySpec("json", description="Further Cellpose parameters used."),
+            "source_fingerprint": PropertySpec("string", description="The images' fingerprint when segmented."),
+            "model_sha256": PropertySpec("string", description="SHA-256 of the weights file used."),
         },
     ),
     DataType(

@@ -26,6 +26,7 @@ import pandas as pd
 
 __all__ = ["cytoplasm_labels", "measure_objects"]
 
+
 def cytoplasm_labels(nuclei: np.ndarray, *, cells: np.ndarray | None = None, ring_width: int = 5) -> np.ndarray:
     """Label image of each nucleus's cytoplasm, labelled as its nucleus.
 

@@ -8,6 +8,7 @@ before any work starts, with a message that says what is usable offline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -43,6 +44,14 @@ class ModelSpec:
     path: Path
     offline: bool
     diam_mean: float | None = None
+
+    def weights_sha256(self) -> str:
+        """Content hash of the weights: a changed model file makes earlier masks stale."""
+        digest = hashlib.sha256()
+        with self.path.open("rb") as weights:
+            while block := weights.read(1 << 20):
+                digest.update(block)
+        return digest.hexdigest()
 
     def to_json(self) -> dict:
         return {

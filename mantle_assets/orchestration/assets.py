@@ -119,6 +119,7 @@ def segmentation_masks(
 ) -> MaterializeResult:
     store = entity_store.store()
     source, grouping, settings, spec = prepare_segmentation(store, context.partition_key, config)
+    _, source_fingerprint = directory_fingerprint(grouping.directory)
     segmenter = cellpose.segmenter(spec)
 
     run_id = context.run.run_id
@@ -161,6 +162,8 @@ def segmentation_masks(
             "batch_size": config.batch_size,
             "model_path": str(spec.path),
         },
+        "source_fingerprint": source_fingerprint,
+        "model_sha256": spec.weights_sha256(),
     }
     with removed_on_failure(output_dir):
         output = store.record_output(

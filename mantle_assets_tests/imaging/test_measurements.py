@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mantle_assets.imaging.measurements import cytoplasm_labels, measure_objects
+
+
+def two_squares() -> np.ndarray:
+    """A 4x4 nucleus (label 1) and a 6x6 nucleus (label 2), far apart."""
+    nuclei = np.zeros((40, 60), dtype=np.int32)
+    nuclei[10:14, 10:14] = 1
+    nuclei[20:26, 40:46] = 2
+    return nuclei
+
+
+def test_two_squares_give_exact_areas_means_integrals_and_ratio():
+    nuclei = two_squares()
+    cytoplasm = cytoplasm_labels(nuclei, ring_width=1)
+    nfkb = np.full(nuclei.shape, 1.0)
+    nfkb[cytoplasm == 1] = 2.0
+    nfkb[nuclei == 1] = 8.0
+    nfkb[cytoplasm == 2] = 5.0
+    nfkb[nuclei == 2] = 10.0
+    dna = (nuclei > 0) * np.uint16(100)
+
+    table = measure_objects(nuclei, {"nfkb": nfkb, "dna": dna}, ring_width=1).set_index("label")
+
+    assert table.index.tolist() == [1, 2]
+    assert table["area"].tolist() == [16, 36]
+    # Within Euclidean distance 1 of an n x n square: the 4n edge neighbours, not the diagonal corners.
+    assert table["cytoplasm_area"].tolist() == [16, 24]
+    assert table.loc[1, ["centroid_y", "centroid_x"]].tolist() == [11.5, 11.5]
+    assert table.loc[2, ["centroid_y", "centroid_x"]].tolist() == [22.5, 42.5]
+    assert table["eccentricity"].tolist() == [0.0, 0.0]
+    assert table["solidity"].tolist() == [1.0, 1.0]
+
+    assert table["nfkb_nucleus_mean"].tolist() == [8.0, 10.0]
+    assert table["nfkb_nucleus_integrated"].tolist() == [8.0 * 16, 10.0 * 36]
+    assert table["nfkb_cytoplasm_mean"].tolist() == [2.0, 5.0]
+    assert table["nfkb_cytoplasm_integrated"].tolist() == [2.0 * 16, 5.0 * 24]
+    assert table["nfkb_ratio"].tolist() == [4.0, 2.0]
+    assert table["dna_nucleus_integrated"].tolist() == [1600.0, 3600.0]
+    assert table["dna_cytoplasm_mean"].tolist() == [0.0, 0.0]
+    assert np.isnan(table["dna_ratio"]).all()  # zero cytoplasm mean
+
+
+def test_ring_does_not_leak_into_a_neighbour_three_pixels_away():
+    nuclei = np.zeros((30, 40), dtype=np.int32)
+    nuclei[10:20, 5:15] = 1
+    nuclei[10:20, 18:28] = 2  # columns 15, 16, 17 separate them
+    ring = cytoplasm_labels(nuclei, ring_width=5)
+
+    assert not (ring[nuclei > 0]).any()
+    distance_to = {label: ndimage.distance_transform_edt(nuclei != label) for label in (1, 2)}
+    for label, other in ((1, 2), (2, 1)):
+        pixels = ring == label
+        assert pixels.any()
+        assert (distance_to[label][pixels] <= 5).all()
+        assert (distance_to[label][pixels] <= distance_to[other][pixels]).all()
+    assert set(np.unique(ring[10:20, 15:18])) == {1, 2}
+
+
+def test_cytoplasm_from_cells_is_the_cell_minus_the_nucleus():
+    nuclei = np.zeros((30, 30), dtype=np.int32)
+    nuclei[5:9, 5:9] = 1
+    nuclei[18:23, 18:23] = 2
+    cells = np.zeros_like(nuclei)
+    cells[2:13, 2:13] = 7  # ids unrelated to the nuclei
+    cells[15:27, 15:27] = 3
+    cells[21:25, 21:25] = 4  # a sliver of nucleus 2 falls in another cell; it still belongs to cell 3
+
+    cytoplasm = cytoplasm_labels(nuclei, cells=cells)
+
+    expected = np.zeros_like(nuclei)
+    expected[(cells == 7) & (nuclei == 0)] = 1
+    expected[(cells == 3) & (nuclei == 0)] = 2
+    np.testing.assert_array_equal(cytoplasm, expected)
+
+    table = measure_objects(nuclei, {"c": np.ones(nuclei.shape)}, cells=cells).set_index("label")
+    assert table.loc[1, "cytoplasm_area"] == 11 * 11 - 16
+    assert table.loc[2, "cytoplasm_area"] == ((cells == 3) & (nuclei == 0)).sum()
+
+
+def test_a_cell_claimed_by_two_nuclei_goes_to_the_larger_overlap():
+    nuclei = np.zeros((10, 20), dtype=np.int32)
+    nuclei[2:6, 2:6] = 1
+    nuclei[2:4, 10:12] = 2
+    cells = np.zeros_like(nuclei)
+    cells[1:8, 1:15] = 5
+
+    cytoplasm = cytoplasm_labels(nuclei, cells=cells)
+    assert set(np.unique(cytoplasm)) == {0, 1}
+    table = measure_objects(nuclei, {"c": np.ones(nuclei.shape)}, cells=cells).set_index("label")
+    assert np.isnan(table.loc[2, "c_ratio"])
+
+
+def test_no_objects_give_an_empty_table_with_all_columns():
+    table = measure_objects(np.zeros((8, 8), dtype=np.int32), {"nfkb": np.ones((8, 8))})
+    assert len(table) == 0
+    assert {"label", "cytoplasm_area", "nfkb_ratio"} <= set(table.columns)
+
+
+def test_shape_mismatch_names_the_channel():
+    with pytest.raises(ValueError, match="'nfkb'") as error:
+        measure_objects(two_squares(), {"dna": np.zeros((40, 60)), "nfkb": np.zeros((40, 61))})
+    assert "\n" not in str(error.value)

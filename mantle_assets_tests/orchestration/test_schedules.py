@@ -1,0 +1,118 @@
+"""The nightly stale-masks schedule evaluated on a real instance and entity store."""
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+import tifffile
+from dagster import DagsterInstance, build_schedule_context
+
+from mantle_assets.definitions import defs
+from mantle_assets.entities import EntityStore
+from mantle_assets.models.registry import resolve_model
+from mantle_assets.orchestration.assets import MASK_DIRECTORY, SEGMENTATION_PIPELINE
+from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.schedules import stale_segmentation_schedule
+from mantle_assets.orchestration.sensors import default_segmentation_config
+from mantle_assets.registration import directory_fingerprint, register_image_directory
+
+
+@pytest.fixture
+def instance(mantle_home):
+    with DagsterInstance.local_temp(str(mantle_home / "dagster")) as local:
+        yield local
+
+
+@pytest.fixture
+def plates(tmp_path, instance):
+    """Three registered one-field plates: two in experiment A, one in B."""
+    store = EntityStore()
+    entities = []
+    for name, experiment in (("a1", "A"), ("a2", "A"), ("b1", "B")):
+        directory = tmp_path / name
+        directory.mkdir()
+        tifffile.imwrite(directory / "field.tif", np.zeros((8, 8), np.uint8))
+        entities.append(register_image_directory(store, directory, experiment))
+    instance.add_dynamic_partitions(image_directory_partitions.name, [e.entity_id for e in entities])
+    return entities
+
+
+def record_current_masks(entity, tmp_path):
+    """What a successful segmentation with the entity's defaults records."""
+    config = default_segmentation_config(entity)
+    masks = tmp_path / "masks" / entity.entity_id
+    masks.mkdir(parents=True)
+    EntityStore().record_output(
+        MASK_DIRECTORY,
+        f"{entity.name} masks",
+        {
+            "mask_directory": str(masks),
+            "source_entity": entity.entity_id,
+            **config.parameters(),
+            "extra_parameters": {k: getattr(config, k) for k in ("flow_threshold", "cellprob_threshold", "min_size")},
+            "source_fingerprint": directory_fingerprint(entity.properties["image_directory"])[1],
+            "model_sha256": resolve_model(config.cellpose_model).weights_sha256(),
+            "run_id": f"run-{entity.entity_id}",
+        },
+        parents=[entity.entity_id],
+        pipeline=SEGMENTATION_PIPELINE,
+        run_id=f"run-{entity.entity_id}",
+        parameters=config.parameters(),
+    )
+
+
+def preview(instance):
+    context = build_schedule_context(
+        instance=instance, scheduled_execution_time=datetime(2026, 11, 27, 2, tzinfo=UTC), resources=defs.resources
+    )
+    return {r.partition_key: r.tags["mantle/stale_reason"] for r in stale_segmentation_schedule(context)}
+
+
+def test_missing_masks_are_listed(instance, plates):
+    assert preview(instance) == {e.entity_id: "no masks" for e in plates}
+
+
+def test_current_masks_are_not(instance, plates, tmp_path):
+    for entity in plates:
+        record_current_masks(entity, tmp_path)
+    assert preview(instance) == {}
+
+
+def test_changing_an_experiments_parameters_lists_exactly_its_partitions(instance, plates, tmp_path):
+    for entity in plates:
+        record_current_masks(entity, tmp_path)
+    store = EntityStore()
+    for entity in plates:
+        if entity.properties["experiment_name"] == "A":
+            store.update(entity.entity_id, {"segmentation_defaults": {"nuclei_channel": 1, "cytoplasm_channel": 1}})
+    assert preview(instance) == {plates[0].entity_id: "parameters changed", plates[1].entity_id: "parameters changed"}
+
+
+def test_a_changed_directory_is_listed(instance, plates, tmp_path):
+    for entity in plates:
+        record_current_masks(entity, tmp_path)
+    tifffile.imwrite(tmp_path / "b1" / "second field.tif", np.zeros((8, 8), np.uint8))
+    assert preview(instance) == {plates[2].entity_id: "images changed"}
+
+
+def test_a_failed_last_run_is_listed(instance, plates, tmp_path):
+    for entity in plates:
+        record_current_masks(entity, tmp_path)
+    failed = defs.resolve_job_def("segmentation_job").execute_in_process(
+        run_config={"ops": {"segmentation_masks": {"config": {"nuclei_channel": 3, "cytoplasm_channel": 3}}}},
+        instance=instance, partition_key=plates[1].entity_id, raise_on_error=False,
+    )
+    assert not failed.success
+    assert preview(instance) == {plates[1].entity_id: "last run failed"}
+
+
+def test_changed_model_weights_are_listed(instance, plates, tmp_path):
+    weights = tmp_path / "lab model"
+    weights.write_bytes(resolve_model(default_segmentation_config(plates[0]).cellpose_model).path.read_bytes())
+    store = EntityStore()
+    for entity in plates:
+        entity = store.update(entity.entity_id, {"segmentation_defaults": {"cellpose_model": str(weights)}})
+        record_current_masks(entity, tmp_path)
+    assert preview(instance) == {}
+    weights.write_bytes(weights.read_bytes() + b"retrained")
+    assert set(preview(instance).values()) == {"model changed"}
