@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from dagster import DagsterInstance
 
 from mantle_assets.demo import default_data_candidates
 
@@ -37,6 +38,13 @@ def mantle_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
     (home / "dagster").mkdir(parents=True)
     return home
+
+
+@pytest.fixture
+def instance(mantle_home):
+    """A real Dagster instance in the test's DAGSTER_HOME."""
+    with DagsterInstance.local_temp(str(mantle_home / "dagster")) as local:
+        yield local
 
 
 @pytest.fixture

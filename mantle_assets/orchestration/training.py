@@ -45,18 +45,7 @@ class TrainingConfig(Config):
 
     def parameters(self) -> TrainingParameters:
         return TrainingParameters(
-            n_epochs=self.n_epochs,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            batch_size=self.batch_size,
-            nimg_per_epoch=self.nimg_per_epoch,
-            diam_mean=self.diam_mean,
-            crop_size=self.crop_size,
-            seed=self.seed,
-            size_epochs=self.size_epochs,
-            size_nimg_per_epoch=self.size_nimg_per_epoch,
-            size_crop_size=self.size_crop_size,
-            set_weights=dict(self.set_weights),
+            **self.model_dump(exclude={"train_directories", "validation_directory", "model_name"})
         )
 
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import tifffile
-from dagster import DagsterInstance, build_sensor_context
+from dagster import build_sensor_context
 
 from mantle_assets.entities import EntityStore
 from mantle_assets.inbox import read_sidecar
@@ -22,12 +22,6 @@ def inbox(tmp_path):
     folder = tmp_path / "inbox"
     folder.mkdir()
     return folder
-
-
-@pytest.fixture
-def instance(mantle_home):
-    with DagsterInstance.local_temp(str(mantle_home / "dagster")) as local:
-        yield local
 
 
 def copy_plate(inbox, name, *, age_seconds, sidecar=None, images=True):

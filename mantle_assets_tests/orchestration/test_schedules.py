@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 import tifffile
-from dagster import DagsterInstance, build_schedule_context
+from dagster import build_schedule_context
 
 from mantle_assets.definitions import defs
 from mantle_assets.entities import EntityStore
@@ -15,12 +15,6 @@ from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.schedules import stale_segmentation_schedule
 from mantle_assets.orchestration.sensors import default_segmentation_config
 from mantle_assets.registration import directory_fingerprint, register_image_directory
-
-
-@pytest.fixture
-def instance(mantle_home):
-    with DagsterInstance.local_temp(str(mantle_home / "dagster")) as local:
-        yield local
 
 
 @pytest.fixture

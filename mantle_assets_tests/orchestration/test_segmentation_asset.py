@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import tifffile
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey
 
 from mantle_assets.cli import root_cause
 from mantle_assets.definitions import defs
@@ -12,12 +12,6 @@ from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.registration import register_image_directory
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def instance(mantle_home):
-    with DagsterInstance.local_temp(str(mantle_home / "dagster")) as local:
-        yield local
 
 
 @pytest.fixture

@@ -3,19 +3,13 @@
 import numpy as np
 import pytest
 import tifffile
-from dagster import AddDynamicPartitionsRequest, DagsterInstance, build_sensor_context
+from dagster import AddDynamicPartitionsRequest, build_sensor_context
 
 from mantle_assets.definitions import defs
 from mantle_assets.entities import EntityStore
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.sensors import new_image_directory_sensor
 from mantle_assets.registration import register_image_directory
-
-
-@pytest.fixture
-def instance(mantle_home):
-    with DagsterInstance.local_temp(str(mantle_home / "dagster")) as local:
-        yield local
 
 
 @pytest.fixture

@@ -1,0 +1,55 @@
+"""Several segmentation runs at once, in separate processes, all writing one entity store."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from dagster import DagsterInstance, DagsterRunStatus
+
+from mantle_assets.entities import EntityStore
+from mantle_assets.registration import register_image_directory
+from mantle_assets_tests.conftest import CROP, bbbc014_images, missing_data
+
+pytestmark = pytest.mark.slow
+
+RUNS = 4
+
+
+def test_concurrent_runs_record_every_entity_and_edge(tmp_path, mantle_home, bundled_model_name):
+    images = bbbc014_images()
+    if images is None:
+        missing_data("BBBC014 demo plate not found")
+    store = EntityStore()
+    wells = ["01-A-01", "02-A-02", "11-A-11", "12-A-12"][:RUNS]
+    sources = []
+    for well in wells:
+        directory = tmp_path / well
+        directory.mkdir()
+        pixels = tifffile.imread(images / f"Channel2-{well}.tif")
+        tifffile.imwrite(directory / f"{well}.tif", np.ascontiguousarray(pixels[CROP]))
+        sources.append(register_image_directory(store, directory, "concurrency"))
+
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mantle_assets.cli", "segment", entity.entity_id,
+             "--cellpose-model", bundled_model_name, "--diameter", "12"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+        )
+        for entity in sources
+    ]
+    outcomes = [(p.wait(timeout=900), p.stderr.read()) for p in processes]
+    assert all(code == 0 for code, _ in outcomes), [err for code, err in outcomes if code]
+    assert not any("lock" in err.lower() for _, err in outcomes)
+
+    masks = store.list("segmentation_mask_directory")
+    assert sorted(m.properties["source_entity"] for m in masks) == [e.entity_id for e in sources]
+    with DagsterInstance.from_config(str(mantle_home / "dagster")) as instance:
+        runs = {r.run_id: r for r in instance.get_runs()}
+    assert len(runs) == RUNS and all(r.status == DagsterRunStatus.SUCCESS for r in runs.values())
+    for entity in sources:
+        (edge,) = store.children(entity.entity_id)
+        assert edge.run_id in runs
+        assert runs[edge.run_id].tags["dagster/partition"] == entity.entity_id
