@@ -9,6 +9,9 @@ from dagster import (
     DataVersionsByPartition,
     MaterializeResult,
     MetadataValue,
+    TableColumn,
+    TableRecord,
+    TableSchema,
     asset,
     observable_source_asset,
 )
@@ -90,6 +93,36 @@ def prepare_segmentation(store: EntityStore, entity_id: str, config: Segmentatio
     settings = config.settings()
     check_channels(config.nuclei_channel, config.cytoplasm_channel, grouping.n_channels)
     return source, grouping, settings, resolve_model(config.cellpose_model)
+
+
+def lineage_table(store: EntityStore, entity_id: str) -> MetadataValue:
+    """The entity's parents and children as a table for the asset's metadata panel."""
+    edges = [("parent", e) for e in store.parents(entity_id)] + [("child", e) for e in store.children(entity_id)]
+    return MetadataValue.table(
+        records=[
+            TableRecord(
+                {
+                    "relation": relation,
+                    "entity": edge.parent_id if relation == "parent" else edge.child_id,
+                    "pipeline": edge.pipeline,
+                    "run_id": edge.run_id,
+                    "created_at": edge.created_at.isoformat(timespec="seconds"),
+                }
+            )
+            for relation, edge in edges
+        ],
+        schema=TableSchema(
+            columns=[
+                TableColumn(name, "string") for name in ("relation", "entity", "pipeline", "run_id", "created_at")
+            ]
+        ),
+    )
+
+
+def without_file_lists(properties: dict) -> dict:
+    """An image directory's properties minus the per-field file lists, which can run to thousands."""
+    grouping = properties.get("field_grouping") or {}
+    return properties | {"field_grouping": {k: v for k, v in grouping.items() if k != "fields"}}
 
 
 def summary_metadata(values: list[int]) -> dict:
@@ -182,6 +215,8 @@ def segmentation_masks(
             "input_entity": source.entity_id,
             "output_entity": output.entity_id,
             "output_version": output.version,
+            "output_lineage": lineage_table(store, output.entity_id),
+            "input_properties": MetadataValue.json(without_file_lists(source.properties)),
             "experiment_name": source.properties.get("experiment_name") or "",
             "fields": len(result.fields),
             "total_cells": result.total_cells,

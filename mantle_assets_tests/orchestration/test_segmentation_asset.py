@@ -69,6 +69,9 @@ def test_materialisation_records_masks_entity_and_lineage(registered, instance, 
     assert metadata["input_entity"].value == registered.entity_id
     assert metadata["total_cells"].value == props["total_cells"]
     assert "data:image/png;base64," in metadata["preview"].value
+    assert metadata["input_properties"].value["field_grouping"]["n_fields"] == 2
+    (lineage_row,) = metadata["output_lineage"].value.records
+    assert (lineage_row.data["relation"], lineage_row.data["entity"]) == ("parent", registered.entity_id)
     assert metadata["cells_per_field"].value == {
         "min": min(counts.values()), "median": float(np.median(list(counts.values()))), "max": max(counts.values())}
 
