@@ -39,4 +39,6 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         os.replace(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.suppress(OSError):  # only succeeds when no other run has output there
+            final.parent.rmdir()
         raise

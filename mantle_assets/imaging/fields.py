@@ -38,12 +38,26 @@ Decisions worth knowing
   gives float32, all exact).
 * ``.ome`` before ``.tif`` is not part of a field name.
 * Fields and channel labels are sorted naturally (``s2`` before ``s10``).
+* Images too large to process in one piece are refused, not tiled: a file
+  whose channel plane has more than ``MAX_FIELD_PIXELS`` = 2**28 pixels
+  (16384 x 16384) is refused from its header, naming the file and the limit,
+  before any pixels are read. One such float32 plane is 1 GiB and Cellpose
+  keeps several float32 arrays of the image's size (flows, cell probability)
+  at once. Set ``MANTLE_MAX_FIELD_PIXELS`` to change the limit; split larger
+  images into tiles before registering them. (Pillow refuses PNG, JPEG and
+  BMP files above its own decompression-bomb limit, about 179 M pixels.)
+* A TIFF whose pixel data or pages (IFDs) lie past the end of the file (a
+  truncated copy) is refused from its header; truncated PNG and JPEG files
+  are only found when their pixels are read.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,16 +66,20 @@ import numpy as np
 from mantle_assets.imaging.io import TIFF_SUFFIXES, is_image_file
 
 __all__ = [
+    "MAX_FIELD_PIXELS",
     "Field",
     "FieldGrouping",
     "ImageDirectoryError",
     "group_fields",
     "list_image_files",
+    "max_field_pixels",
     "read_field",
     "well_of",
 ]
 
 MAX_CHANNELS = 8
+MAX_FIELD_PIXELS = 2**28  # per channel plane; see the module notes
+MAX_FIELD_PIXELS_ENV = "MANTLE_MAX_FIELD_PIXELS"
 SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 
 _UUID = r"[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}"
@@ -219,9 +237,10 @@ def group_fields(directory: str | os.PathLike) -> FieldGrouping:
     ------
     ImageDirectoryError
         If the directory is missing or holds no images, a field lacks a
-        channel, a file is unreadable, empty, of an unsupported pixel type,
-        a 3-D stack, or does not match its field's shape or the other fields'
-        channel count.
+        channel, a file is unreadable, empty, truncated (TIFF), of an
+        unsupported pixel type, a 3-D stack, larger than
+        :func:`max_field_pixels` per channel, or does not match its field's
+        shape or the other fields' channel count.
 
     Examples
     --------
@@ -409,21 +428,56 @@ def _open_image(path: Path, decode: bool = False) -> _ImageInfo:
         raise ImageDirectoryError(f"cannot read image {path}: {message}") from None
 
 
+class _BrokenPageChain(logging.Handler):
+    """Notes tifffile's report, from this thread, of a page (IFD) offset past the end of the file.
+
+    tifffile logs that and carries on with the pages before it, so a truncated
+    ImageJ or OME stack would otherwise read as its first plane.
+    """
+
+    _MESSAGE = re.compile(r"invalid (page offset|offset to page)")
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.thread = threading.get_ident()
+        self.broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread and self._MESSAGE.search(record.getMessage()):
+            self.broken = True
+
+
 def _open_tiff(path: Path, decode: bool) -> _ImageInfo:
     import tifffile
 
+    chain = _BrokenPageChain()
+    tifffile_logger = logging.getLogger("tifffile")
+    tifffile_logger.addHandler(chain)
+    try:
+        return _read_tiff(tifffile, path, decode, chain)
+    finally:
+        tifffile_logger.removeHandler(chain)
+
+
+def _read_tiff(tifffile, path: Path, decode: bool, chain: _BrokenPageChain) -> _ImageInfo:
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
+        if chain.broken:
+            raise ImageDirectoryError(f"cannot read image {path}: the file is truncated (a page lies past its end)")
         shape, axes = tuple(series.shape), series.axes
         page = series.pages[0] if series.pages else tif.pages[0]
         photometric = int(getattr(page, "photometric", 0) or 0)
         extrasamples = tuple(int(e) for e in (getattr(page, "extrasamples", ()) or ()))
         # 1, 2 = associated / unassociated alpha; see module notes on shaped files.
         has_alpha = photometric == 2 and any(e in (1, 2) for e in extrasamples) and not tif.is_shaped
+        if series.dtype is None or not shape or 0 in shape:  # tifffile reads a tag-less page as float64 ()
+            raise ImageDirectoryError(f"cannot read image {path}: the TIFF holds no image data")
         dtype = _native(np.dtype(series.dtype))
         _check_dtype(path, dtype)
         shape, axes = _squeeze_leading(shape, axes)
         layout = _layout(path, shape, axes)
+        _check_plane_size(path, _plane_shape(shape, layout))
+        _check_complete(path, series, tif.filehandle.size)
         pixels = None
         if decode:
             data = np.asarray(series.asarray()).reshape(shape)
@@ -470,6 +524,7 @@ def _open_pil(path: Path, decode: bool) -> _ImageInfo:
         _check_dtype(path, dtype)
         shape = (image.size[1], image.size[0])
         layout = ("last", stored) if stored > 1 else ("grey", 1)
+        _check_plane_size(path, shape)
         pixels = None
         if decode:
             data = np.asarray(image.convert(convert) if convert else image)
@@ -500,15 +555,63 @@ def _finish(
     lossy: bool,
     pixels: np.ndarray | None,
 ) -> _ImageInfo:
-    kind, n_channels = layout
+    _, n_channels = layout
     if has_alpha and n_channels > 1:
         n_channels -= 1
         if pixels is not None:
             pixels = pixels[:n_channels]
-    yx = tuple(shape) if kind == "grey" else tuple(shape[:2]) if kind == "last" else tuple(shape[1:])
+    yx = _plane_shape(shape, layout)
     if pixels is not None and pixels.shape[1:] != yx:  # a header that lies about the pixels
         raise ImageDirectoryError(f"cannot read image {path}: header says {yx} but pixels are {pixels.shape[1:]}")
     return _ImageInfo(path, yx, n_channels, dtype, lossy, pixels)  # type: ignore[arg-type]
+
+
+def _plane_shape(shape: tuple[int, ...], layout: tuple[str, int]) -> tuple[int, ...]:
+    kind, _ = layout
+    return tuple(shape) if kind == "grey" else tuple(shape[:2]) if kind == "last" else tuple(shape[1:])
+
+
+def max_field_pixels() -> int:
+    """The per-plane pixel limit: ``$MANTLE_MAX_FIELD_PIXELS`` or ``MAX_FIELD_PIXELS``."""
+    value = os.environ.get(MAX_FIELD_PIXELS_ENV, "").strip()
+    if not value:
+        return MAX_FIELD_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise ImageDirectoryError(f"{MAX_FIELD_PIXELS_ENV} must be a positive whole number, got {value!r}")
+    return limit
+
+
+def _check_plane_size(path: Path, yx: tuple[int, ...]) -> None:
+    pixels = math.prod(yx)
+    limit = max_field_pixels()
+    if pixels > limit:
+        raise ImageDirectoryError(
+            f"{path}: {_format_shape(yx)} = {pixels} pixels per channel exceeds the limit of {limit} "
+            f"({MAX_FIELD_PIXELS_ENV}); split the image into tiles"
+        )
+
+
+def _check_complete(path: Path, series, file_size: int) -> None:
+    """Refuse a TIFF whose pixel data, as its header places it, runs past the end of the file."""
+    end = max(
+        (
+            offset + count
+            for page in series.pages
+            if page is not None
+            for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False)
+        ),
+        default=0,
+    )
+    if getattr(series, "dataoffset", None) is not None:  # contiguous series: one block of nbytes
+        end = max(end, series.dataoffset + series.nbytes)
+    if end > file_size:
+        raise ImageDirectoryError(
+            f"cannot read image {path}: the file is truncated ({file_size} bytes, pixel data ends at byte {end})"
+        )
 
 
 def _squeeze_leading(shape: tuple[int, ...], axes: str) -> tuple[tuple[int, ...], str]:
