@@ -271,6 +271,8 @@ def train_size_model(net, weights: Path, images, masks, probabilities, params: T
         channels=[0, 0],
         nimg_per_epoch=params.size_nimg_per_epoch,
         n_epochs=params.size_epochs,
+        # Cellpose's default of 64 crops of 512 px per forward pass needs over 24 GB on a CPU.
+        batch_size=params.batch_size,
         bsize=params.size_crop_size,
         min_train_masks=params.min_train_masks,
     )
