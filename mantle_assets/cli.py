@@ -44,12 +44,16 @@ def _store():
 
 
 def _instance():
+    import filelock
     from dagster import DagsterInstance
 
     from mantle_assets.orchestration.instance import write_instance_settings
 
     write_instance_settings(dagster_home())
-    return DagsterInstance.get()
+    # Opening a new SQLite instance creates and migrates its databases; CLI processes started
+    # together (parallel `mantle segment`) would race on that, so they take turns.
+    with filelock.FileLock(str(dagster_home() / ".instance.lock")):
+        return DagsterInstance.get()
 
 
 def _echo_json(value) -> None:
@@ -94,13 +98,15 @@ def register(directory: Path, experiment_name: str | None, name: str | None) -> 
     click.echo(entity.entity_id)
 
 
-def _register(directory: Path, experiment_name: str | None, name: str | None):
+def _register(directory: Path, experiment_name: str | None, name: str | None, defaults: dict | None = None):
     from mantle_assets.imaging.fields import ImageDirectoryError
     from mantle_assets.orchestration.partitions import image_directory_partitions
     from mantle_assets.registration import register_image_directory
 
     try:
-        entity = register_image_directory(_store(), directory, experiment_name, name=name)
+        entity = register_image_directory(
+            _store(), directory, experiment_name, name=name, segmentation_defaults=defaults
+        )
     except (ImageDirectoryError, ValueError) as error:
         raise MantleCommandError(str(error)) from None
     _instance().add_dynamic_partitions(image_directory_partitions.name, [entity.entity_id])
@@ -291,9 +297,11 @@ def demo(all_wells: bool, data: Path | None, cellpose_model: str | None) -> None
         images = demo_plate.prepare_plate(data, all_wells=all_wells, cache=mantle_home() / "demo")
     except demo_plate.DemoDataError as error:
         raise MantleCommandError(str(error)) from None
-    entity = _find_registered(images) or _register(images, demo_plate.EXPERIMENT, None)
-    click.echo(f"image_directory {entity.entity_id}: {images}")
     parameters = demo_plate.segmentation_parameters(cellpose_model)
+    entity = _find_registered(images) or _register(
+        images, demo_plate.EXPERIMENT, None, {k: v for k, v in parameters.items() if v is not None}
+    )
+    click.echo(f"image_directory {entity.entity_id}: {images}")
     output, run_id = _segment(entity.entity_id, parameters)
     for field, cells in output.properties["cells_per_field"].items():
         click.echo(f"  {field}: {cells} nuclei")

@@ -15,6 +15,7 @@ from dagster import (
 from mantle_assets.entities import Entity
 from mantle_assets.imaging.fields import ImageDirectoryError
 from mantle_assets.inbox import read_sidecar, scan_inbox
+from mantle_assets.orchestration.assets import SEGMENTATION_PIPELINE
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.jobs import segmentation_job
 from mantle_assets.orchestration.partitions import image_directory_partitions
@@ -41,7 +42,8 @@ def segmentation_run_config(config: SegmentationConfig) -> dict:
 def new_image_directory_sensor(
     context: SensorEvaluationContext, entity_store: EntityStoreResource
 ) -> SensorResult:
-    active = entity_store.store().list(IMAGE_DIRECTORY)
+    store = entity_store.store()
+    active = store.list(IMAGE_DIRECTORY)
     partitions = set(context.instance.get_dynamic_partitions(image_directory_partitions.name))
     # The cursor is the newest entity id already handled: ids are zero-padded, so they sort as strings.
     handled_up_to = context.cursor or ""
@@ -63,6 +65,8 @@ def new_image_directory_sensor(
                 run_config=segmentation_run_config(default_segmentation_config(e)),
             )
             for e in new
+            # Already segmented by hand (e.g. `mantle segment` before the daemon ran): nothing to do.
+            if not any(edge.pipeline == SEGMENTATION_PIPELINE for edge in store.children(e.entity_id))
         ],
         dynamic_partitions_requests=requests,
         cursor=max([handled_up_to, *(e.entity_id for e in new)]),

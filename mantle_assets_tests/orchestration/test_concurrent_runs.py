@@ -42,7 +42,8 @@ def test_concurrent_runs_record_every_entity_and_edge(tmp_path, mantle_home, bun
     ]
     outcomes = [(p.wait(timeout=900), p.stderr.read()) for p in processes]
     assert all(code == 0 for code, _ in outcomes), [err for code, err in outcomes if code]
-    assert not any("lock" in err.lower() for _, err in outcomes)
+    lock_errors = ("Could not set lock", "database is locked", "StoreBusyError")
+    assert not [line for _, err in outcomes for line in err.splitlines() if any(e in line for e in lock_errors)]
 
     masks = store.list("segmentation_mask_directory")
     assert sorted(m.properties["source_entity"] for m in masks) == [e.entity_id for e in sources]

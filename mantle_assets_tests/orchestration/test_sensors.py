@@ -86,3 +86,18 @@ def test_archived_entity_loses_its_partition(instance, register):
     assert delete.partition_keys == [retired.entity_id]
     assert not result.run_requests
     assert instance.get_dynamic_partitions(image_directory_partitions.name) == [kept.entity_id]
+
+
+def test_an_entity_segmented_by_hand_gets_its_partition_but_no_second_run(instance, register, tmp_path):
+    entity = register("plate-a")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    EntityStore().record_output(
+        "segmentation_mask_directory", "plate-a masks",
+        {"mask_directory": str(masks), "source_entity": entity.entity_id, "cellpose_model": "m",
+         "nuclei_channel": 0, "cytoplasm_channel": 0, "diameter": "None"},
+        parents=[entity.entity_id], pipeline="cellpose-segmentation", run_id="by-hand", parameters={},
+    )
+    result = tick(instance)
+    assert result.dynamic_partitions_requests[0].partition_keys == [entity.entity_id]
+    assert not result.run_requests
