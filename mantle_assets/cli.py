@@ -257,7 +257,7 @@ def defaults(entity_id: str | None, experiment_name: str | None, **parameters) -
         except ValueError as error:
             raise MantleCommandError(str(error).splitlines()[0]) from None
         store.update(entity.entity_id, {"segmentation_defaults": merged})
-        click.echo(f"{entity.entity_id}: {json.dumps(config.model_dump())}")
+        click.echo(f"{entity.entity_id}: {json.dumps(config.resolve().model_dump())}")
 
 
 @main.command()
@@ -344,6 +344,7 @@ def ui(port: int) -> None:
 @click.option("--crop-size", type=int, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--weight", "weights", multiple=True, help="NAME=FRACTION: share of each epoch from a set.")
+@click.option("--init", "initial_model", default=None, help="Model to continue training from (name or file).")
 def train(weights: tuple[str, ...], **options) -> None:
     """Train a Cellpose model (the trained_cellpose_model asset) and record it as an entity."""
     from mantle_assets.orchestration.training import TrainingConfig

@@ -120,6 +120,8 @@ class TrainingParameters:
     # Share of each epoch's crops drawn from each training set, by set name;
     # sets not named share the rest in proportion to their size.
     set_weights: dict[str, float] = field(default_factory=dict)
+    # A model to continue training from (name or file, as cellpose_model accepts); None trains from scratch.
+    initial_model: str | None = None
 
 
 def sampling_probabilities(
@@ -185,7 +187,7 @@ def train_cellpose_model(
     model_name: str,
     params: TrainingParameters = TrainingParameters(),
 ) -> TrainingResult:
-    """Train a standard Cellpose 3 network from scratch, and its size model.
+    """Train a standard Cellpose 3 network, from scratch or from ``params.initial_model``, and its size model.
 
     ``cellpose.train.train_seg`` trains the network; ``cellpose.train.train_size``
     then fits the style-to-diameter regression Cellpose's ``SizeModel`` uses,
@@ -219,7 +221,7 @@ def train_cellpose_model(
         {name: len(s) for name, s in train_sets.items()}, params.set_weights
     )
     model = models.CellposeModel(
-        gpu=torch.cuda.is_available(), pretrained_model=False, diam_mean=params.diam_mean
+        gpu=torch.cuda.is_available(), pretrained_model=initial_weights(params), diam_mean=params.diam_mean
     )
     start = time.perf_counter()
     model_path, train_losses, _ = train.train_seg(
@@ -250,6 +252,28 @@ def train_cellpose_model(
         hardware=describe_hardware(),
         n_train_images=len(images),
     )
+
+
+def initial_weights(params: TrainingParameters) -> str | bool:
+    """The weights file training starts from, or ``False`` for a fresh network.
+
+    Raises
+    ------
+    ValueError
+        If the initial model's ``diam_mean`` differs from ``params.diam_mean``
+        (Cellpose rescales training images to the network's own scale).
+    """
+    if params.initial_model is None:
+        return False
+    from mantle_assets.models.registry import resolve_model
+
+    spec = resolve_model(params.initial_model)
+    if spec.diam_mean is not None and abs(spec.diam_mean - params.diam_mean) > 1e-6:
+        raise ValueError(
+            f"diam_mean={params.diam_mean:g} but initial_model {params.initial_model!r} was trained "
+            f"at diam_mean={spec.diam_mean:g}"
+        )
+    return str(spec.path)
 
 
 def train_size_model(net, weights: Path, images, masks, probabilities, params: TrainingParameters) -> Path:

@@ -42,6 +42,9 @@ class TrainingConfig(Config):
     set_weights: dict[str, float] = Field(
         default_factory=dict, description="Share of each epoch drawn from a named training set."
     )
+    initial_model: str | None = Field(
+        default=None, description="Model to continue training from (name or file); none trains from scratch."
+    )
 
     def parameters(self) -> TrainingParameters:
         return TrainingParameters(

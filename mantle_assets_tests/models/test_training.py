@@ -3,8 +3,10 @@ import pytest
 import tifffile
 
 from mantle_assets.models.training import (
+    TrainingParameters,
     average_precision,
     find_annotated_pairs,
+    initial_weights,
     load_annotated_set,
     parse_named_path,
     sampling_probabilities,
@@ -66,3 +68,20 @@ def test_average_precision_of_known_predictions():
     half = truth.copy()
     half[half > 2] = 0  # two of four objects found: TP=2, FN=2 -> AP = 0.5
     assert average_precision([truth], [half])["ap50"] == pytest.approx(0.5)
+
+
+def test_training_starts_fresh_without_an_initial_model():
+    assert initial_weights(TrainingParameters()) is False
+
+
+def test_training_continues_from_a_bundled_model(bundled_model_name):
+    from mantle_assets.models.registry import resolve_model
+
+    spec = resolve_model(bundled_model_name)
+    params = TrainingParameters(initial_model=bundled_model_name, diam_mean=spec.diam_mean)
+    assert initial_weights(params) == str(spec.path)
+
+
+def test_initial_model_at_another_scale_is_refused(bundled_model_name):
+    with pytest.raises(ValueError, match="diam_mean=30 but initial_model"):
+        initial_weights(TrainingParameters(initial_model=bundled_model_name, diam_mean=30.0))
