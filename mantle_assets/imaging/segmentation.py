@@ -8,13 +8,20 @@ values mean nuclei-only segmentation of that channel.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 MIN_ESTIMATED_DIAMETER = 5.0
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ParameterError(ValueError):
@@ -87,6 +94,42 @@ def select_channels(stack: np.ndarray, nuclei_channel: int, cytoplasm_channel: i
     return np.stack([target, stack[nuclei_channel - 1]])
 
 
+def with_smaller_batches_on_oom(run: Callable[[int], T], batch_size: int) -> T:
+    """Call ``run(batch_size)``, halving the batch size whenever the GPU runs out of memory.
+
+    A field that does not fit at the configured batch size on a busy or small
+    GPU still fits at a smaller one; only when a single tile does not fit is
+    the error raised.
+
+    Parameters
+    ----------
+    run : callable
+        Evaluates with the batch size it is given.
+    batch_size : int
+        The batch size to try first.
+
+    Returns
+    -------
+    Whatever ``run`` returns.
+
+    Raises
+    ------
+    torch.OutOfMemoryError
+        If even a batch of one does not fit.
+    """
+    import torch
+
+    while True:
+        try:
+            return run(batch_size)
+        except torch.OutOfMemoryError:
+            if batch_size <= 1:
+                raise
+            torch.cuda.empty_cache()
+            batch_size //= 2
+            logger.warning("out of GPU memory: retrying with batch_size=%d", batch_size)
+
+
 @dataclass(frozen=True)
 class SegmentationSettings:
     """Cellpose evaluation options besides the channels (Cellpose's defaults)."""
@@ -150,17 +193,21 @@ class CellposeSegmenter:
 
     def _eval(self, image: np.ndarray, diameter: float, settings: SegmentationSettings) -> np.ndarray:
         channels, channel_axis = ([1, 2], 0) if image.ndim == 3 else ([0, 0], None)
-        masks, _, _ = self.model.eval(
-            image,
-            channels=channels,
-            channel_axis=channel_axis,
-            diameter=diameter,
-            flow_threshold=settings.flow_threshold,
-            cellprob_threshold=settings.cellprob_threshold,
-            min_size=settings.min_size,
-            batch_size=settings.batch_size,
-        )
-        return np.asarray(masks)
+
+        def evaluate(batch_size: int) -> np.ndarray:
+            masks, _, _ = self.model.eval(
+                image,
+                channels=channels,
+                channel_axis=channel_axis,
+                diameter=diameter,
+                flow_threshold=settings.flow_threshold,
+                cellprob_threshold=settings.cellprob_threshold,
+                min_size=settings.min_size,
+                batch_size=batch_size,
+            )
+            return np.asarray(masks)
+
+        return with_smaller_batches_on_oom(evaluate, settings.batch_size)
 
     def estimate_diameter(self, image: np.ndarray, settings: SegmentationSettings = SegmentationSettings()) -> float:
         """Estimate the median object diameter of an image, in pixels.

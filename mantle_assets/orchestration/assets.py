@@ -26,6 +26,7 @@ from mantle_assets.models.registry import resolve_model
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
+from mantle_assets.orchestration.retries import retried_while_store_busy
 from mantle_assets.registration import IMAGE_DIRECTORY, directory_fingerprint
 from mantle_assets.settings import mask_root
 
@@ -150,7 +151,13 @@ def segmentation_masks(
     entity_store: EntityStoreResource,
     cellpose: CellposeResource,
 ) -> MaterializeResult:
-    store = entity_store.store()
+    with retried_while_store_busy(seconds_to_wait=entity_store.lock_timeout):
+        return segment_partition(context, config, entity_store.store(), cellpose)
+
+
+def segment_partition(
+    context: AssetExecutionContext, config: SegmentationConfig, store: EntityStore, cellpose: CellposeResource
+) -> MaterializeResult:
     source, grouping, settings, spec = prepare_segmentation(store, context.partition_key, config)
     _, source_fingerprint = directory_fingerprint(grouping.directory)
     segmenter = cellpose.segmenter(spec)

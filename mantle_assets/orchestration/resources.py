@@ -14,12 +14,17 @@ from mantle_assets.models.registry import ModelSpec
 
 
 class EntityStoreResource(ConfigurableResource):
-    """The DuckDB entity store; ``database`` defaults to ``$MANTLE_HOME/mantle.duckdb``."""
+    """The DuckDB entity store; ``database`` defaults to ``$MANTLE_HOME/mantle.duckdb``.
+
+    ``lock_timeout``: seconds a step waits for another process's transaction
+    before its attempt fails and is retried (see ``retried_while_store_busy``).
+    """
 
     database: str | None = None
+    lock_timeout: float = 300.0
 
     def store(self) -> EntityStore:
-        return EntityStore(self.database)
+        return EntityStore(self.database, lock_timeout=self.lock_timeout)
 
 
 class CellposeResource(ConfigurableResource):

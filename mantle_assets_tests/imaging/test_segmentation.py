@@ -8,6 +8,7 @@ from mantle_assets.imaging.segmentation import (
     check_channels,
     parse_diameter,
     select_channels,
+    with_smaller_batches_on_oom,
 )
 
 
@@ -47,3 +48,33 @@ def test_select_channels_follows_mantle_meanings():
     pair = select_channels(stack, 3, 1)  # red cytoplasm, blue nuclei
     assert pair.shape == (2, 3, 4)
     assert np.all(pair[0] == 10.0) and np.all(pair[1] == 60.0)
+
+
+def gpu_holding(max_batch: int):
+    """Evaluation on a GPU that fits at most ``max_batch`` tiles; records the sizes tried."""
+    import torch
+
+    tried = []
+
+    def run(batch_size):
+        tried.append(batch_size)
+        if batch_size > max_batch:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return batch_size
+
+    return run, tried
+
+
+def test_out_of_memory_retries_with_halved_batches():
+    run, tried = gpu_holding(max_batch=2)
+    assert with_smaller_batches_on_oom(run, 8) == 2
+    assert tried == [8, 4, 2]
+
+
+def test_out_of_memory_at_batch_one_is_raised():
+    import torch
+
+    run, tried = gpu_holding(max_batch=0)
+    with pytest.raises(torch.OutOfMemoryError):
+        with_smaller_batches_on_oom(run, 4)
+    assert tried == [4, 2, 1]

@@ -1,0 +1,83 @@
+"""A step that finds the entity store busy is retried, and records its output once."""
+
+import threading
+import time
+
+import filelock
+import pytest
+from dagster import DagsterEventType, EventRecordsFilter, materialize
+
+from mantle_assets.entities import EntityStore
+from mantle_assets.orchestration.assets import segmentation_masks
+from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
+from mantle_assets.registration import register_image_directory
+
+pytestmark = pytest.mark.slow
+
+LOCK_TIMEOUT = 0.5
+
+
+def hold_lock(store: EntityStore, until) -> None:
+    """Hold the store's inter-process lock from another thread, as a second process would, until ``until()``."""
+    held = threading.Event()
+
+    def hold():
+        with filelock.FileLock(str(store.database) + ".lock"):
+            held.set()
+            deadline = time.monotonic() + 600
+            while not until() and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    threading.Thread(target=hold, daemon=True).start()
+    held.wait()
+
+
+def retries_requested(instance) -> int:
+    return len(instance.get_event_records(EventRecordsFilter(DagsterEventType.STEP_UP_FOR_RETRY)))
+
+
+def test_busy_store_is_retried_and_output_recorded_once(bbbc014_crops, instance, bundled_model_name):
+    store = EntityStore()
+    source = register_image_directory(store, bbbc014_crops, "crops")
+    instance.add_dynamic_partitions(image_directory_partitions.name, [source.entity_id])
+
+    # Busy until the first attempt has given up, free for the retry.
+    hold_lock(store, until=lambda: retries_requested(instance) > 0)
+    result = materialize(
+        [segmentation_masks],
+        partition_key=source.entity_id,
+        instance=instance,
+        resources={"entity_store": EntityStoreResource(lock_timeout=LOCK_TIMEOUT), "cellpose": CellposeResource()},
+        run_config={"ops": {"segmentation_masks": {"config": {
+            "cellpose_model": bundled_model_name, "nuclei_channel": 2, "cytoplasm_channel": 2, "diameter": "12"}}}},
+    )
+
+    assert result.success
+    event_types = [event.event_type for event in result.all_events]
+    assert event_types.count(DagsterEventType.STEP_UP_FOR_RETRY) == 1
+    (masks,) = store.list("segmentation_mask_directory")
+    (edge,) = store.children(source.entity_id)
+    assert (edge.child_id, edge.run_id) == (masks.entity_id, result.run_id)
+
+
+def test_store_busy_beyond_the_retries_fails_the_run(bbbc014_crops, instance, bundled_model_name):
+    store = EntityStore()
+    source = register_image_directory(store, bbbc014_crops, "crops")
+    instance.add_dynamic_partitions(image_directory_partitions.name, [source.entity_id])
+
+    released = threading.Event()
+    hold_lock(store, until=released.is_set)
+    result = materialize(
+        [segmentation_masks],
+        partition_key=source.entity_id,
+        instance=instance,
+        resources={"entity_store": EntityStoreResource(lock_timeout=LOCK_TIMEOUT), "cellpose": CellposeResource()},
+        run_config={"ops": {"segmentation_masks": {"config": {"cellpose_model": bundled_model_name}}}},
+        raise_on_error=False,
+    )
+
+    released.set()
+    assert not result.success
+    event_types = [event.event_type for event in result.all_events]
+    assert event_types.count(DagsterEventType.STEP_UP_FOR_RETRY) == 3
