@@ -19,6 +19,7 @@ Decisions worth knowing
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from os import PathLike
@@ -28,9 +29,13 @@ import pandas as pd
 
 __all__ = [
     "DoseResponseFit",
+    "PlateReadout",
     "dose_summary",
     "fit_dose_response",
     "four_parameter_logistic",
+    "json_records",
+    "normalise_well",
+    "plate_readout",
     "read_plate_layout",
     "well_summary",
     "z_prime",
@@ -41,7 +46,9 @@ MIN_DISTINCT_DOSES = 5
 # beyond that the data say nothing about it and the optimiser only drifts.
 EC50_RANGE_FACTOR = 1e3
 MAX_HILL = 20.0
-LAYOUT_COLUMNS = ("ImageNumber", "Column", "Row", "SBS_Doses", "SBS_Controls")
+BBBC014_LAYOUT_COLUMNS = ("ImageNumber", "Column", "Row", "SBS_Doses", "SBS_Controls")
+MAX_PLATE_COLUMNS = 48  # a 1536-well plate
+_WELL_NAME = re.compile(r"([A-Z]{1,2})0*(\d{1,2})")
 
 
 def z_prime(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -306,8 +313,45 @@ def dose_summary(wells: pd.DataFrame, layout: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index()
 
 
+def normalise_well(name: str) -> str:
+    """A well name as row letter(s) and two-digit column: ``"a1"`` and ``"A01"`` give ``"A01"``.
+
+    Parameters
+    ----------
+    name : str
+        A well name, e.g. ``"B7"``, ``"b07"`` or ``"AA12"`` (1536-well rows).
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a row of one or two letters followed by a column of 1 to 48.
+
+    Examples
+    --------
+    >>> normalise_well(" b7 "), normalise_well("H12")
+    ('B07', 'H12')
+    """
+    match = _WELL_NAME.fullmatch(str(name).strip().upper())
+    if not match or not 1 <= int(match[2]) <= MAX_PLATE_COLUMNS:
+        raise ValueError(f"{name!r} is not a well name like A01")
+    return f"{match[1]}{int(match[2]):02d}"
+
+
 def read_plate_layout(csv_path: str | PathLike[str]) -> pd.DataFrame:
-    """Read a BBBC014-style plate layout (``ImageNumber,Column,Row,SBS_Doses,SBS_Controls``).
+    """Read a plate layout: which treatment, dose and control role each well has.
+
+    Two layouts are understood, told apart by their header:
+
+    * ``well,dose,control`` with an optional ``treatment`` column (names are
+      case-insensitive; ``well`` like ``A01`` or ``a1``);
+    * BBBC014's / CellProfiler's ``ImageNumber,Column,Row,SBS_Doses,SBS_Controls``.
+
+    ``control`` is -1 for a negative control, 0 for a dose point and 1 for a
+    positive control.
 
     Parameters
     ----------
@@ -317,20 +361,227 @@ def read_plate_layout(csv_path: str | PathLike[str]) -> pd.DataFrame:
     Returns
     -------
     DataFrame
-        ``well`` (``"A01"``), ``image_number`` (int), ``dose`` (float) and
-        ``control`` (int: -1 negative, 0 dose point, 1 positive).
+        ``well`` (``"A01"``), ``treatment`` (str, empty when not given),
+        ``dose`` (float) and ``control`` (int), in file order.
+
+    Raises
+    ------
+    ValueError
+        One line naming the file: unreadable, neither layout, a bad well name,
+        a dose that is not a number >= 0, a control not in -1/0/1, a well
+        listed twice, or no rows.
     """
-    raw = pd.read_csv(csv_path, dtype=str, skipinitialspace=True)
-    missing = [column for column in LAYOUT_COLUMNS if column not in raw.columns]
-    if missing:
-        raise ValueError(f"{csv_path} is not a plate layout: no column(s) {', '.join(missing)}")
-    rows = raw["Row"].str.strip().str.upper()
-    columns = raw["Column"].astype(int)
-    return pd.DataFrame(
+    try:
+        raw = pd.read_csv(csv_path, dtype=str, skipinitialspace=True, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{csv_path}: not a readable CSV file: {str(error).splitlines()[0]}") from None
+    raw.columns = [str(column).strip() for column in raw.columns]
+    lower = {column.lower(): column for column in raw.columns}
+    if {"well", "dose", "control"} <= set(lower):
+        wells = raw[lower["well"]]
+        treatment = raw[lower["treatment"]] if "treatment" in lower else pd.Series("", index=raw.index)
+        doses, controls = raw[lower["dose"]], raw[lower["control"]]
+    elif set(BBBC014_LAYOUT_COLUMNS) <= set(raw.columns):
+        wells = raw["Row"].str.strip() + raw["Column"].str.strip()
+        treatment = pd.Series("", index=raw.index)
+        doses, controls = raw["SBS_Doses"], raw["SBS_Controls"]
+    else:
+        raise ValueError(
+            f"{csv_path} is not a plate layout: expected columns well,dose,control[,treatment] "
+            f"or {','.join(BBBC014_LAYOUT_COLUMNS)}"
+        )
+    if raw.empty:
+        raise ValueError(f"{csv_path}: the plate layout lists no wells")
+
+    def parsed(values: pd.Series, convert, what: str) -> list:
+        out = []
+        for line, value in enumerate(values, start=2):
+            try:
+                out.append(convert(str(value).strip()))
+            except ValueError:
+                raise ValueError(f"{csv_path}, line {line}: {value!r} is not {what}") from None
+        return out
+
+    layout = pd.DataFrame(
         {
-            "well": [f"{row}{column:02d}" for row, column in zip(rows, columns, strict=True)],
-            "image_number": raw["ImageNumber"].astype(int),
-            "dose": raw["SBS_Doses"].astype(float),
-            "control": raw["SBS_Controls"].astype(int),
+            "well": parsed(wells, normalise_well, "a well name like A01"),
+            "treatment": [str(t).strip() for t in treatment],
+            "dose": parsed(doses, _dose, "a dose (a number >= 0)"),
+            "control": parsed(controls, _control, "a control flag (-1, 0 or 1)"),
         }
     )
+    repeated = layout.loc[layout["well"].duplicated(), "well"]
+    if not repeated.empty:
+        raise ValueError(f"{csv_path}: well {repeated.iloc[0]} is listed more than once")
+    return layout
+
+
+def _dose(text: str) -> float:
+    dose = float(text)
+    if not (np.isfinite(dose) and dose >= 0):
+        raise ValueError(text)
+    return dose
+
+
+def _control(text: str) -> int:
+    if text not in ("-1", "0", "1"):
+        raise ValueError(text)
+    return int(text)
+
+
+@dataclass(frozen=True)
+class PlateReadout:
+    """The readout of one plate; see :func:`plate_readout`.
+
+    Attributes
+    ----------
+    value_column : str
+        The per-object column summarised.
+    wells : DataFrame
+        :func:`well_summary` joined with the layout (``treatment``, ``dose``,
+        ``control``; missing for wells the layout does not list) and ``used``
+        (whether the well passed QC and counts towards Z' and the fit).
+    doses : DataFrame
+        :func:`dose_summary` of the used dose-point wells (empty without a layout).
+    z_prime : float or None
+        Z' of the used control wells' medians; None when it cannot be computed.
+    fit : DoseResponseFit or None
+        4PL fit of the used dose-point wells' medians; None when it cannot be computed.
+    notes : dict of str to str
+        Why ``z_prime`` or ``fit`` is None, by their names.
+    """
+
+    value_column: str
+    wells: pd.DataFrame
+    doses: pd.DataFrame
+    z_prime: float | None
+    fit: DoseResponseFit | None
+    notes: dict[str, str]
+
+    @property
+    def n_cells(self) -> int:
+        """Number of objects on the plate."""
+        return int(self.wells["n_cells"].sum())
+
+    def to_json(self) -> dict:
+        """The readout as JSON-ready values (NaN as None): ``z_prime``, ``ec50``, ``n_cells``, ``wells``, ..."""
+        fit = self.fit
+        return {
+            "readout": self.value_column,
+            "z_prime": self.z_prime,
+            "ec50": None if fit is None else fit.ec50,
+            "ec50_ci95": None if fit is None else list(fit.ec50_ci95),
+            "fit": None if fit is None else {
+                "bottom": fit.bottom, "top": fit.top, "ec50": fit.ec50, "hill": fit.hill,
+                "ec50_ci95": list(fit.ec50_ci95), "r_squared": _finite_or_none(fit.r_squared),
+                "n_points": fit.n_points,
+            },
+            "n_cells": self.n_cells,
+            "wells": json_records(self.wells),
+            "doses": json_records(self.doses),
+            "notes": dict(self.notes),
+        }
+
+
+def _finite_or_none(value) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def json_records(frame: pd.DataFrame) -> list[dict]:
+    """A table's rows as dicts of plain Python values, NaN as None (JSON-ready).
+
+    Examples
+    --------
+    >>> json_records(pd.DataFrame({"well": ["A01"], "median": [float("nan")], "n": [3]}))
+    [{'well': 'A01', 'median': None, 'n': 3}]
+    """
+    records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+    return [{key: value.item() if isinstance(value, np.generic) else value for key, value in record.items()}
+            for record in records]
+
+
+def plate_readout(
+    objects: pd.DataFrame,
+    *,
+    value_column: str,
+    layout: pd.DataFrame | None = None,
+    expected_wells: Iterable[str] | None = None,
+    min_cells: int = 50,
+) -> PlateReadout:
+    """Summarise a plate: per-well medians and QC, per-dose means, Z' and a 4PL fit.
+
+    Wells flagged ``too_few_cells`` or without a median are left out of Z'
+    and the fit (``used`` False). Parts that cannot be computed (no layout,
+    fewer than two used wells of a control, fewer than five doses, a fit that
+    does not converge) are None, with the reason in ``notes``.
+
+    Parameters
+    ----------
+    objects : DataFrame
+        One row per object with ``well`` and ``value_column``; rows without a
+        well are ignored.
+    value_column : str
+        The read-out, e.g. ``"NFkB_ratio"``.
+    layout : DataFrame, optional
+        From :func:`read_plate_layout`.
+    expected_wells : iterable of str, optional
+        Every imaged well, so that wells without objects are reported.
+    min_cells : int
+        Wells with fewer objects are flagged and not used.
+
+    Returns
+    -------
+    PlateReadout
+
+    Raises
+    ------
+    ValueError
+        If no object has a well or ``value_column`` is missing.
+
+    Examples
+    --------
+    >>> objects = pd.DataFrame({"well": ["A01"] * 2 + ["A02"] * 2 + ["A03"] * 2 + ["A04"] * 2,
+    ...                         "ratio": [1.0, 1.2, 0.9, 1.1, 4.0, 4.2, 3.9, 4.1]})
+    >>> layout = pd.DataFrame({"well": ["A01", "A02", "A03", "A04"], "treatment": "",
+    ...                        "dose": [0.0, 0.0, 10.0, 10.0], "control": [-1, -1, 1, 1]})
+    >>> readout = plate_readout(objects, value_column="ratio", layout=layout, min_cells=2)
+    >>> round(readout.z_prime, 3), readout.fit is None, readout.notes["fit"]
+    (0.859, True, 'no dose-point wells')
+    """
+    if "well" not in objects.columns:
+        raise ValueError("objects have no column 'well'")
+    placed = objects[objects["well"].notna()]
+    expected_wells = None if expected_wells is None else list(expected_wells)
+    if placed.empty and not expected_wells:
+        raise ValueError("no object has a well: a plate readout needs field names holding wells like A01")
+    wells = well_summary(placed, value_column=value_column, min_cells=min_cells, expected_wells=expected_wells)
+    wells["used"] = ~wells["too_few_cells"] & wells["median"].notna()
+    notes: dict[str, str] = {}
+    if layout is None:
+        wells = wells.assign(treatment=None, dose=np.nan, control=np.nan)
+        notes["z_prime"] = notes["fit"] = "no plate layout"
+        return PlateReadout(value_column, wells, pd.DataFrame(columns=["dose", "mean", "sd", "n_wells"]),
+                            None, None, notes)
+
+    wells = wells.merge(layout[["well", "treatment", "dose", "control"]], on="well", how="left")
+    used = wells[wells["used"]]
+    doses = dose_summary(used, layout)
+
+    controls = {role: used.loc[used["control"] == flag, "median"] for role, flag in (("positive", 1), ("negative", -1))}
+    short = [f"{values.size} {role}" for role, values in controls.items() if values.size < 2]
+    z = None
+    if short:
+        notes["z_prime"] = f"needs two used wells of each control, got {' and '.join(short)}"
+    else:
+        z = z_prime(controls["positive"], controls["negative"])
+
+    points = used[used["control"] == 0]
+    fit = None
+    if points.empty:
+        notes["fit"] = "no dose-point wells"
+    else:
+        try:
+            fit = fit_dose_response(points["dose"], points["median"])
+        except ValueError as error:
+            notes["fit"] = str(error)
+    return PlateReadout(value_column, wells, doses, z, fit, notes)

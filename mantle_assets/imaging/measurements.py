@@ -15,16 +15,28 @@ Decisions worth knowing
   only the nucleus that overlaps it most gets its cytoplasm; the others get an
   empty cytoplasm and so a NaN ratio, rather than sharing pixels silently.
 * Nuclear pixels are never cytoplasm, whichever nucleus they belong to.
+* Channel names become column prefixes, so they must be identifiers
+  (``NFkB``, ``DNA``); unnamed channels are called by their file-name label
+  (``Channel1``) or ``ch<label>`` when that is not an identifier.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["cytoplasm_labels", "measure_objects"]
+from mantle_assets.imaging.fields import FieldGrouping, read_field, well_of
+from mantle_assets.imaging.io import read_image
+from mantle_assets.imaging.pipeline import MASK_SUFFIX
+
+__all__ = ["check_channel_names", "cytoplasm_labels", "default_channel_names", "measure_directory", "measure_objects"]
+
+_CHANNEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 def cytoplasm_labels(nuclei: np.ndarray, *, cells: np.ndarray | None = None, ring_width: int = 5) -> np.ndarray:
@@ -160,3 +172,108 @@ def measure_objects(
             f"{name}_ratio": ratio,
         }
     return pd.concat([shape, pd.DataFrame(columns, index=shape.index)], axis=1)
+
+
+def check_channel_names(names: Sequence[str], n_channels: int) -> list[str]:
+    """Check channel names for use as column prefixes, one per channel.
+
+    Parameters
+    ----------
+    names : sequence of str
+        One name per channel, in channel order.
+    n_channels : int
+        The images' number of channels.
+
+    Returns
+    -------
+    list of str
+
+    Raises
+    ------
+    ValueError
+        One line naming ``channel_names``: wrong count, a name that is not an
+        identifier, or a name repeated (ignoring case).
+
+    Examples
+    --------
+    >>> check_channel_names(["NFkB", "DNA"], 2)
+    ['NFkB', 'DNA']
+    """
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"channel_names must be a list of names, got {names!r}")
+    names = list(names)
+    if len(names) != n_channels:
+        raise ValueError(f"channel_names: {len(names)} name(s) given but the images have {n_channels} channel(s)")
+    for name in names:
+        if not _CHANNEL_NAME.fullmatch(name):
+            raise ValueError(f"channel_names: {name!r} must start with a letter and hold only letters, digits and _")
+    lowered = [name.lower() for name in names]
+    if len(set(lowered)) != len(lowered):
+        raise ValueError(f"channel_names: names must differ (ignoring case), got {names}")
+    return names
+
+
+def default_channel_names(channel_labels: Sequence[str]) -> list[str]:
+    """Names for unnamed channels: the file-name label, or ``ch<label>`` where that is no identifier.
+
+    Examples
+    --------
+    >>> default_channel_names(["Channel1", "Channel2"]), default_channel_names(["1", "2"])
+    (['Channel1', 'Channel2'], ['ch1', 'ch2'])
+    """
+    return [label if _CHANNEL_NAME.fullmatch(label) else f"ch{label}" for label in channel_labels]
+
+
+def measure_directory(
+    grouping: FieldGrouping,
+    mask_directory: str | os.PathLike,
+    channel_names: Sequence[str],
+    *,
+    ring_width: int = 5,
+    on_field: Callable[[str, int], None] | None = None,
+) -> pd.DataFrame:
+    """Measure every field of a segmented image directory (see :func:`measure_objects`).
+
+    Parameters
+    ----------
+    grouping : FieldGrouping
+        The directory's fields.
+    mask_directory : path
+        Folder with one ``<field>_cp_masks.tif`` label image per field, the
+        objects taken as nuclei.
+    channel_names : sequence of str
+        One name per channel; see :func:`check_channel_names`.
+    ring_width : int
+        Cytoplasm ring width in pixels.
+    on_field : callable, optional
+        Called with the field name and its number of objects after each field.
+
+    Returns
+    -------
+    DataFrame
+        ``field``, ``well`` (``"A01"``, or None when the field name holds no
+        well) and the columns of :func:`measure_objects`, fields in order.
+
+    Raises
+    ------
+    ValueError
+        One line naming the mask file that is missing, unreadable or of
+        another shape than its field, or the channel names at fault.
+    """
+    names = check_channel_names(channel_names, grouping.n_channels)
+    tables = []
+    for field in grouping.fields:
+        mask_path = Path(mask_directory) / f"{field.name}{MASK_SUFFIX}"
+        if not mask_path.is_file():
+            raise ValueError(f"{mask_path}: no mask for field {field.name}")
+        labels = read_image(mask_path)
+        stack = read_field(field)
+        if labels.shape != stack.shape[1:]:
+            raise ValueError(f"{mask_path}: mask shape {labels.shape} differs from field shape {stack.shape[1:]}")
+        table = measure_objects(labels, dict(zip(names, stack, strict=True)), ring_width=ring_width)
+        table.insert(0, "well", well_of(field.name))
+        table.insert(0, "field", field.name)
+        tables.append(table)
+        if on_field is not None:
+            on_field(field.name, len(table))
+    return pd.concat(tables, ignore_index=True)

@@ -8,19 +8,17 @@ they work headless and from several threads (e.g. concurrent asset runs).
 from __future__ import annotations
 
 import io
-import re
 
 import numpy as np
 import pandas as pd
 
-from mantle_assets.imaging.assay import DoseResponseFit
+from mantle_assets.imaging.assay import DoseResponseFit, normalise_well
 
 __all__ = ["dose_response_png", "plate_heatmap_png"]
 
 PLATE_ROWS = "ABCDEFGH"
 PLATE_COLUMNS = 12
 DPI = 100
-_WELL = re.compile(r"^([A-Z])(\d{1,2})$")
 
 
 def _new_figure(width: float, height: float):
@@ -117,10 +115,14 @@ def plate_heatmap_png(wells: pd.DataFrame, *, value_column: str, title: str) -> 
     """
     grid = np.full((len(PLATE_ROWS), PLATE_COLUMNS), np.nan)
     for well, value in zip(wells["well"], wells[value_column].to_numpy(dtype=float), strict=True):
-        match = _WELL.match(str(well).strip().upper())
-        if not match or match[1] not in PLATE_ROWS or not 1 <= int(match[2]) <= PLATE_COLUMNS:
+        try:
+            name = normalise_well(well)
+        except ValueError:
+            name = ""
+        row, column = name[:-2], int(name[-2:] or 0)
+        if len(row) != 1 or row not in PLATE_ROWS or not 1 <= column <= PLATE_COLUMNS:
             raise ValueError(f"well {well!r} is not on a 96-well plate (A01-H12)")
-        grid[PLATE_ROWS.index(match[1]), int(match[2]) - 1] = value
+        grid[PLATE_ROWS.index(row), column - 1] = value
 
     figure = _new_figure(7.0, 4.0)
     axes = figure.add_subplot()

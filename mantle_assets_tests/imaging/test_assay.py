@@ -10,6 +10,8 @@ from mantle_assets.imaging.assay import (
     dose_summary,
     fit_dose_response,
     four_parameter_logistic,
+    normalise_well,
+    plate_readout,
     read_plate_layout,
     well_summary,
     z_prime,
@@ -147,18 +149,115 @@ def test_read_plate_layout(tmp_path):
     path = tmp_path / "plate_layout.csv"
     path.write_text(LAYOUT_CSV)
     layout = read_plate_layout(path)
-    assert layout.columns.tolist() == ["well", "image_number", "dose", "control"]
+    assert layout.columns.tolist() == ["well", "treatment", "dose", "control"]
     assert layout["well"].tolist() == ["A01", "A02", "A12", "B02"]
-    assert layout["image_number"].tolist() == [1, 2, 3, 14]
+    assert layout["treatment"].tolist() == ["", "", "", ""]
     assert layout["dose"].tolist() == [0.0, 1.0, 10.0, 2.5]
     assert layout["control"].tolist() == [-1, 0, 1, 0]
 
 
-def test_read_plate_layout_refuses_other_csvs(tmp_path):
-    path = tmp_path / "other.csv"
-    path.write_text("well,dose\nA01,1\n")
-    with pytest.raises(ValueError, match="SBS_Doses"):
+def test_read_a_generic_plate_layout(tmp_path):
+    path = tmp_path / "layout.csv"
+    path.write_text("Well,Treatment,Dose,Control\na1,DMSO,0,-1\nB07,TNFa,0.3,0\nh12, TNFa ,100,1\n")
+    layout = read_plate_layout(path)
+    assert layout["well"].tolist() == ["A01", "B07", "H12"]
+    assert layout["treatment"].tolist() == ["DMSO", "TNFa", "TNFa"]
+    assert layout["dose"].tolist() == [0.0, 0.3, 100.0]
+    assert layout["control"].tolist() == [-1, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("well,dose\nA01,1\n", "expected columns well,dose,control"),
+        ("well,dose,control\n", "lists no wells"),
+        ("well,dose,control\nA01,1,0\nZ99,1,0\n", "line 3: 'Z99' is not a well name"),
+        ("well,dose,control\nA01,-1,0\n", "line 2: '-1' is not a dose"),
+        ("well,dose,control\nA01,high,0\n", "'high' is not a dose"),
+        ("well,dose,control\nA01,1,2\n", "'2' is not a control flag"),
+        ("well,dose,control\nA01,1,0\na1,2,0\n", "well A01 is listed more than once"),
+    ],
+)
+def test_bad_plate_layouts_are_refused_in_one_line_naming_the_file(tmp_path, text, fragment):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
         read_plate_layout(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and fragment in message, message
+
+
+def test_a_missing_layout_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="nope.csv: not a readable CSV"):
+        read_plate_layout(tmp_path / "nope.csv")
+
+
+@pytest.mark.parametrize(("name", "well"), [("A1", "A01"), (" h12", "H12"), ("b007", "B07"), ("AF48", "AF48")])
+def test_normalise_well(name, well):
+    assert normalise_well(name) == well
+
+
+@pytest.mark.parametrize("name", ["A0", "A49", "1A", "ABC1", ""])
+def test_normalise_well_refuses_non_wells(name):
+    with pytest.raises(ValueError, match="not a well name"):
+        normalise_well(name)
+
+
+def synthetic_plate(rng, *, cells_per_well=60, noise=0.05):
+    """Eight negative, eight positive and 3 x 9 dose-point wells of a known logistic response."""
+    rows, layout = [], []
+    wells = iter(f"{row}{column:02d}" for row in "ABCDEFGH" for column in range(1, 13))
+    for control, dose in [(-1, 0.0)] * 8 + [(1, 100.0)] * 8 + [(0, d) for d in DOSES[1:] for _ in range(3)]:
+        well = next(wells)
+        layout.append({"well": well, "treatment": "TNFa", "dose": dose, "control": control})
+        centre = {-1: TRUE["bottom"], 1: TRUE["top"]}.get(control) or four_parameter_logistic(dose, **TRUE)
+        rows += [{"well": well, "ratio": v} for v in centre + rng.normal(0.0, noise, cells_per_well)]
+    return pd.DataFrame(rows), pd.DataFrame(layout)
+
+
+def test_plate_readout_recovers_the_known_curve_and_z_prime():
+    objects, layout = synthetic_plate(np.random.default_rng(3))
+    readout = plate_readout(objects, value_column="ratio", layout=layout, min_cells=10)
+
+    assert readout.notes == {}
+    assert readout.n_cells == len(objects)
+    medians = objects.groupby("well")["ratio"].median()
+    controls = layout.set_index("well")["control"]
+    expected_z = z_prime(medians[controls == 1], medians[controls == -1])
+    assert readout.z_prime == pytest.approx(expected_z)
+    assert readout.z_prime > 0.9  # SD of a median of 60 cells is ~0.008 against a separation of 2.3
+    low, high = readout.fit.ec50_ci95
+    assert low < TRUE["ec50"] < high
+    assert readout.fit.ec50 == pytest.approx(TRUE["ec50"], rel=0.1)
+    assert readout.doses["dose"].tolist() == DOSES[1:].tolist()
+    assert (readout.doses["n_wells"] == 3).all()
+    summary = readout.to_json()
+    assert summary["z_prime"] == readout.z_prime and summary["ec50"] == readout.fit.ec50
+    assert len(summary["wells"]) == len(layout) and summary["wells"][0]["control"] == -1
+
+
+def test_plate_readout_leaves_out_qc_failed_wells_and_says_why_parts_are_missing():
+    objects, layout = synthetic_plate(np.random.default_rng(4))
+    controls = layout[layout["control"] != 0]
+    sparse = controls.groupby("control").head(7)["well"]  # all but one well of each control
+    objects = objects[~objects["well"].isin(sparse) | (objects.groupby("well").cumcount() < 3)]
+    objects = objects[objects["well"].isin(controls["well"])]
+    readout = plate_readout(objects, value_column="ratio", layout=layout, min_cells=10,
+                            expected_wells=controls["well"])
+    assert readout.z_prime is None and readout.fit is None
+    assert readout.notes["z_prime"] == "needs two used wells of each control, got 1 positive and 1 negative"
+    assert readout.notes["fit"] == "no dose-point wells"
+    wells = readout.wells.set_index("well")
+    assert wells.loc[sparse, "too_few_cells"].all() and not wells.loc[sparse, "used"].any()
+
+    no_layout = plate_readout(objects, value_column="ratio")
+    assert no_layout.notes == {"z_prime": "no plate layout", "fit": "no plate layout"}
+    assert no_layout.doses.empty and no_layout.n_cells == len(objects)
+
+
+def test_plate_readout_needs_wells():
+    with pytest.raises(ValueError, match="no object has a well"):
+        plate_readout(pd.DataFrame({"well": [None], "ratio": [1.0]}), value_column="ratio")
 
 
 @pytest.fixture
@@ -173,5 +272,5 @@ def test_read_the_bbbc014_layout(bbbc014_layout):
     layout = read_plate_layout(bbbc014_layout)
     assert len(layout) == 96 and layout["well"].is_unique
     assert set(layout["control"]) == {-1, 0, 1}
-    assert layout.set_index("well").loc["A01", "image_number"] == 1
+    assert layout.set_index("well").loc["A01", "control"] == -1
     assert layout.loc[layout["control"] == 0, "dose"].nunique() >= 5

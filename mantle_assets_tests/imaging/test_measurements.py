@@ -1,8 +1,16 @@
 import numpy as np
 import pytest
+import tifffile
 from scipy import ndimage
 
-from mantle_assets.imaging.measurements import cytoplasm_labels, measure_objects
+from mantle_assets.imaging.fields import group_fields
+from mantle_assets.imaging.measurements import (
+    check_channel_names,
+    cytoplasm_labels,
+    default_channel_names,
+    measure_directory,
+    measure_objects,
+)
 
 
 def two_squares() -> np.ndarray:
@@ -104,3 +112,56 @@ def test_shape_mismatch_names_the_channel():
     with pytest.raises(ValueError, match="'nfkb'") as error:
         measure_objects(two_squares(), {"dna": np.zeros((40, 60)), "nfkb": np.zeros((40, 61))})
     assert "\n" not in str(error.value)
+
+
+def test_channel_names_must_fit_the_channels():
+    assert check_channel_names(["NFkB", "DNA"], 2) == ["NFkB", "DNA"]
+    for names, fragment in [
+        (["NFkB"], "1 name(s) given but the images have 2 channel(s)"),
+        (["NFkB", "2nd"], "'2nd' must start with a letter"),
+        (["dna", "DNA"], "must differ"),
+        ("NFkB,DNA", "must be a list"),
+    ]:
+        with pytest.raises(ValueError, match="channel_names") as error:
+            check_channel_names(names, 2)
+        assert fragment in str(error.value)
+    assert default_channel_names(["Channel1", "w2", "1"]) == ["Channel1", "w2", "ch1"]
+
+
+@pytest.fixture
+def segmented_directory(tmp_path):
+    """Two fields of two channels named as on BBBC014, with label images beside them."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    nuclei = two_squares().astype(np.uint16)
+    for field, scale in (("01-A-01", 1), ("13-B-01", 3)):
+        tifffile.imwrite(images / f"Channel1-{field}.tif", (np.where(nuclei > 0, 40, 10) * scale).astype(np.uint8))
+        tifffile.imwrite(images / f"Channel2-{field}.tif", (np.where(nuclei > 0, 90, 5)).astype(np.uint8))
+        tifffile.imwrite(masks / f"{field}_cp_masks.tif", nuclei if field == "01-A-01" else np.zeros_like(nuclei))
+    return group_fields(images), masks
+
+
+def test_a_directory_is_measured_field_by_field_with_wells(segmented_directory):
+    grouping, masks = segmented_directory
+    seen = []
+    table = measure_directory(grouping, masks, ["NFkB", "DNA"], ring_width=2, on_field=lambda f, n: seen.append((f, n)))
+    assert seen == [("01-A-01", 2), ("13-B-01", 0)]
+    assert table["field"].tolist() == ["01-A-01", "01-A-01"] and table["well"].tolist() == ["A01", "A01"]
+    assert table["NFkB_nucleus_mean"].tolist() == [40.0, 40.0]
+    assert table["NFkB_cytoplasm_mean"].tolist() == [10.0, 10.0]
+    assert table["NFkB_ratio"].tolist() == [4.0, 4.0]
+    assert table["DNA_ratio"].tolist() == [18.0, 18.0]
+    assert table["area"].tolist() == [16, 36]
+
+
+def test_a_missing_or_misshapen_mask_is_named(segmented_directory):
+    grouping, masks = segmented_directory
+    (masks / "13-B-01_cp_masks.tif").unlink()
+    with pytest.raises(ValueError, match="13-B-01_cp_masks.tif: no mask for field 13-B-01"):
+        measure_directory(grouping, masks, ["NFkB", "DNA"])
+    tifffile.imwrite(masks / "13-B-01_cp_masks.tif", np.zeros((5, 5), np.uint16))
+    with pytest.raises(ValueError, match=r"13-B-01_cp_masks.tif: mask shape \(5, 5\) differs"):
+        measure_directory(grouping, masks, ["NFkB", "DNA"])
+    with pytest.raises(ValueError, match="channel_names: 1 name"):
+        measure_directory(grouping, masks, ["NFkB"])
