@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from mantle_assets.entities import Entity, EntityStore
-from mantle_assets.imaging.fields import FieldGrouping, group_fields, list_image_files
+from mantle_assets.imaging.assay import read_plate_layout
+from mantle_assets.imaging.fields import FieldGrouping, group_fields, list_image_files, well_of
+from mantle_assets.imaging.measurements import check_channel_names
 
 IMAGE_DIRECTORY = "image_directory"
 
@@ -50,17 +53,61 @@ def register_image_directory(
     *,
     name: str | None = None,
     segmentation_defaults: dict | None = None,
+    channel_names: Sequence[str] | None = None,
+    plate_layout: str | os.PathLike | None = None,
 ) -> Entity:
     """Group a directory's images into fields and record it as an ``image_directory`` entity.
+
+    Parameters
+    ----------
+    store : EntityStore
+        Where to record it.
+    directory : path
+        The folder of images.
+    experiment_name : str, optional
+        The experiment it belongs to.
+    name : str, optional
+        Entity name; the folder's name by default.
+    segmentation_defaults : dict, optional
+        Default segmentation parameters of automatic runs.
+    channel_names : sequence of str, optional
+        One name per channel (e.g. ``["NFkB", "DNA"]``), used for measurement columns.
+    plate_layout : path, optional
+        CSV of well -> treatment, dose, control flag; see
+        :func:`~mantle_assets.imaging.assay.read_plate_layout`.
 
     Raises
     ------
     ImageDirectoryError
         If the directory holds no readable images (nothing is recorded).
+    ValueError
+        One line naming the parameter or file: channel names that do not fit
+        the channels, an unreadable plate layout, or one that names none of the
+        directory's wells.
     """
     grouping = group_fields(directory)
+    if channel_names is not None:
+        channel_names = check_channel_names(channel_names, grouping.n_channels)
+    if plate_layout is not None:
+        check_plate_layout(plate_layout, grouping)
     return store.register(
         IMAGE_DIRECTORY,
         name or Path(grouping.directory).name,
-        {**image_directory_properties(grouping, experiment_name), "segmentation_defaults": segmentation_defaults},
+        {
+            **image_directory_properties(grouping, experiment_name),
+            "segmentation_defaults": segmentation_defaults,
+            "channel_names": channel_names,
+            "plate_layout": plate_layout,
+        },
     )
+
+
+def check_plate_layout(plate_layout: str | os.PathLike, grouping: FieldGrouping) -> None:
+    """Refuse a plate layout that cannot be read or that names none of the directory's wells."""
+    layout_wells = set(read_plate_layout(plate_layout)["well"])
+    field_wells = {well_of(field.name) for field in grouping.fields} - {None}
+    if not field_wells:
+        raise ValueError(f"plate_layout {plate_layout}: no field name in {grouping.directory} holds a well like A01")
+    if not field_wells & layout_wells:
+        example = sorted(field_wells)[0]
+        raise ValueError(f"plate_layout {plate_layout} names none of the directory's wells (e.g. {example})")

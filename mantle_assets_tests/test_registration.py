@@ -56,3 +56,41 @@ def test_directory_without_images_is_refused_and_nothing_recorded(tmp_path):
     with pytest.raises(ImageDirectoryError, match="no images in"):
         register_image_directory(store, empty, "x")
     assert store.list() == []
+
+
+def test_channel_names_and_plate_layout_are_recorded(plate, tmp_path):
+    layout = tmp_path / "layout.csv"
+    layout.write_text("well,dose,control\nA01,0,-1\nA02,10,1\n")
+    entity = register_image_directory(EntityStore(), plate, "x", channel_names=["NFkB", "DNA"], plate_layout=layout)
+    assert entity.properties["channel_names"] == ["NFkB", "DNA"]
+    assert entity.properties["plate_layout"] == str(layout)
+
+
+@pytest.mark.parametrize(
+    ("names", "layout_text", "fragment"),
+    [
+        (["NFkB"], None, "channel_names: 1 name(s) given but the images have 2 channel(s)"),
+        (None, "well,dose\nA01,1\n", "is not a plate layout"),
+        (None, "well,dose,control\nC05,1,0\n", "names none of the directory's wells (e.g. A01)"),
+    ],
+)
+def test_bad_channel_names_or_layouts_record_nothing(plate, tmp_path, names, layout_text, fragment):
+    layout = None
+    if layout_text is not None:
+        layout = tmp_path / "layout.csv"
+        layout.write_text(layout_text)
+    store = EntityStore()
+    with pytest.raises(ValueError) as error:
+        register_image_directory(store, plate, "x", channel_names=names, plate_layout=layout)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+    assert store.list() == []
+
+
+def test_a_layout_needs_fields_named_by_well(tmp_path):
+    directory = tmp_path / "no wells"
+    directory.mkdir()
+    tifffile.imwrite(directory / "image.tif", np.zeros((8, 8), np.uint8))
+    layout = tmp_path / "layout.csv"
+    layout.write_text("well,dose,control\nA01,1,0\n")
+    with pytest.raises(ValueError, match="no field name in .* holds a well like A01"):
+        register_image_directory(EntityStore(), directory, plate_layout=layout)

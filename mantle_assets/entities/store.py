@@ -273,6 +273,10 @@ def _edge_from_row(row: tuple[Any, ...]) -> LineageEdge:
     )
 
 
+def _quoted(identifier: str) -> str:
+    return '"' + str(identifier).replace('"', '""') + '"'
+
+
 def _check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} must be a non-empty string, got {value!r}")
@@ -695,6 +699,7 @@ class EntityStore:
         pipeline: str,
         run_id: str,
         parameters: Mapping,
+        measurements: Any = None,
     ) -> Entity:
         """Record what a pipeline run made from some parent entities, in one transaction.
 
@@ -721,6 +726,11 @@ class EntityStore:
             The run.
         parameters : Mapping
             The run's JSON-serialisable parameters, stored on the edges.
+        measurements : pandas.DataFrame, optional
+            Per-object measurements of the output (columns ``field``, ``label``,
+            ``well`` and numeric measurements), stored in the same transaction
+            in the ``cell_measurements`` table, one row per (output, field,
+            label, measurement), replacing the output's earlier rows.
 
         Returns
         -------
@@ -771,7 +781,36 @@ class EntityStore:
                     [parent_id, child.entity_id, pipeline, run_id, parameters_json, now,
                      parent_id, child.entity_id, run_id],
                 )
+            if measurements is not None:
+                self._replace_measurements(connection, child.entity_id, measurements)
             return child
+
+    @staticmethod
+    def _replace_measurements(connection: duckdb.DuckDBPyConnection, entity_id: str, table: Any) -> None:
+        # Long form keeps one schema whatever the channels are called; PIVOT gives the wide table back.
+        keys = ("field", "label", "well")
+        missing = [key for key in keys if key not in table.columns]
+        if missing:
+            raise ValueError(f"measurements of {entity_id} lack column(s) {', '.join(missing)}")
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS cell_measurements (entity_id VARCHAR NOT NULL, field VARCHAR NOT NULL, "
+            "label BIGINT NOT NULL, well VARCHAR, measurement VARCHAR NOT NULL, value DOUBLE, "
+            "PRIMARY KEY (entity_id, field, label, measurement))"
+        )
+        connection.execute("DELETE FROM cell_measurements WHERE entity_id = ?", [entity_id])
+        values = [column for column in table.columns if column not in keys]
+        not_numeric = [column for column in values if table[column].dtype.kind not in "biuf"]
+        if not_numeric:
+            raise ValueError(f"measurements of {entity_id} must be numeric, not column(s) {', '.join(not_numeric)}")
+        if table.empty or not values:
+            return
+        # Registered on this short-lived connection only; it goes when the connection closes.
+        connection.register("new_measurements", table)
+        connection.execute(
+            "INSERT INTO cell_measurements SELECT ?, field, label, well, measurement, value FROM new_measurements "
+            f"UNPIVOT INCLUDE NULLS (value FOR measurement IN ({', '.join(_quoted(column) for column in values)}))",
+            [entity_id],
+        )
 
     def parents(self, entity_id: str) -> list[LineageEdge]:
         """Read the edges from which an entity was made.

@@ -222,7 +222,12 @@ _DATA_TYPE_DEFINITIONS: tuple[DataType, ...] = (
             ),
             "file_count": PropertySpec("integer", description="Number of image files at registration."),
             "fingerprint": PropertySpec("string", description="Digest of file names and sizes, to detect changes."),
-            "channel_names": PropertySpec("json", description="Human names of the channels."),
+            "channel_names": PropertySpec(
+                "json", description="Names of the channels in channel order (e.g. [\"NFkB\", \"DNA\"])."
+            ),
+            "plate_layout": PropertySpec(
+                "file", description="CSV of the plate: well -> treatment, dose and control flag (-1/0/1)."
+            ),
             "segmentation_defaults": PropertySpec("json", description="Default segmentation parameters."),
         },
     ),
@@ -246,6 +251,43 @@ _DATA_TYPE_DEFINITIONS: tuple[DataType, ...] = (
             "extra_parameters": PropertySpec("json", description="Further Cellpose parameters used."),
             "source_fingerprint": PropertySpec("string", description="The images' fingerprint when segmented."),
             "model_sha256": PropertySpec("string", description="SHA-256 of the weights file used."),
+        },
+    ),
+    DataType(
+        name="cell_measurement_table",
+        description="Per-object shape and nucleus/cytoplasm intensities measured on segmentation masks.",
+        properties={
+            "measurement_file": PropertySpec("file", True, "Parquet file, one row per object."),
+            "mask_entity": PropertySpec("entity", True, "The segmentation_mask_directory measured."),
+            "source_entity": PropertySpec("entity", True, "The image_directory whose pixels were measured."),
+            "channel_names": PropertySpec("json", description="Names of the channels, prefixes of the columns."),
+            "ring_width": PropertySpec("integer", description="Cytoplasm ring width in pixels."),
+            "mask_run_id": PropertySpec("string", description="The run that made the masks measured."),
+            "fields": PropertySpec("integer", description="Number of fields measured."),
+            "total_objects": PropertySpec("integer", description="Number of objects measured."),
+            "objects_per_field": PropertySpec("json", description="Number of objects per field, zeros included."),
+            "columns": PropertySpec("json", description="Columns of the table."),
+            "run_id": PropertySpec("string", description="The run that measured."),
+        },
+    ),
+    DataType(
+        name="assay_readout",
+        description="Plate readout of a measurement table: per-well summary, dose response, 4PL fit and Z'.",
+        properties={
+            "readout_directory": PropertySpec(
+                "directory", True, "Folder with wells.csv, doses.csv, readout.json and the PNG figures."
+            ),
+            "measurement_entity": PropertySpec("entity", True, "The cell_measurement_table summarised."),
+            "readout": PropertySpec("string", True, "The per-object column summarised per well."),
+            "plate_layout": PropertySpec("file", description="The plate layout used."),
+            "n_cells": PropertySpec("integer", description="Number of objects on the plate."),
+            "wells": PropertySpec("json", description="Per well: cells, median readout, dose, control, QC flags."),
+            "z_prime": PropertySpec("float", description="Z' factor of the positive and negative controls."),
+            "ec50": PropertySpec("float", description="EC50 of the 4PL fit, in dose units."),
+            "fit": PropertySpec("json", description="4PL fit: bottom, top, ec50, hill, ec50_ci95, r_squared."),
+            "doses": PropertySpec("json", description="Mean, SD and number of wells per dose."),
+            "notes": PropertySpec("json", description="Why a part of the readout could not be computed."),
+            "run_id": PropertySpec("string", description="The run that made the readout."),
         },
     ),
     DataType(

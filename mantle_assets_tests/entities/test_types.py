@@ -38,12 +38,14 @@ def _assert_one_line(error: pytest.ExceptionInfo, *fragments: str) -> None:
         assert fragment in message, message
 
 
-def test_registry_has_the_four_types():
+def test_registry_has_the_six_types():
     assert set(DATA_TYPES) == {
         "image_directory",
         "segmentation_mask_directory",
         "cellpose_model",
         "annotated_image_directory",
+        "cell_measurement_table",
+        "assay_readout",
     }
     for name, data_type in DATA_TYPES.items():
         assert data_type.name == name
@@ -65,6 +67,8 @@ def test_required_properties_match_the_spec():
         },
         "cellpose_model": {"model_file"},
         "annotated_image_directory": {"annotated_directory"},
+        "cell_measurement_table": {"measurement_file", "mask_entity", "source_entity"},
+        "assay_readout": {"readout_directory", "measurement_entity", "readout"},
     }
 
 
