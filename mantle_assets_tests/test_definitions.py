@@ -43,3 +43,14 @@ def test_importing_the_code_location_does_no_work(tmp_path):
     ).stdout.split()
     assert output == ["0", "0"]
     assert list(workdir.iterdir()) == []
+
+
+def test_measurements_and_readout_follow_the_masks_per_partition():
+    measured = defs.get_assets_def(AssetKey("cell_measurements"))
+    readout = defs.get_assets_def(AssetKey("assay_readout"))
+    assert measured.partitions_def.name == readout.partitions_def.name == "image_directory"
+    assert AssetKey("segmentation_masks") in measured.dependency_keys
+    assert AssetKey("cell_measurements") in readout.dependency_keys
+    job = defs.resolve_job_def("measurement_job")
+    assert {check.name for check in job.asset_layer.asset_graph.asset_check_keys} == {
+        "fields_have_objects", "ratios_within_physical_bounds", "wells_have_enough_cells"}

@@ -11,6 +11,13 @@ segmentation_job = define_asset_job(
     description="Segment one registered image directory (partition) with Cellpose.",
 )
 
+measurement_job = define_asset_job(
+    "measurement_job",
+    selection=["cell_measurements", "assay_readout"],
+    partitions_def=image_directory_partitions,
+    description="Measure every segmented object of one image directory (partition) and read out its plate.",
+)
+
 training_job = define_asset_job(
     "training_job",
     selection=["trained_cellpose_model"],

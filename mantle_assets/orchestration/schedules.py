@@ -27,13 +27,18 @@ RESULT_PARAMETERS = ("cellpose_model", "nuclei_channel", "cytoplasm_channel", "d
                      "flow_threshold", "cellprob_threshold", "min_size")
 
 
-def current_masks(store: EntityStore, entity_id: str) -> Entity | None:
+def current_output(store: EntityStore, entity_id: str, pipeline: str, data_type: str) -> Entity | None:
+    """The unarchived ``data_type`` entity that ``pipeline`` made from ``entity_id`` most recently."""
     for edge in reversed(store.children(entity_id)):
-        if edge.pipeline == SEGMENTATION_PIPELINE:
+        if edge.pipeline == pipeline:
             child = store.get(edge.child_id)
-            if child.data_type == MASK_DIRECTORY and not child.archived:
+            if child.data_type == data_type and not child.archived:
                 return child
     return None
+
+
+def current_masks(store: EntityStore, entity_id: str) -> Entity | None:
+    return current_output(store, entity_id, SEGMENTATION_PIPELINE, MASK_DIRECTORY)
 
 
 def recorded_parameters(masks: Entity) -> dict:

@@ -1,0 +1,414 @@
+"""Assets: per-cell measurements of the segmented objects and the plate's assay readout.
+
+Both are partitioned like the masks (one partition per image_directory entity) and read their
+inputs from the entity store: the partition's current masks, then its current measurement table.
+Each run writes its own folder, which appears complete or not at all, and records one entity with
+lineage; the science lives in :mod:`mantle_assets.imaging.measurements` and
+:mod:`mantle_assets.imaging.assay`.
+"""
+
+import base64
+import json
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    TableColumn,
+    TableRecord,
+    TableSchema,
+    asset,
+    asset_check,
+)
+from pydantic import Field
+
+from mantle_assets.atomic import atomic_directory, removed_on_failure
+from mantle_assets.entities import Entity, EntityStore
+from mantle_assets.imaging.assay import PlateReadout, json_records, plate_readout, read_plate_layout
+from mantle_assets.imaging.fields import well_of
+from mantle_assets.imaging.measurements import default_channel_names, measure_directory
+from mantle_assets.imaging.plots import dose_response_png, plate_heatmap_png
+from mantle_assets.orchestration.assets import (
+    MASK_DIRECTORY,
+    SEGMENTATION_PIPELINE,
+    lineage_table,
+    load_image_directory,
+    segmentation_masks,
+    summary_metadata,
+)
+from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.resources import EntityStoreResource
+from mantle_assets.orchestration.retries import retried_while_store_busy
+from mantle_assets.orchestration.schedules import current_output
+from mantle_assets.settings import mantle_home
+
+MEASUREMENT_PIPELINE = "cell-measurements"
+MEASUREMENT_TABLE = "cell_measurement_table"
+MEASUREMENT_FILE = "cell_measurements.parquet"
+READOUT_PIPELINE = "assay-readout"
+ASSAY_READOUT = "assay_readout"
+# A nucleus/cytoplasm ratio of mean intensities of a non-negative image is >= 0; a negative one
+# means negative pixels (e.g. over-subtracted background), where the ratio means nothing.
+MIN_PHYSICAL_RATIO = 0.0
+
+
+class MeasurementConfig(Config):
+    ring_width: int = Field(
+        default=5, ge=0, description="Width in pixels of the cytoplasm ring grown around each nucleus."
+    )
+
+
+class AssayConfig(Config):
+    readout_channel: str | None = Field(
+        default=None,
+        description="Channel whose nucleus/cytoplasm ratio is the readout; default: the first channel "
+        "that was not segmented (e.g. NFkB when DNA was).",
+    )
+    min_cells: int = Field(default=50, ge=0, description="Wells with fewer objects are flagged and not used.")
+
+
+def current_masks_of(store: EntityStore, entity_id: str) -> Entity:
+    masks = current_output(store, entity_id, SEGMENTATION_PIPELINE, MASK_DIRECTORY)
+    if masks is None:
+        raise ValueError(f"{entity_id} has no segmentation masks: materialise segmentation_masks first")
+    return masks
+
+
+def current_measurements_of(store: EntityStore, entity_id: str) -> Entity:
+    """The partition's measurement table, refused when the masks were segmented again since."""
+    measured = current_output(store, entity_id, MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
+    if measured is None:
+        raise ValueError(f"{entity_id} has no cell measurements: materialise cell_measurements first")
+    masks = current_masks_of(store, entity_id)
+    if (masks.entity_id, masks.properties.get("run_id")) != (
+        measured.properties["mask_entity"], measured.properties.get("mask_run_id")
+    ):
+        raise ValueError(
+            f"{measured.entity_id} measured older masks than {masks.entity_id} (run {masks.properties.get('run_id')}): "
+            "materialise cell_measurements again"
+        )
+    return measured
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write a DataFrame as Parquet with DuckDB (in memory; no database file involved)."""
+    with duckdb.connect() as connection:
+        connection.register("frame", frame)
+        connection.execute(f"COPY frame TO '{_sql_text(path)}' (FORMAT parquet)")
+
+
+def read_parquet(path: str | Path) -> pd.DataFrame:
+    with duckdb.connect() as connection:
+        return connection.execute(f"SELECT * FROM read_parquet('{_sql_text(path)}')").df()
+
+
+def _sql_text(path: str | Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def column_schema(frame: pd.DataFrame) -> TableSchema:
+    return TableSchema(columns=[TableColumn(str(name), str(dtype)) for name, dtype in frame.dtypes.items()])
+
+
+@asset(
+    deps=[segmentation_masks],
+    partitions_def=image_directory_partitions,
+    group_name="measurements",
+    kinds={"scikit-image", "parquet", "duckdb"},
+    owners=["team:imaging"],
+    description="Per-object shape and nucleus/cytoplasm intensities of every channel, measured on the "
+    "partition's current masks: a Parquet file recorded as a cell_measurement_table entity linked to the "
+    "masks and the images, and rows of the DuckDB table cell_measurements.",
+)
+def cell_measurements(
+    context: AssetExecutionContext, config: MeasurementConfig, entity_store: EntityStoreResource
+) -> MaterializeResult:
+    with retried_while_store_busy(seconds_to_wait=entity_store.lock_timeout):
+        return measure_partition(context, config, entity_store.store())
+
+
+def measure_partition(
+    context: AssetExecutionContext, config: MeasurementConfig, store: EntityStore
+) -> MaterializeResult:
+    source, grouping = load_image_directory(store, context.partition_key)
+    masks = current_masks_of(store, source.entity_id)
+    names = source.properties.get("channel_names") or default_channel_names(grouping.channel_labels)
+    run_id = context.run.run_id
+    output_dir = mantle_home() / "measurements" / source.entity_id / run_id
+
+    with atomic_directory(output_dir) as partial:
+        table = measure_directory(
+            grouping,
+            masks.properties["mask_directory"],
+            names,
+            ring_width=config.ring_width,
+            on_field=lambda field, count: context.log.info(f"{field}: {count} objects measured"),
+        )
+        write_parquet(table, partial / MEASUREMENT_FILE)
+    per_field = table.groupby("field").size()
+    objects_per_field = {field.name: int(per_field.get(field.name, 0)) for field in grouping.fields}
+    properties = {
+        "measurement_file": str(output_dir / MEASUREMENT_FILE),
+        "mask_entity": masks.entity_id,
+        "source_entity": source.entity_id,
+        "channel_names": list(names),
+        "ring_width": config.ring_width,
+        "mask_run_id": masks.properties.get("run_id"),
+        "fields": len(grouping.fields),
+        "total_objects": len(table),
+        "objects_per_field": objects_per_field,
+        "columns": [str(column) for column in table.columns],
+        "run_id": run_id,
+    }
+    with removed_on_failure(output_dir):
+        output = store.record_output(
+            MEASUREMENT_TABLE,
+            f"{source.name} cell measurements",
+            properties,
+            parents=[masks.entity_id, source.entity_id],
+            pipeline=MEASUREMENT_PIPELINE,
+            run_id=run_id,
+            parameters={"ring_width": config.ring_width, "channel_names": list(names)},
+            measurements=table,
+        )
+    return MaterializeResult(
+        metadata={
+            "input_entity": source.entity_id,
+            "mask_entity": masks.entity_id,
+            "output_entity": output.entity_id,
+            "output_version": output.version,
+            "output_lineage": lineage_table(store, output.entity_id),
+            "channel_names": MetadataValue.json(list(names)),
+            "ring_width": config.ring_width,
+            "fields": len(grouping.fields),
+            "total_objects": len(table),
+            "objects_per_field": MetadataValue.json(summary_metadata(list(objects_per_field.values()))),
+            "dagster/column_schema": column_schema(table),
+            "dagster/row_count": len(table),
+            "output_path": MetadataValue.path(properties["measurement_file"]),
+        }
+    )
+
+
+def readout_column(requested: str | None, channel_names: list[str], masks: Entity) -> str:
+    """``<channel>_ratio`` of the requested channel, else of the first channel that was not segmented."""
+    if requested is not None:
+        if requested not in channel_names:
+            raise ValueError(f"readout_channel {requested!r} is not one of the channels {channel_names}")
+        return f"{requested}_ratio"
+    segmented = masks.properties["nuclei_channel"] or masks.properties["cytoplasm_channel"]
+    others = [name for index, name in enumerate(channel_names, start=1) if index != segmented]
+    return f"{(others or channel_names)[0]}_ratio"
+
+
+def _png_markdown(title: str, png: bytes) -> str:
+    return f"**{title}**\n\n![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def _table(frame: pd.DataFrame) -> MetadataValue:
+    records = json_records(frame)
+    kinds = {"b": "bool", "i": "int", "u": "int", "f": "float"}
+    return MetadataValue.table(
+        records=[TableRecord(record) for record in records],
+        schema=TableSchema(
+            columns=[TableColumn(str(name), kinds.get(dtype.kind, "string")) for name, dtype in frame.dtypes.items()]
+        ),
+    )
+
+
+def write_readout(readout: PlateReadout, folder: Path, title: str) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Write wells.csv, doses.csv and the figures into ``folder``; return the figures and notes on missing ones."""
+    readout.wells.to_csv(folder / "wells.csv", index=False)
+    readout.doses.to_csv(folder / "doses.csv", index=False)
+    figures, notes = {}, {}
+    if not readout.doses.empty:
+        figures["dose_response.png"] = dose_response_png(readout.doses, readout.fit, title=title)
+    try:
+        figures["plate_heatmap.png"] = plate_heatmap_png(
+            readout.wells, value_column="median", title=f"{title}: median {readout.value_column} per well"
+        )
+    except ValueError as error:  # wells off a 96-well plate: the tables still say everything
+        notes["plate_heatmap"] = str(error)
+    for name, png in figures.items():
+        (folder / name).write_bytes(png)
+    return figures, notes
+
+
+@asset(
+    deps=[cell_measurements],
+    partitions_def=image_directory_partitions,
+    group_name="measurements",
+    kinds={"scipy", "matplotlib", "duckdb"},
+    owners=["team:imaging"],
+    description="The plate's readout from its cell measurements and plate layout: per-well cell count, "
+    "median nucleus/cytoplasm ratio and QC flags, per-dose mean and SD, a 4-parameter logistic fit "
+    "(EC50 with 95% CI), Z' of the controls, a dose-response plot and a plate heat map; recorded as an "
+    "assay_readout entity.",
+)
+def assay_readout(
+    context: AssetExecutionContext, config: AssayConfig, entity_store: EntityStoreResource
+) -> MaterializeResult:
+    with retried_while_store_busy(seconds_to_wait=entity_store.lock_timeout):
+        return read_out_partition(context, config, entity_store.store())
+
+
+def read_out_partition(context: AssetExecutionContext, config: AssayConfig, store: EntityStore) -> MaterializeResult:
+    source = store.get(context.partition_key)
+    measured = current_measurements_of(store, source.entity_id)
+    masks = store.get(measured.properties["mask_entity"])
+    value_column = readout_column(config.readout_channel, measured.properties["channel_names"], masks)
+    layout_file = source.properties.get("plate_layout")
+    layout = read_plate_layout(layout_file) if layout_file else None
+    fields = measured.properties["objects_per_field"]
+    readout = plate_readout(
+        read_parquet(measured.properties["measurement_file"]),
+        value_column=value_column,
+        layout=layout,
+        expected_wells=sorted({well_of(field) for field in fields} - {None}),
+        min_cells=config.min_cells,
+    )
+    for part, reason in readout.notes.items():
+        context.log.warning(f"{source.entity_id}: no {part}: {reason}")
+
+    run_id = context.run.run_id
+    output_dir = mantle_home() / "readouts" / source.entity_id / run_id
+    title = source.properties.get("experiment_name") or source.name
+    with atomic_directory(output_dir) as partial:
+        figures, figure_notes = write_readout(readout, partial, title)
+        summary = readout.to_json()
+        summary["notes"] |= figure_notes
+        (partial / "readout.json").write_text(json.dumps(summary, indent=2))
+    properties = {
+        "readout_directory": str(output_dir),
+        "measurement_entity": measured.entity_id,
+        "readout": value_column,
+        "plate_layout": layout_file,
+        "n_cells": summary["n_cells"],
+        "wells": summary["wells"],
+        "z_prime": summary["z_prime"],
+        "ec50": summary["ec50"],
+        "fit": summary["fit"],
+        "doses": summary["doses"],
+        "notes": summary["notes"],
+        "run_id": run_id,
+    }
+    with removed_on_failure(output_dir):
+        output = store.record_output(
+            ASSAY_READOUT,
+            f"{source.name} assay readout",
+            properties,
+            parents=[measured.entity_id],
+            pipeline=READOUT_PIPELINE,
+            run_id=run_id,
+            parameters={"readout": value_column, "min_cells": config.min_cells, "plate_layout": layout_file},
+        )
+
+    fit = readout.fit
+    metadata = {
+        "input_entity": measured.entity_id,
+        "output_entity": output.entity_id,
+        "output_version": output.version,
+        "output_lineage": lineage_table(store, output.entity_id),
+        "readout": value_column,
+        "n_cells": summary["n_cells"],
+        "z_prime": MetadataValue.float(readout.z_prime) if readout.z_prime is not None else "n/a",
+        "ec50": MetadataValue.float(fit.ec50) if fit else "n/a",
+        "ec50_ci95": MetadataValue.json(list(fit.ec50_ci95)) if fit else "n/a",
+        "fit": MetadataValue.json(summary["fit"] or {}),
+        "notes": MetadataValue.json(summary["notes"]),
+        "wells": _table(readout.wells),
+        "doses": _table(readout.doses),
+        "output_path": MetadataValue.path(str(output_dir)),
+    }
+    if figures:
+        metadata["plots"] = MetadataValue.md(
+            "\n\n".join(_png_markdown(name.removesuffix(".png").replace("_", " "), png)
+                         for name, png in figures.items())
+        )
+    return MaterializeResult(metadata=metadata)
+
+
+@asset_check(
+    asset=cell_measurements,
+    partitions_def=image_directory_partitions,
+    description="Warns when a field has no objects (an empty, out-of-focus or mis-segmented field).",
+)
+def fields_have_objects(context: AssetCheckExecutionContext, entity_store: EntityStoreResource) -> AssetCheckResult:
+    measured = current_output(entity_store.store(), context.partition_key, MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
+    if measured is None:
+        return AssetCheckResult(passed=False, severity=AssetCheckSeverity.WARN, description="no measurements yet")
+    empty = [field for field, count in measured.properties["objects_per_field"].items() if count == 0]
+    return AssetCheckResult(
+        passed=not empty,
+        severity=AssetCheckSeverity.WARN,
+        description=f"{len(empty)} field(s) without objects" if empty else "every field has objects",
+        metadata={"entity": measured.entity_id, "empty_fields": MetadataValue.json(empty)},
+    )
+
+
+@asset_check(
+    asset=cell_measurements,
+    partitions_def=image_directory_partitions,
+    description="Warns when a nucleus/cytoplasm ratio is negative, which no non-negative image gives "
+    "(negative pixels, e.g. over-subtracted background).",
+)
+def ratios_within_physical_bounds(
+    context: AssetCheckExecutionContext, entity_store: EntityStoreResource
+) -> AssetCheckResult:
+    measured = current_output(entity_store.store(), context.partition_key, MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
+    if measured is None:
+        return AssetCheckResult(passed=False, severity=AssetCheckSeverity.WARN, description="no measurements yet")
+    table = read_parquet(measured.properties["measurement_file"])
+    ratios = [column for column in table.columns if column.endswith("_ratio")]
+    below = {column: int((table[column] < MIN_PHYSICAL_RATIO).sum()) for column in ratios}
+    undefined = {column: int(table[column].isna().sum()) for column in ratios}
+    return AssetCheckResult(
+        passed=not any(below.values()),
+        severity=AssetCheckSeverity.WARN,
+        description=", ".join(f"{n} negative {c}" for c, n in below.items() if n) or "every ratio is >= 0",
+        metadata={
+            "entity": measured.entity_id,
+            "negative_ratios": MetadataValue.json(below),
+            "undefined_ratios (empty or dark cytoplasm)": MetadataValue.json(undefined),
+        },
+    )
+
+
+@asset_check(
+    asset=assay_readout,
+    partitions_def=image_directory_partitions,
+    description="Warns about wells with far fewer cells than the plate median (under half) or fewer than "
+    "min_cells: dead, detached or badly imaged wells.",
+)
+def wells_have_enough_cells(context: AssetCheckExecutionContext, entity_store: EntityStoreResource) -> AssetCheckResult:
+    store = entity_store.store()
+    measured = current_output(store, context.partition_key, MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
+    readout = measured and current_output(store, measured.entity_id, READOUT_PIPELINE, ASSAY_READOUT)
+    if not readout:
+        return AssetCheckResult(passed=False, severity=AssetCheckSeverity.WARN, description="no readout yet")
+    wells = readout.properties["wells"]
+    low = [w["well"] for w in wells if w["low_count_vs_plate"]]
+    few = [w["well"] for w in wells if w["too_few_cells"]]
+    counts = sorted(w["n_cells"] for w in wells)
+    return AssetCheckResult(
+        passed=not (low or few),
+        severity=AssetCheckSeverity.WARN,
+        description=f"{len(low)} well(s) under half the plate median, {len(few)} under min_cells"
+        if low or few else "every well has enough cells",
+        metadata={
+            "entity": readout.entity_id,
+            "wells_under_half_median": MetadataValue.json(low),
+            "wells_under_min_cells": MetadataValue.json(few),
+            "plate_median_cells": MetadataValue.float(float(pd.Series(counts).median()) if counts else 0.0),
+        },
+    )
+
+
+measurement_checks = [fields_have_objects, ratios_within_physical_bounds, wells_have_enough_cells]
