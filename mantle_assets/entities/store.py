@@ -6,6 +6,11 @@ in separate processes, so every public operation here opens a short-lived
 connection inside an inter-process file lock, runs one transaction and closes
 the connection before releasing the lock. Nothing holds the file between
 operations, which also lets people browse it with the DuckDB CLI.
+
+Beyond one machine the same store runs on any catalog DuckDB can ``ATTACH``
+(``MANTLE_ENTITY_STORE=ducklake:postgres:...``, ``md:mantle``, ...): those
+serialise concurrent writers themselves, so no file lock is taken, and a
+write conflict surfaces as :class:`StoreBusyError`, which pipeline steps retry.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -99,6 +105,24 @@ _ARCHIVED_PROPERTY = "archived"
 
 _FIRST_RETRY_DELAY = 0.05
 _MAX_RETRY_DELAY = 1.0
+
+STORE_ENVIRONMENT_VARIABLE = "MANTLE_ENTITY_STORE"
+_CATALOG_ALIAS = "mantle_store"
+# "ducklake:...", "md:...", "postgres:...", "duckdb:...": DuckDB ATTACH strings, not file paths.
+_CATALOG_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+_-]+:")
+
+
+def is_catalog_uri(database: str) -> bool:
+    """Whether ``database`` names a catalog to ATTACH rather than a local DuckDB file.
+
+    Examples
+    --------
+    >>> is_catalog_uri("ducklake:postgres:dbname=mantle"), is_catalog_uri("md:mantle")
+    (True, True)
+    >>> is_catalog_uri("/data/mantle.duckdb"), is_catalog_uri("mantle.duckdb")
+    (False, False)
+    """
+    return bool(_CATALOG_URI.match(database))
 
 
 def default_database_path() -> Path:
@@ -284,33 +308,40 @@ def _check_name(value: Any, what: str) -> str:
 
 
 class EntityStore:
-    """Entities, their property history and lineage, kept in one DuckDB file.
+    """Entities, their property history and lineage, kept in one DuckDB file or an attached catalog.
 
     Safe to use from several processes at once: each operation holds an
     inter-process lock only for its own short transaction.
 
     Parameters
     ----------
-    database : path, optional
-        The DuckDB file; :func:`default_database_path` if ``None``. Its
-        folder is created on first use, not here.
+    database : path or str, optional
+        The DuckDB file, or a catalog for DuckDB to ATTACH (see
+        :func:`is_catalog_uri`); if ``None``, ``$MANTLE_ENTITY_STORE`` or else
+        :func:`default_database_path`. A file's folder is created on first
+        use, not here.
     lock_timeout : float
         Seconds an operation waits for other processes before raising
         :class:`StoreBusyError`.
     """
 
     def __init__(self, database: str | os.PathLike | None = None, *, lock_timeout: float = 300.0) -> None:
-        path = default_database_path() if database is None else Path(database)
-        if str(path) == ":memory:":
+        if database is None:
+            database = os.environ.get(STORE_ENVIRONMENT_VARIABLE) or default_database_path()
+        if str(database) == ":memory:":
             raise ValueError("EntityStore needs a database file; ':memory:' would vanish between operations")
-        # Absolute now, so that a later chdir does not move the store.
-        self._database = Path(os.path.abspath(os.path.expanduser(path)))
         self._lock_timeout = float(lock_timeout)
-        self._lock = filelock.FileLock(str(self._database) + ".lock", timeout=self._lock_timeout)
+        if is_catalog_uri(str(database)):
+            self._database: Path | str = str(database)
+            self._lock = None
+        else:
+            # Absolute now, so that a later chdir does not move the store.
+            self._database = Path(os.path.abspath(os.path.expanduser(database)))
+            self._lock = filelock.FileLock(str(self._database) + ".lock", timeout=self._lock_timeout)
 
     @property
-    def database(self) -> Path:
-        """Path: the DuckDB file."""
+    def database(self) -> Path | str:
+        """Path or str: the DuckDB file, or the attached catalog."""
         return self._database
 
     def __repr__(self) -> str:
@@ -326,15 +357,7 @@ class EntityStore:
         connection is closed before the lock is released so that the next
         process can open the file.
         """
-        self._database.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._lock.acquire()
-        except filelock.Timeout:
-            raise StoreBusyError(
-                f"timed out after {self._lock_timeout:g}s waiting for {self._lock.lock_file} "
-                f"(another process is using {self._database})"
-            ) from None
-        try:
+        with self._exclusive():
             connection = self._connect()
             try:
                 connection.execute("BEGIN TRANSACTION")
@@ -348,13 +371,35 @@ class EntityStore:
                     with contextlib.suppress(duckdb.Error):
                         connection.execute("ROLLBACK")
                     raise
-                connection.execute("COMMIT")
+                try:
+                    connection.execute("COMMIT")
+                except duckdb.TransactionException as error:
+                    raise StoreBusyError(f"write conflict on {self._database}: {_one_line(error)}") from None
             finally:
                 connection.close()
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the file's inter-process lock; attached catalogs order their writers themselves."""
+        if self._lock is None:
+            yield
+            return
+        self._database.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise StoreBusyError(
+                f"timed out after {self._lock_timeout:g}s waiting for {self._lock.lock_file} "
+                f"(another process is using {self._database})"
+            ) from None
+        try:
+            yield
         finally:
             self._lock.release()
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
+        if self._lock is None:
+            return self._attach()
         # Processes that take our lock never collide here; this retry is for
         # others holding the file, such as someone's DuckDB CLI.
         deadline = time.monotonic() + self._lock_timeout
@@ -374,9 +419,22 @@ class EntityStore:
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, _MAX_RETRY_DELAY)
 
+    def _attach(self) -> duckdb.DuckDBPyConnection:
+        connection = duckdb.connect()
+        try:
+            # ATTACH takes no bound parameters; the target is the operator's configuration, quoted here.
+            target = str(self._database).replace("'", "''")
+            connection.execute(f"ATTACH '{target}' AS {_CATALOG_ALIAS}")
+            connection.execute(f"USE {_CATALOG_ALIAS}")
+        except duckdb.Error as error:
+            connection.close()
+            raise StoreBusyError(f"cannot attach entity store {self._database}: {_one_line(error)}") from None
+        return connection
+
     def _ensure_schema(self, connection: duckdb.DuckDBPyConnection) -> None:
         exists = connection.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = 'schema_version'"
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND table_name = 'schema_version'"
         ).fetchone()[0]
         if exists:
             row = connection.execute("SELECT max(version) FROM schema_version").fetchone()
