@@ -91,6 +91,7 @@ def prepare_segmentation(store: EntityStore, entity_id: str, config: Segmentatio
         A one-line message naming the entity, file or parameter at fault.
     """
     source, grouping = load_image_directory(store, entity_id)
+    config = config.resolved_for(source)
     settings = config.settings()
     check_channels(config.nuclei_channel, config.cytoplasm_channel, grouping.n_channels)
     return source, grouping, settings, resolve_model(config.cellpose_model)
@@ -159,6 +160,8 @@ def segment_partition(
     context: AssetExecutionContext, config: SegmentationConfig, store: EntityStore, cellpose: CellposeResource
 ) -> MaterializeResult:
     source, grouping, settings, spec = prepare_segmentation(store, context.partition_key, config)
+    # Parameters the run config leaves unset (null) come from the experiment's defaults.
+    config = config.resolved_for(source)
     _, source_fingerprint = directory_fingerprint(grouping.directory)
     segmenter = cellpose.segmenter(spec)
 

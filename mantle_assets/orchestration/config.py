@@ -1,6 +1,14 @@
-"""Run parameters of the segmentation asset (Mantle's names and meanings)."""
+"""Run parameters of the segmentation asset (Mantle's names and meanings).
+
+Every field defaults to ``None``: "the experiment's default". A run launched from the UI with an
+empty config therefore segments with the image directory's ``segmentation_defaults`` (``mantle
+defaults``, the inbox sidecar), and where those say nothing, with the platform's defaults below.
+The asset resolves them at run time and records the values it used.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from dagster import Config
 from pydantic import Field
@@ -9,39 +17,79 @@ from mantle_assets.imaging.segmentation import SegmentationSettings, check_chann
 
 DEFAULT_MODEL = "mantle-nuclei-v1"
 
+# Used for a parameter that neither the run nor the experiment's defaults set.
+PLATFORM_DEFAULTS = {
+    "cellpose_model": DEFAULT_MODEL,
+    "nuclei_channel": 0,
+    "cytoplasm_channel": 0,
+    "diameter": "None",
+    "flow_threshold": 0.4,
+    "cellprob_threshold": 0.0,
+    "min_size": 15,
+    "batch_size": 8,
+}
+
+_UNSET = " Leave empty (null) for the experiment's default"
+
 
 class SegmentationConfig(Config):
-    cellpose_model: str = Field(
-        default=DEFAULT_MODEL,
-        description="Bundled model name, Cellpose built-in name (nuclei, cyto3, ...) or model file path.",
+    cellpose_model: str | None = Field(
+        default=None,
+        description="Bundled model name, Cellpose built-in name (nuclei, cyto3, ...) or model file path."
+        f"{_UNSET}, else {DEFAULT_MODEL}.",
     )
-    nuclei_channel: int = Field(default=0, description="Nuclear channel: 0 = none, 1 = red, 2 = green, 3 = blue.")
-    cytoplasm_channel: int = Field(
-        default=0,
-        description="Channel to segment: 0 = grayscale, 1/2/3 = R/G/B; equal to nuclei_channel for nuclei only.",
+    nuclei_channel: int | None = Field(
+        default=None, description=f"Nuclear channel: 0 = none, 1 = red, 2 = green, 3 = blue.{_UNSET}, else 0."
     )
-    diameter: str = Field(default="None", description="Object diameter in pixels, or 'None' to estimate it.")
-    flow_threshold: float = 0.4
-    cellprob_threshold: float = 0.0
-    min_size: int = 15
-    batch_size: int = 8
+    cytoplasm_channel: int | None = Field(
+        default=None,
+        description="Channel to segment: 0 = grayscale, 1/2/3 = R/G/B; equal to nuclei_channel for nuclei only."
+        f"{_UNSET}, else 0.",
+    )
+    diameter: str | None = Field(
+        default=None,
+        description=f"Object diameter in pixels, or 'None' to estimate it per field.{_UNSET}, else 'None'.",
+    )
+    flow_threshold: float | None = Field(default=None, description=f"Cellpose's flow threshold.{_UNSET}, else 0.4.")
+    cellprob_threshold: float | None = Field(
+        default=None, description=f"Cellpose's cell probability threshold.{_UNSET}, else 0.0."
+    )
+    min_size: int | None = Field(
+        default=None, description=f"Smallest object kept, in pixels.{_UNSET}, else 15."
+    )
+    batch_size: int | None = Field(default=None, description=f"Cellpose's batch size.{_UNSET}, else 8.")
+
+    def resolve(self, defaults: Mapping | None = None) -> SegmentationConfig:
+        """Every parameter set: this config's values, else ``defaults`` (the experiment's), else the platform's."""
+        given = {name: value for name, value in self.model_dump().items() if value is not None}
+        experiment = {name: value for name, value in (defaults or {}).items() if value is not None}
+        return SegmentationConfig(**{**PLATFORM_DEFAULTS, **experiment, **given})
+
+    def resolved_for(self, entity) -> SegmentationConfig:
+        """Resolved against an image_directory entity's ``segmentation_defaults``."""
+        return self.resolve(entity.properties.get("segmentation_defaults"))
 
     def settings(self) -> SegmentationSettings:
-        """Validated Cellpose settings; raises ``ParameterError`` naming the bad parameter."""
-        check_channels(self.nuclei_channel, self.cytoplasm_channel)
+        """Validated Cellpose settings, unset values taken from the platform's defaults.
+
+        Raises ``ParameterError`` naming the bad parameter.
+        """
+        resolved = self.resolve()
+        check_channels(resolved.nuclei_channel, resolved.cytoplasm_channel)
         return SegmentationSettings(
-            diameter=parse_diameter(self.diameter),
-            flow_threshold=self.flow_threshold,
-            cellprob_threshold=self.cellprob_threshold,
-            min_size=self.min_size,
-            batch_size=self.batch_size,
+            diameter=parse_diameter(resolved.diameter),
+            flow_threshold=resolved.flow_threshold,
+            cellprob_threshold=resolved.cellprob_threshold,
+            min_size=resolved.min_size,
+            batch_size=resolved.batch_size,
         )
 
     def parameters(self) -> dict:
         """The four Mantle pipeline parameters, as recorded on lineage edges."""
+        resolved = self.resolve()
         return {
-            "cellpose_model": self.cellpose_model,
-            "nuclei_channel": self.nuclei_channel,
-            "cytoplasm_channel": self.cytoplasm_channel,
-            "diameter": self.diameter,
+            "cellpose_model": resolved.cellpose_model,
+            "nuclei_channel": resolved.nuclei_channel,
+            "cytoplasm_channel": resolved.cytoplasm_channel,
+            "diameter": resolved.diameter,
         }

@@ -17,19 +17,15 @@ from mantle_assets.imaging.fields import ImageDirectoryError
 from mantle_assets.inbox import read_sidecar, scan_inbox
 from mantle_assets.orchestration.assets import SEGMENTATION_PIPELINE
 from mantle_assets.orchestration.config import SegmentationConfig
-from mantle_assets.orchestration.jobs import segmentation_job
+from mantle_assets.orchestration.jobs import segmentation_job, segmentation_run_config
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource, InboxResource
 from mantle_assets.registration import IMAGE_DIRECTORY, register_image_directory
 
 
 def default_segmentation_config(entity: Entity) -> SegmentationConfig:
-    """The entity's own segmentation defaults over the platform's."""
-    return SegmentationConfig(**(entity.properties.get("segmentation_defaults") or {}))
-
-
-def segmentation_run_config(config: SegmentationConfig) -> dict:
-    return {"ops": {"segmentation_masks": {"config": config.model_dump()}}}
+    """The entity's own segmentation defaults over the platform's, every parameter set."""
+    return SegmentationConfig().resolved_for(entity)
 
 
 @sensor(
