@@ -1,0 +1,223 @@
+"""The web UI end to end, clicked in headless Chromium: `mantle ui` as a scientist meets it.
+
+A real `mantle ui` (webserver and daemon) serves a real instance; a two-well BBBC014 plate is
+registered with the CLI; the browser opens the asset graph, opens segmentation_masks, launches its
+partition's materialisation with the Materialize button (no YAML) and waits for the run to succeed,
+then finds the entity ids, the lineage table and the preview image in the partition's metadata.
+
+Screenshots go to ``$MANTLE_TEST_ARTIFACTS/ui`` (CI keeps them) or the test's temporary directory.
+The browser is Debian's ``/usr/bin/chromium`` (``apt-get install chromium``); Playwright never
+downloads one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, DagsterRunStatus
+
+from mantle_assets.entities import EntityStore
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+EXPERIMENT = "ui-plate"
+SERVER_START_SECONDS = 240
+RUN_SECONDS = 600  # a cold start of Cellpose on a busy CI machine, with room to spare
+UI_TIMEOUT_MS = 120_000
+
+
+def missing_browser(reason: str):
+    """Skip without a browser, except where CI installed one (MANTLE_REQUIRE_BROWSER=1)."""
+    if os.environ.get("MANTLE_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (MANTLE_REQUIRE_BROWSER=1)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def sync_playwright():
+    if not CHROMIUM.exists():
+        missing_browser(f"no {CHROMIUM} (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing_browser("Python Playwright is not installed (pip install -e '.[test]')")
+    return sync_playwright
+
+
+@pytest.fixture
+def artifacts(tmp_path) -> Path:
+    root = os.environ.get("MANTLE_TEST_ARTIFACTS")
+    folder = Path(root) / "ui" if root else tmp_path / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\nUI screenshots: {folder}")
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def mantle(*arguments: str, cwd: Path) -> str:
+    """Run the installed ``mantle`` command like a person would, in the test's MANTLE_HOME."""
+    command = [str(Path(sys.executable).with_name("mantle")), *arguments]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=True, timeout=300).stdout
+
+
+def wait_until_serving(server: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mantle ui exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/server_info", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"mantle ui did not serve {url} within {SERVER_START_SECONDS} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_process_group(server: subprocess.Popen) -> None:
+    """SIGTERM to `mantle ui` (dagster dev stops its webserver, daemon and code servers), then SIGKILL
+    to whatever is left in its process group."""
+    server.terminate()
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def ui(mantle_home, bbbc014_crops, tmp_path):
+    """`mantle ui` on a free port, with the crops registered as one image_directory partition.
+
+    The new-image-directory sensor is stopped first (as a person can, in the UI or with `dagster
+    sensor stop`), so that the only segmentation run is the one the browser launches.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    log = tmp_path / "mantle-ui.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mantle")), "ui", "--port", str(port)],
+            cwd=workdir, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_until_serving(server, url, log)
+        subprocess.run(
+            [sys.executable, "-m", "dagster", "sensor", "stop", "new_image_directory_sensor",
+             "-w", str(mantle_home / "dagster" / "workspace.yaml")],
+            cwd=workdir, capture_output=True, text=True, check=True, timeout=300,
+        )
+        entity_id = mantle("register", str(bbbc014_crops), "--experiment", EXPERIMENT, cwd=workdir).strip()
+        # The experiment segments nuclei in the DNA channel (green); the UI's run must pick that up.
+        mantle("defaults", "--experiment", EXPERIMENT, "--nuclei-channel", "2", "--cytoplasm-channel", "2",
+               cwd=workdir)
+        yield url, entity_id
+    finally:
+        stop_process_group(server)
+        print(f"mantle ui log: {log}")
+
+
+def test_launch_a_partition_from_the_ui_and_see_its_masks(ui, sync_playwright, artifacts, mantle_home):
+    from playwright.sync_api import expect
+
+    url, entity_id = ui
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            # Dagster greets a new instance with a newsletter dialog; dismiss it whenever it shows.
+            page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda button: button.click())
+
+            # The asset graph: every group, expanded (the graph's Alt+E shortcut).
+            page.goto(f"{url}/asset-groups")
+            expect(page.get_by_text("segmentation", exact=True).first).to_be_visible()
+            page.keyboard.press("Alt+e")
+            masks_node = page.get_by_text("segmentation_masks", exact=True).first
+            expect(masks_node).to_be_visible()
+            expect(page.get_by_text("image_directory", exact=True).first).to_be_visible()
+            page.screenshot(path=artifacts / "01-asset-graph.png")
+
+            # Open segmentation_masks: its description, then its page and its partition.
+            masks_node.click()
+            expect(page.get_by_text("recorded as a segmentation_mask_directory entity")).to_be_visible()
+            page.get_by_role("link", name="View in Asset Catalog").click()
+            page.get_by_role("tab", name="Partitions").click()
+            page.get_by_text(entity_id, exact=True).first.click()
+            expect(page.get_by_text("No metadata entries")).to_be_visible()  # not materialised yet
+            page.screenshot(path=artifacts / "02-partition-missing.png")
+
+            # Materialize with no config at all: the experiment's defaults apply.
+            page.get_by_role("button", name="Materialize…").click()
+            dialog = page.get_by_role("dialog")
+            expect(dialog.get_by_text("1 partition", exact=True)).to_be_visible()
+            page.screenshot(path=artifacts / "03-launch-dialog.png")
+            dialog.get_by_role("button", name="Launch 1 run").click()
+            toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}")).first
+            expect(toast).to_be_visible()
+            short_run_id = re.search(r"[0-9a-f]{8}", toast.inner_text()).group()
+
+            # The run's page until it succeeds.
+            page.goto(f"{url}/runs")
+            page.get_by_role("link", name=short_run_id).first.click()
+            expect(page.get_by_text("Success", exact=True).first).to_be_visible(timeout=RUN_SECONDS * 1000)
+            page.screenshot(path=artifacts / "04-run-succeeded.png")
+
+            # The partition's latest materialisation: entity ids, lineage table, preview image.
+            page.goto(f"{url}/assets/segmentation_masks?view=partitions&partition={entity_id}")
+            metadata = page.locator("table").filter(has=page.get_by_text("output_entity", exact=True)).first
+            expect(metadata).to_be_visible()
+            output_id = metadata.locator("tr", has=page.get_by_text("output_entity", exact=True)).locator(
+                "td").nth(1).inner_text().strip()
+            assert re.fullmatch(r"E\d{6}", output_id) and output_id != entity_id
+            input_row = metadata.locator("tr", has=page.get_by_text("input_entity", exact=True))
+            expect(input_row.get_by_text(entity_id, exact=True)).to_be_visible()
+            lineage_row = metadata.locator("tr", has=page.get_by_text("output_lineage", exact=True))
+            expect(lineage_row.get_by_text("cellpose-segmentation").first).to_be_visible()
+            page.screenshot(path=artifacts / "05-partition-metadata.png", full_page=True)
+
+            preview_row = metadata.locator("tr", has=page.get_by_text("preview", exact=True))
+            preview_row.get_by_text("[Show Markdown]").click()
+            image = page.get_by_role("dialog").get_by_role("img", name="preview")
+            expect(image).to_be_visible()
+            assert image.evaluate("img => img.complete && img.naturalWidth") > 0
+            page.screenshot(path=artifacts / "06-preview.png")
+        finally:
+            browser.close()
+
+    # What the browser showed is what the instance and the entity store hold.
+    with DagsterInstance.get() as instance:
+        (run,) = [r for r in instance.get_runs() if r.run_id.startswith(short_run_id)]
+        assert run.status == DagsterRunStatus.SUCCESS
+        assert run.tags["dagster/partition"] == entity_id
+        assert "dagster/sensor_name" not in run.tags  # launched from the UI, not by automation
+    output = EntityStore().get(output_id)
+    assert output.properties["source_entity"] == entity_id
+    assert output.properties["run_id"] == run.run_id
+    assert (output.properties["nuclei_channel"], output.properties["cytoplasm_channel"]) == (2, 2)
+    assert output.properties["total_cells"] > 0
+    assert sorted(p.name for p in artifacts.glob("*.png")) == [
+        "01-asset-graph.png", "02-partition-missing.png", "03-launch-dialog.png", "04-run-succeeded.png",
+        "05-partition-metadata.png", "06-preview.png"]
