@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -80,31 +81,41 @@ def main() -> None:
     (default $MANTLE_HOME/dagster), shared by the CLI and `mantle ui`.
     """
     _prepare_environment()
-    # Dagster flags beta APIs on import; users of the CLI cannot act on that.
-    warnings.filterwarnings("ignore", message=".*currently in beta")
+    # Dagster flags beta and preview APIs on import; users of the CLI cannot act on that.
+    warnings.filterwarnings("ignore", message=".*currently in (beta|preview)")
 
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--experiment", "experiment_name", help="Experiment name recorded with the entity.")
 @click.option("--name", help="Entity name (default: the directory's name).")
-def register(directory: Path, experiment_name: str | None, name: str | None) -> None:
+@click.option("--channel-names", help="Names of the channels in order, comma-separated (e.g. NFkB,DNA); "
+              "they name the measurement columns.")
+@click.option("--plate-layout", type=click.Path(path_type=Path),
+              help="CSV of the plate: well,dose,control[,treatment] (control -1/0/1) or BBBC014's layout.")
+def register(
+    directory: Path, experiment_name: str | None, name: str | None, channel_names: str | None,
+    plate_layout: Path | None,
+) -> None:
     """Register DIRECTORY of images as an image_directory entity and Dagster partition.
 
     Prints the new entity id.
     """
-    entity = _register(directory, experiment_name, name)
+    names = None if channel_names is None else [n.strip() for n in channel_names.split(",")]
+    entity = _register(directory, experiment_name, name, channel_names=names, plate_layout=plate_layout)
     click.echo(entity.entity_id)
 
 
-def _register(directory: Path, experiment_name: str | None, name: str | None, defaults: dict | None = None):
+def _register(directory: Path, experiment_name: str | None, name: str | None, defaults: dict | None = None,
+              **metadata):
+    """Register and add the partition; ``metadata``: ``channel_names``, ``plate_layout``."""
     from mantle_assets.imaging.fields import ImageDirectoryError
     from mantle_assets.orchestration.partitions import image_directory_partitions
     from mantle_assets.registration import register_image_directory
 
     try:
         entity = register_image_directory(
-            _store(), directory, experiment_name, name=name, segmentation_defaults=defaults
+            _store(), directory, experiment_name, name=name, segmentation_defaults=defaults, **metadata
         )
     except (ImageDirectoryError, ValueError) as error:
         raise MantleCommandError(str(error)) from None
@@ -179,7 +190,8 @@ def _execute(job_name: str, asset_name: str, config: dict, instance, partition_k
         raise_on_error=False,
     )
     if not result.success:
-        failure = result.failure_data_for_node(asset_name)
+        # The first failed step of the run, which may be a later asset than ``asset_name``.
+        failure = next((event.step_failure_data for event in result.get_step_failure_events()), None)
         raise MantleCommandError(f"{job_name} run {result.run_id} failed: {root_cause(failure)}")
     return result
 
@@ -288,26 +300,101 @@ def models(as_json: bool) -> None:
               help="BBBC014 folder (images/ and plate_layout.csv); default: $MANTLE_DEMO_DATA, "
               "../shared/data/bbbc014, else the public archive is downloaded.")
 @click.option("--cellpose-model", default=None, help="Model to segment with (default: the bundled nuclei model).")
-def demo(all_wells: bool, data: Path | None, cellpose_model: str | None) -> None:
-    """Register the BBBC014 demo plate and segment its nuclei (DNA = Channel2)."""
+@click.option("--json", "as_json", is_flag=True, help="Print the plate readout as JSON (progress goes to stderr).")
+def demo(all_wells: bool, data: Path | None, cellpose_model: str | None, as_json: bool) -> None:
+    """Register the BBBC014 demo plate, segment its nuclei (DNA = Channel2), measure NF-kB and read out the plate."""
     from mantle_assets import demo as demo_plate
 
+    def say(text: str) -> None:
+        click.echo(text, err=as_json)
+
+    cache = mantle_home() / "demo"
     try:
-        images = demo_plate.prepare_plate(data, all_wells=all_wells, cache=mantle_home() / "demo")
+        plate = demo_plate.locate_plate(data, cache)
+        images = demo_plate.prepare_plate(plate, all_wells=all_wells, cache=cache)
     except demo_plate.DemoDataError as error:
         raise MantleCommandError(str(error)) from None
     parameters = demo_plate.segmentation_parameters(cellpose_model)
-    entity = _find_registered(images) or _register(
-        images, demo_plate.EXPERIMENT, None, {k: v for k, v in parameters.items() if v is not None}
-    )
-    click.echo(f"image_directory {entity.entity_id}: {images}")
+    metadata = demo_plate.registration_metadata(plate)
+    entity = _find_registered(images)
+    if entity is None:
+        entity = _register(
+            images, demo_plate.EXPERIMENT, None, {k: v for k, v in parameters.items() if v is not None}, **metadata
+        )
+    else:  # registered by an earlier demo, perhaps before it carried the layout and channel names
+        entity = _store().update(entity.entity_id, metadata)
+    say(f"image_directory {entity.entity_id}: {images}")
     output, run_id = _segment(entity.entity_id, parameters)
     for field, cells in output.properties["cells_per_field"].items():
-        click.echo(f"  {field}: {cells} nuclei")
-    click.echo(
+        say(f"  {field}: {cells} nuclei")
+    say(
         f"segmentation_mask_directory {output.entity_id}: {output.properties['total_cells']} nuclei "
         f"in {output.properties['fields']} fields (run {run_id})"
     )
+    measured, readout, run_id = _measure(entity.entity_id)
+    say(
+        f"cell_measurement_table {measured.entity_id}: {measured.properties['total_objects']} objects, "
+        f"channels {', '.join(measured.properties['channel_names'])} (run {run_id})"
+    )
+    if as_json:
+        _echo_json({
+            "image_directory": entity.entity_id,
+            "segmentation_mask_directory": output.entity_id,
+            "cell_measurement_table": measured.entity_id,
+            "assay_readout": readout.entity_id,
+            **{key: readout.properties.get(key) for key in (
+                "readout", "z_prime", "ec50", "fit", "n_cells", "wells", "doses", "notes", "readout_directory")},
+        })
+        return
+    for line in readout_lines(readout):
+        click.echo(line)
+    if not all_wells and "fit" in readout.properties["notes"]:
+        click.echo("  (the quick subset holds control wells only; `mantle demo --all` fits the dose response)")
+
+
+def _measure(entity_id: str):
+    """Materialise cell_measurements and assay_readout of one partition (one Dagster run)."""
+    result = _execute("measurement_job", "cell_measurements", {}, _instance(), entity_id)
+    store = _store()
+    measured, readout = (
+        store.get(result.asset_materializations_for_node(node)[0].metadata["output_entity"].value)
+        for node in ("cell_measurements", "assay_readout")
+    )
+    return measured, readout, result.run_id
+
+
+def readout_lines(readout) -> list[str]:
+    """An assay_readout entity as text: Z', the fit, the dose means and a plate grid of cells per well."""
+    props = readout.properties
+    notes = props.get("notes") or {}
+    lines = [f"assay_readout {readout.entity_id}: median {props['readout']} per well, {props['n_cells']} cells"]
+    z = props.get("z_prime")
+    lines.append(f"  Z' = {z:.3f}" if z is not None else f"  Z': not computed ({notes.get('z_prime')})")
+    fit = props.get("fit")
+    if fit:
+        low, high = fit["ec50_ci95"]
+        r_squared = "n/a" if fit["r_squared"] is None else f"{fit['r_squared']:.3f}"
+        lines.append(
+            f"  EC50 = {fit['ec50']:.3g} dose units (95% CI {low:.3g}-{high:.3g}), Hill slope {fit['hill']:.3g}, "
+            f"bottom {fit['bottom']:.3g}, top {fit['top']:.3g}, R² {r_squared}"
+        )
+    else:
+        lines.append(f"  EC50: not computed ({notes.get('fit')})")
+    if props.get("doses"):
+        lines.append("  dose   mean     sd  wells")
+        for dose in props["doses"]:
+            sd = "" if dose["sd"] is None else format(dose["sd"], "6.3f")
+            lines.append(f"  {dose['dose']:>4g} {dose['mean']:6.3f} {sd:>6}  {dose['n_wells']}")
+    wells = {w["well"]: w for w in props["wells"]}
+    rows = sorted({name[:-2] for name in wells}, key=lambda row: (len(row), row))
+    columns = sorted({int(name[-2:]) for name in wells})
+    lines.append("  cells per well:")
+    lines.append("     " + "".join(f"{c:>6}" for c in columns))
+    for row in rows:
+        counts = [wells.get(f"{row}{c:02d}", {}).get("n_cells") for c in columns]
+        lines.append(f"  {row:>2} " + "".join(f"{'-' if n is None else n:>6}" for n in counts))
+    lines.append(f"  tables and plots: {props['readout_directory']}")
+    return lines
 
 
 def _find_registered(directory: Path):
@@ -318,37 +405,17 @@ def _find_registered(directory: Path):
     return None
 
 
-WORKSPACE = """\
-# Written by `mantle ui` on every start.
-load_from:
-  - python_module:
-      module_name: mantle_assets.definitions
-      attribute: defs
-      location_name: mantle_assets
-"""
-
-
 @main.command()
 @click.option("--port", type=int, default=3000, show_default=True)
 def ui(port: int) -> None:
-    """Start Dagster's webserver and daemon on 127.0.0.1 against Mantle's state.
-
-    Runs launched in the UI, by `mantle segment` and by the daemon's sensors and schedule share
-    $DAGSTER_HOME, and every step reads and writes the same $MANTLE_HOME.
-    """
-    from mantle_assets.orchestration.instance import write_instance_settings
-
-    home = dagster_home()
-    write_instance_settings(home)
-    workspace = home / "workspace.yaml"
-    workspace.write_text(WORKSPACE)
-    click.echo(f"Dagster UI on http://127.0.0.1:{port} (DAGSTER_HOME={home}, MANTLE_HOME={mantle_home()})")
-    sys.stdout.flush()
-    # dagster dev replaces this process, so signals (Ctrl-C, a service manager's SIGTERM) reach it directly.
-    os.execv(
-        sys.executable,
-        [sys.executable, "-m", "dagster", "dev", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)],
-    )
+    """Start Dagster's webserver and daemon on 127.0.0.1 against Mantle's state."""
+    command = [
+        sys.executable, "-m", "dagster", "dev",
+        "-m", "mantle_assets.definitions",
+        "-h", "127.0.0.1", "-p", str(port),
+    ]
+    click.echo(f"Dagster UI on http://127.0.0.1:{port} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+    raise SystemExit(subprocess.call(command))
 
 
 @main.command()

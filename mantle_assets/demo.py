@@ -17,7 +17,9 @@ ARCHIVE_URL = "https://data.broadinstitute.org/bbbc/BBBC014/BBBC014_v1_images.zi
 PLATE_LAYOUT = "plate_layout.csv"
 DOWNLOAD_TIMEOUT_S = 60
 QUICK_WELLS_PER_CONTROL = 2
-# DNA (Hoechst) is Channel2: nuclei-only segmentation of channel 2.
+# Channel1 is NF-kB (GFP), Channel2 DNA (Hoechst), checked by eye: nuclei-only segmentation of channel 2,
+# and the NF-kB nucleus/cytoplasm ratio is the readout.
+CHANNEL_NAMES = ["NFkB", "DNA"]
 DNA_CHANNEL = 2
 
 
@@ -121,3 +123,9 @@ def segmentation_parameters(cellpose_model: str | None) -> dict:
         "cytoplasm_channel": DNA_CHANNEL,
         "diameter": "None",
     }
+
+
+def registration_metadata(plate: Path) -> dict:
+    """Channel names and, where the plate folder has one, its plate layout (the public archive has none)."""
+    layout = plate / PLATE_LAYOUT
+    return {"channel_names": CHANNEL_NAMES, "plate_layout": str(layout) if layout.is_file() else None}

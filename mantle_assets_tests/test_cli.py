@@ -6,8 +6,12 @@ import subprocess
 import sys
 
 import duckdb
+import numpy as np
 import pytest
+import tifffile
 from dagster import DagsterInstance
+
+from mantle_assets_tests.conftest import CROP, bbbc014_images, missing_data
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +76,34 @@ def test_models_json_lists_bundled_offline(bundled_model_name):
     assert listed[bundled_model_name]["kind"] == "bundled"
     assert os.path.isfile(listed[bundled_model_name]["path"])
     assert {"nuclei", "cyto3"} <= set(listed)
+
+
+def test_demo_json_ends_with_the_plate_readout(tmp_path, bundled_model_name, mantle_home):
+    images = bbbc014_images()
+    if images is None:
+        missing_data("BBBC014 demo plate not found (set MANTLE_DEMO_DATA)")
+    plate = tmp_path / "cropped plate"
+    (plate / "images").mkdir(parents=True)
+    (plate / "plate_layout.csv").write_text((images.parent / "plate_layout.csv").read_text())
+    for well in ("01-A-01", "02-A-02", "12-A-12", "24-B-12"):  # the quick subset's wells
+        for channel in (1, 2):
+            pixels = tifffile.imread(images / f"Channel{channel}-{well}.tif")
+            tifffile.imwrite(plate / "images" / f"Channel{channel}-{well}.tif", np.ascontiguousarray(pixels[CROP]))
+
+    completed = mantle("demo", "--data", str(plate), "--cellpose-model", bundled_model_name, "--json")
+    readout = json.loads(completed.stdout)
+    assert {"z_prime", "ec50", "n_cells", "wells"} <= set(readout)
+    assert [w["well"] for w in readout["wells"]] == ["A01", "A02", "A12", "B12"]
+    assert readout["n_cells"] == sum(w["n_cells"] for w in readout["wells"]) > 0
+    assert readout["readout"] == "NFkB_ratio" and readout["ec50"] is None
+    assert readout["notes"]["fit"] == "no dose-point wells"
+    assert "cell_measurement_table" in completed.stderr
+
+    lines = mantle("demo", "--data", str(plate), "--cellpose-model", bundled_model_name).stdout.splitlines()
+    # 160 px crops hold under min_cells (50) nuclei per well, so no well counts towards Z'.
+    assert "  Z': not computed (needs two used wells of each control, got 0 positive and 0 negative)" in lines
+    assert "  EC50: not computed (no dose-point wells)" in lines
+    grid = lines[lines.index("  cells per well:") + 1:][:3]
+    assert grid[0].split() == ["1", "2", "12"] and [row.split()[0] for row in grid[1:]] == ["A", "B"]
+    counts = {w["well"]: w["n_cells"] for w in readout["wells"]}
+    assert grid[2].split() == ["B", "-", "-", str(counts["B12"])]
