@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -405,17 +404,37 @@ def _find_registered(directory: Path):
     return None
 
 
+WORKSPACE = """\
+# Written by `mantle ui` on every start.
+load_from:
+  - python_module:
+      module_name: mantle_assets.definitions
+      attribute: defs
+      location_name: mantle_assets
+"""
+
+
 @main.command()
 @click.option("--port", type=int, default=3000, show_default=True)
 def ui(port: int) -> None:
-    """Start Dagster's webserver and daemon on 127.0.0.1 against Mantle's state."""
-    command = [
-        sys.executable, "-m", "dagster", "dev",
-        "-m", "mantle_assets.definitions",
-        "-h", "127.0.0.1", "-p", str(port),
-    ]
-    click.echo(f"Dagster UI on http://127.0.0.1:{port} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
-    raise SystemExit(subprocess.call(command))
+    """Start Dagster's webserver and daemon on 127.0.0.1 against Mantle's state.
+
+    Runs launched in the UI, by `mantle segment` and by the daemon's sensors and schedule share
+    $DAGSTER_HOME, and every step reads and writes the same $MANTLE_HOME.
+    """
+    from mantle_assets.orchestration.instance import write_instance_settings
+
+    home = dagster_home()
+    write_instance_settings(home)
+    workspace = home / "workspace.yaml"
+    workspace.write_text(WORKSPACE)
+    click.echo(f"Dagster UI on http://127.0.0.1:{port} (DAGSTER_HOME={home}, MANTLE_HOME={mantle_home()})")
+    sys.stdout.flush()
+    # dagster dev replaces this process, so signals (Ctrl-C, a service manager's SIGTERM) reach it directly.
+    os.execv(
+        sys.executable,
+        [sys.executable, "-m", "dagster", "dev", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)],
+    )
 
 
 @main.command()
