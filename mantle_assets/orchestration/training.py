@@ -15,6 +15,7 @@ from mantle_assets.models.training import (
     parse_named_path,
     train_cellpose_model,
 )
+from mantle_assets.orchestration.assets import GPU_OP_TAGS
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.settings import mantle_home
 
@@ -71,7 +72,7 @@ def annotated_entity(store: EntityStore, name: str, directory: Path, annotated) 
     kinds={"cellpose", "pytorch", "duckdb"},
     owners=["team:imaging"],
     pool="gpu",
-    op_tags={"mantle/gpu": "true"},
+    op_tags=GPU_OP_TAGS,
     description="A Cellpose 3 model trained from annotated nuclei with cellpose.train.train_seg, "
     "scored on a validation set (AP at IoU 0.5/0.75/0.9) and recorded as a cellpose_model entity.",
 )

@@ -1,0 +1,15 @@
+"""The code location for a Kubernetes deployment: every step runs in its own pod.
+
+The same assets, jobs, sensors and schedules as :mod:`mantle_assets.definitions`,
+run by dagster-k8s's ``k8s_job_executor``. A step's pod takes its resources from
+the step's ``dagster-k8s/config`` tag: the GPU steps (segmentation, training)
+request ``nvidia.com/gpu: 1``, the others none. ``deploy/kubernetes/`` holds the
+Helm values and the image; the README explains the deployment.
+"""
+
+from dagster import Definitions
+from dagster_k8s import k8s_job_executor
+
+from mantle_assets.definitions import defs as local_defs
+
+defs = Definitions.merge(local_defs, Definitions(executor=k8s_job_executor))
