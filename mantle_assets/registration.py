@@ -11,6 +11,7 @@ from mantle_assets.entities import Entity, EntityStore
 from mantle_assets.imaging.assay import read_plate_layout
 from mantle_assets.imaging.fields import FieldGrouping, group_fields, list_image_files, well_of
 from mantle_assets.imaging.measurements import check_channel_names
+from mantle_assets.settings import check_data_path
 
 IMAGE_DIRECTORY = "image_directory"
 
@@ -80,15 +81,23 @@ def register_image_directory(
     ------
     ImageDirectoryError
         If the directory holds no readable images (nothing is recorded).
+    OutsideDataRootsError
+        If the directory, an image or the plate layout lies outside the data
+        roots (see :func:`~mantle_assets.settings.check_data_path`).
     ValueError
         One line naming the parameter or file: channel names that do not fit
         the channels, an unreadable plate layout, or one that names none of the
         directory's wells.
     """
+    check_data_path(directory, "image_directory")
     grouping = group_fields(directory)
+    for field in grouping.fields:
+        for path in field.files:
+            check_data_path(path, "image file")
     if channel_names is not None:
         channel_names = check_channel_names(channel_names, grouping.n_channels)
     if plate_layout is not None:
+        check_data_path(plate_layout, "plate_layout")
         check_plate_layout(plate_layout, grouping)
     return store.register(
         IMAGE_DIRECTORY,

@@ -24,6 +24,7 @@ from mantle_assets.imaging.segmentation import ParameterError
 from mantle_assets.orchestration.assets import prepare_segmentation
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.registration import register_image_directory
+from mantle_assets.settings import OutsideDataRootsError
 
 WELLS = ("01-A-01", "02-A-02")
 SHAPE = (16, 16)
@@ -380,3 +381,19 @@ def test_good_plate_prepares(registered, plate, mantle_home):
     assert settings.diameter is None
     assert spec.kind == "bundled"
     assert not masks_dir(mantle_home).exists()
+
+
+def test_system_directory_is_refused(mantle_home, monkeypatch):
+    monkeypatch.delenv("MANTLE_DATA_ROOTS", raising=False)
+    message = refused_registration(mantle_home, Path("/etc"), OutsideDataRootsError)
+    assert message.startswith("image_directory /etc is a system directory")
+
+
+def test_image_linked_from_outside_the_data_roots_is_refused(tmp_path, mantle_home, monkeypatch):
+    outside = write_plate(tmp_path / "outside")
+    plate = write_plate(tmp_path / "data" / "plate", wells=WELLS[:1])
+    (plate / f"Channel1-{WELLS[1]}.tif").symlink_to(outside / f"Channel1-{WELLS[1]}.tif")
+    (plate / f"Channel2-{WELLS[1]}.tif").symlink_to(outside / f"Channel2-{WELLS[1]}.tif")
+    monkeypatch.setenv("MANTLE_DATA_ROOTS", str(tmp_path / "data"))
+    message = refused_registration(mantle_home, plate, OutsideDataRootsError)
+    assert message.startswith("image file ") and "outside the data roots" in message

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,57 @@ def with_smaller_batches_on_oom(run: Callable[[int], T], batch_size: int) -> T:
             logger.warning("out of GPU memory: retrying with batch_size=%d", batch_size)
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and scalars and plain containers, nothing that could run code."""
+
+    ALLOWED = {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    } | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_size_parameters(path: str | Path) -> dict:
+    """Read a Cellpose size model (``*_size.npy``) without unpickling anything but arrays.
+
+    ``cellpose.train.train_size`` saves a dict of arrays as a pickled object
+    array, and Cellpose reads it back with ``allow_pickle=True``, which would run
+    whatever code a doctored file holds. Model files come from users, so
+    this reader accepts numpy arrays and scalars only.
+
+    Returns
+    -------
+    dict
+        ``A``, ``smean``, ``ymean`` and ``diam_mean``.
+
+    Raises
+    ------
+    ValueError
+        One line naming the file, if it holds anything else.
+    """
+    try:
+        with open(path, "rb") as stream:
+            version = np.lib.format.read_magic(stream)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise pickle.UnpicklingError(f"unsupported .npy version {version}")
+            _, _, dtype = read_header[version](stream, max_header_size=10_000)
+            if not dtype.hasobject:
+                raise pickle.UnpicklingError(f"expected a pickled dict, found an array of {dtype}")
+            params = _ArraysOnlyUnpickler(stream).load().item()
+        missing = {"A", "smean", "ymean", "diam_mean"} - set(params)
+        if missing:
+            raise pickle.UnpicklingError(f"missing {', '.join(sorted(missing))}")
+    except (pickle.UnpicklingError, ValueError, AttributeError, EOFError) as error:
+        raise ValueError(f"{path}: not a Cellpose size model ({str(error).splitlines()[0]})") from None
+    return params
+
+
 @dataclass(frozen=True)
 class SegmentationSettings:
     """Cellpose evaluation options besides the channels (Cellpose's defaults)."""
@@ -183,7 +235,10 @@ class CellposeSegmenter:
             size_file = weights.with_name(weights.name + "_size.npy")
             if not size_file.is_file():
                 return None
-            return models.SizeModel(cp_model=self.model, pretrained_size=str(size_file))
+            size_model = models.SizeModel(cp_model=self.model)
+            size_model.params = load_size_parameters(size_file)
+            size_model.diam_mean = size_model.params["diam_mean"]
+            return size_model
         if builtin_name not in ("cyto", "cyto2", "cyto3", "nuclei"):
             return None
         try:

@@ -100,17 +100,12 @@ def current_measurements_of(store: EntityStore, entity_id: str) -> Entity:
 def write_parquet(frame: pd.DataFrame, path: Path) -> None:
     """Write a DataFrame as Parquet with DuckDB (in memory; no database file involved)."""
     with duckdb.connect() as connection:
-        connection.register("frame", frame)
-        connection.execute(f"COPY frame TO '{_sql_text(path)}' (FORMAT parquet)")
+        connection.from_df(frame).write_parquet(str(path))
 
 
 def read_parquet(path: str | Path) -> pd.DataFrame:
     with duckdb.connect() as connection:
-        return connection.execute(f"SELECT * FROM read_parquet('{_sql_text(path)}')").df()
-
-
-def _sql_text(path: str | Path) -> str:
-    return str(path).replace("'", "''")
+        return connection.execute("SELECT * FROM read_parquet(?)", [str(path)]).df()
 
 
 def column_schema(frame: pd.DataFrame) -> TableSchema:

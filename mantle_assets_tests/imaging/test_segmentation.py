@@ -6,6 +6,7 @@ import pytest
 from mantle_assets.imaging.segmentation import (
     ParameterError,
     check_channels,
+    load_size_parameters,
     parse_diameter,
     select_channels,
     with_smaller_batches_on_oom,
@@ -78,3 +79,33 @@ def test_out_of_memory_at_batch_one_is_raised():
     with pytest.raises(torch.OutOfMemoryError):
         with_smaller_batches_on_oom(run, 4)
     assert tried == [4, 2, 1]
+
+
+def test_size_model_is_read_without_unpickling_code(bundled_model_name):
+    from mantle_assets.models.registry import resolve_model
+
+    size_file = f"{resolve_model(bundled_model_name).path}_size.npy"
+    expected = np.load(size_file, allow_pickle=True).item()
+    params = load_size_parameters(size_file)
+    assert set(params) == set(expected)
+    assert all(np.array_equal(params[key], expected[key]) for key in expected)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran on load",))
+
+
+def test_doctored_size_model_is_refused(tmp_path, capsys):
+    doctored = tmp_path / "model_size.npy"
+    np.save(doctored, np.array({"A": RunsCode(), "smean": 0, "ymean": 0, "diam_mean": 17.0}), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"model_size.npy: not a Cellpose size model \(refusing to load builtins"):
+        load_size_parameters(doctored)
+    assert "this ran on load" not in capsys.readouterr().out
+
+
+def test_plain_array_is_not_a_size_model(tmp_path):
+    array = tmp_path / "array_size.npy"
+    np.save(array, np.zeros(3))
+    with pytest.raises(ValueError, match="array_size.npy: not a Cellpose size model"):
+        load_size_parameters(array)
