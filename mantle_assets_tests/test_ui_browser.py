@@ -4,6 +4,7 @@ A real `mantle ui` (webserver and daemon) serves a real instance; a two-well BBB
 registered with the CLI; the browser opens the asset graph, opens segmentation_masks, launches its
 partition's materialisation with the Materialize button (no YAML) and waits for the run to succeed,
 then finds the entity ids, the lineage table and the preview image in the partition's metadata.
+Last, a backfill of that plate and a second one, each segmented with its own experiment's defaults.
 
 Screenshots go to ``$MANTLE_TEST_ARTIFACTS/ui`` (CI keeps them) or the test's temporary directory.
 The browser is Debian's ``/usr/bin/chromium`` (``apt-get install chromium``); Playwright never
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +33,7 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 EXPERIMENT = "ui-plate"
+SECOND_EXPERIMENT = "ui-plate-fixed-diameter"
 SERVER_START_SECONDS = 240
 RUN_SECONDS = 600  # a cold start of Cellpose on a busy CI machine, with room to spare
 UI_TIMEOUT_MS = 120_000
@@ -133,16 +136,16 @@ def ui(mantle_home, bbbc014_crops, tmp_path):
         # The experiment segments nuclei in the DNA channel (green); the UI's run must pick that up.
         mantle("defaults", "--experiment", EXPERIMENT, "--nuclei-channel", "2", "--cytoplasm-channel", "2",
                cwd=workdir)
-        yield url, entity_id
+        yield url, entity_id, workdir
     finally:
         stop_process_group(server)
         print(f"mantle ui log: {log}")
 
 
-def test_launch_a_partition_from_the_ui_and_see_its_masks(ui, sync_playwright, artifacts, mantle_home):
+def test_launch_a_partition_then_a_backfill_from_the_ui(ui, sync_playwright, artifacts, bbbc014_crops, tmp_path):
     from playwright.sync_api import expect
 
-    url, entity_id = ui
+    url, entity_id, workdir = ui
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         try:
@@ -150,6 +153,7 @@ def test_launch_a_partition_from_the_ui_and_see_its_masks(ui, sync_playwright, a
             page.set_default_timeout(UI_TIMEOUT_MS)
             # Dagster greets a new instance with a newsletter dialog; dismiss it whenever it shows.
             page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda button: button.click())
+            launch_dialog = page.get_by_role("dialog").filter(has_text="Launch runs to materialize")
 
             # The asset graph: every group, expanded (the graph's Alt+E shortcut).
             page.goto(f"{url}/asset-groups")
@@ -171,10 +175,9 @@ def test_launch_a_partition_from_the_ui_and_see_its_masks(ui, sync_playwright, a
 
             # Materialize with no config at all: the experiment's defaults apply.
             page.get_by_role("button", name="Materialize…").click()
-            dialog = page.get_by_role("dialog")
-            expect(dialog.get_by_text("1 partition", exact=True)).to_be_visible()
+            expect(launch_dialog.get_by_text("1 partition", exact=True)).to_be_visible()
             page.screenshot(path=artifacts / "03-launch-dialog.png")
-            dialog.get_by_role("button", name="Launch 1 run").click()
+            launch_dialog.get_by_role("button", name="Launch 1 run").click()
             toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}")).first
             expect(toast).to_be_visible()
             short_run_id = re.search(r"[0-9a-f]{8}", toast.inner_text()).group()
@@ -200,10 +203,24 @@ def test_launch_a_partition_from_the_ui_and_see_its_masks(ui, sync_playwright, a
 
             preview_row = metadata.locator("tr", has=page.get_by_text("preview", exact=True))
             preview_row.get_by_text("[Show Markdown]").click()
-            image = page.get_by_role("dialog").get_by_role("img", name="preview")
+            image = page.get_by_role("dialog").filter(has_text="Outlines on field").get_by_role("img", name="preview")
             expect(image).to_be_visible()
             assert image.evaluate("img => img.complete && img.naturalWidth") > 0
             page.screenshot(path=artifacts / "06-preview.png")
+
+            # A second plate of another experiment, whose defaults fix the diameter; both in one backfill.
+            second_id = register_second_plate(bbbc014_crops, tmp_path / "second plate", workdir)
+            page.goto(f"{url}/assets/segmentation_masks?view=partitions")
+            page.get_by_role("button", name="Materialize…").click()
+            launch_dialog.get_by_role("button", name="All", exact=True).click()
+            expect(launch_dialog.get_by_text("2 partitions", exact=True)).to_be_visible()
+            page.screenshot(path=artifacts / "07-backfill-dialog.png")
+            launch_dialog.get_by_role("button", name="Launch backfill").click()
+            expect(launch_dialog).to_be_hidden()
+            page.goto(f"{url}/runs?view=backfills")  # the one backfill, which refreshes until it is done
+            expect(page.get_by_text("2 partitions", exact=True)).to_be_visible()
+            expect(page.get_by_text("Success", exact=True)).to_be_visible(timeout=2 * RUN_SECONDS * 1000)
+            page.screenshot(path=artifacts / "08-backfill-succeeded.png")
         finally:
             browser.close()
 
@@ -213,11 +230,32 @@ def test_launch_a_partition_from_the_ui_and_see_its_masks(ui, sync_playwright, a
         assert run.status == DagsterRunStatus.SUCCESS
         assert run.tags["dagster/partition"] == entity_id
         assert "dagster/sensor_name" not in run.tags  # launched from the UI, not by automation
-    output = EntityStore().get(output_id)
+        backfill_runs = {r.tags["dagster/partition"]: r for r in instance.get_runs() if "dagster/backfill" in r.tags}
+        assert sorted(backfill_runs) == [entity_id, second_id]
+        assert all(r.status == DagsterRunStatus.SUCCESS for r in backfill_runs.values())
+    store = EntityStore()
+    output = store.get(output_id)
     assert output.properties["source_entity"] == entity_id
-    assert output.properties["run_id"] == run.run_id
-    assert (output.properties["nuclei_channel"], output.properties["cytoplasm_channel"]) == (2, 2)
     assert output.properties["total_cells"] > 0
+    # The run, then the backfill, each made a version of the same masks entity.
+    assert output.version == 2
+    assert {edge.run_id for edge in store.parents(output_id)} == {run.run_id, backfill_runs[entity_id].run_id}
+    # Each partition ran with its own experiment's defaults.
+    assert (output.properties["nuclei_channel"], output.properties["diameter"]) == (2, "None")
+    (second_masks,) = [e for e in store.list("segmentation_mask_directory")
+                       if e.properties["source_entity"] == second_id]
+    assert (second_masks.properties["nuclei_channel"], second_masks.properties["diameter"]) == (2, "12")
     assert sorted(p.name for p in artifacts.glob("*.png")) == [
         "01-asset-graph.png", "02-partition-missing.png", "03-launch-dialog.png", "04-run-succeeded.png",
-        "05-partition-metadata.png", "06-preview.png"]
+        "05-partition-metadata.png", "06-preview.png", "07-backfill-dialog.png", "08-backfill-succeeded.png"]
+
+
+def register_second_plate(crops: Path, directory: Path, workdir: Path) -> str:
+    """One well of the crops as another experiment's plate, segmented at a fixed 12 px diameter."""
+    directory.mkdir()
+    for image in crops.glob("*-12-A-12.tif"):
+        shutil.copy(image, directory / image.name)
+    entity_id = mantle("register", str(directory), "--experiment", SECOND_EXPERIMENT, cwd=workdir).strip()
+    mantle("defaults", "--experiment", SECOND_EXPERIMENT, "--nuclei-channel", "2", "--cytoplasm-channel", "2",
+           "--diameter", "12", cwd=workdir)
+    return entity_id

@@ -143,7 +143,7 @@ def summary_metadata(values: list[int]) -> dict:
     owners=["team:imaging"],
     op_tags=GPU_OP_TAGS,
     pool="gpu",
-    description="Cellpose label images, one <field>_cp_masks.tif per field, recorded as a "
+    description="Cellpose label images, one `<field>_cp_masks.tif` per field, recorded as a "
     "segmentation_mask_directory entity linked to its image_directory.",
 )
 def segmentation_masks(
