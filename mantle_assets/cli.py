@@ -179,13 +179,20 @@ def _segmentation_options(function):
 
 
 def _execute(job_name: str, asset_name: str, config: dict, instance, partition_key: str | None = None):
-    """Run an asset job in this process, recorded in the shared Dagster instance."""
-    from mantle_assets.definitions import defs
+    """Run an asset job in this process, recorded in the shared Dagster instance.
 
+    Runs of killed CLI processes are failed first, so that their pool slots and partial outputs are freed.
+    """
+    from mantle_assets.definitions import defs
+    from mantle_assets.orchestration.recovery import fail_abandoned_runs, process_run_tags
+
+    for run_id in fail_abandoned_runs(instance):
+        click.echo(f"run {run_id} was abandoned by a killed process: marked failed", err=True)
     result = defs.resolve_job_def(job_name).execute_in_process(
         run_config={"ops": {asset_name: {"config": config}}},
         instance=instance,
         partition_key=partition_key,
+        tags=process_run_tags(),
         raise_on_error=False,
     )
     if not result.success:

@@ -1,0 +1,58 @@
+"""Cleaning up after runs whose process was killed (SIGKILL, OOM killer, power loss).
+
+A run executed in a CLI process that dies never reports its end: Dagster keeps
+it ``STARTED`` and keeps its ``gpu`` pool slot taken, so every later GPU step
+would wait forever. Runs are tagged with the host and process that execute
+them; before starting a run, the CLI fails those whose process is gone, frees
+their pool slots and removes their hidden partial outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+from mantle_assets.atomic import PARTIAL_PREFIX
+from mantle_assets.settings import mantle_home
+
+HOST_TAG = "mantle/host"
+PID_TAG = "mantle/pid"
+UNFINISHED = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+
+
+def process_run_tags() -> dict[str, str]:
+    """Tags naming the host and process that execute a run in-process."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def fail_abandoned_runs(instance: DagsterInstance) -> list[str]:
+    """Fail this host's unfinished in-process runs whose process has died; return their run ids.
+
+    Their pool slots are freed and their ``.partial-<run id>`` output
+    directories under ``$MANTLE_HOME`` removed.
+    """
+    abandoned = []
+    runs = instance.get_runs(filters=RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: socket.gethostname()}))
+    for run in runs:
+        pid = int(run.tags[PID_TAG])
+        if process_alive(pid):
+            continue
+        instance.report_run_failed(run, message=f"process {pid} ended without finishing the run (killed?)")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        for partial in mantle_home().glob(f"*/*/{PARTIAL_PREFIX}{run.run_id}"):
+            shutil.rmtree(partial, ignore_errors=True)
+        abandoned.append(run.run_id)
+    return abandoned
