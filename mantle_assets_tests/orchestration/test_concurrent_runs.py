@@ -15,7 +15,7 @@ from mantle_assets_tests.conftest import CROP, bbbc014_images, missing_data
 
 pytestmark = pytest.mark.slow
 
-RUNS = 4
+RUNS = 8
 
 
 def test_concurrent_runs_record_every_entity_and_edge(tmp_path, mantle_home, bundled_model_name):
@@ -23,7 +23,7 @@ def test_concurrent_runs_record_every_entity_and_edge(tmp_path, mantle_home, bun
     if images is None:
         missing_data("BBBC014 demo plate not found")
     store = EntityStore()
-    wells = ["01-A-01", "02-A-02", "11-A-11", "12-A-12"][:RUNS]
+    wells = ["01-A-01", "02-A-02", "03-A-03", "04-A-04", "09-A-09", "10-A-10", "11-A-11", "12-A-12"][:RUNS]
     sources = []
     for well in wells:
         directory = tmp_path / well
