@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -437,6 +438,9 @@ def ui(port: int) -> None:
     workspace.write_text(WORKSPACE)
     click.echo(f"Dagster UI on http://127.0.0.1:{port} (DAGSTER_HOME={home}, MANTLE_HOME={mantle_home()})")
     sys.stdout.flush()
+    # dagster dev stops its webserver and daemon with SIGINT, which a shell's background job (`mantle ui &`)
+    # would otherwise pass on ignored.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     # dagster dev replaces this process, so signals (Ctrl-C, a service manager's SIGTERM) reach it directly.
     os.execv(
         sys.executable,
