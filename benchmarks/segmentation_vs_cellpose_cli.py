@@ -1,0 +1,102 @@
+"""The segmentation_masks materialisation against the raw Cellpose CLI on the same BBBC014 wells.
+
+Both segment the DNA channel with the same model file and diameter. Our side is
+`mantle segment` (a Dagster run recording entities and lineage) on a registered
+directory of per-channel files; the CLI gets one two-channel TIFF per field,
+prepared before timing, and `--chan 2 --chan2 0`. Prints wall times, seconds per
+field, peak RSS of each process, orchestration overhead (wall time outside the
+per-field work) and mask agreement (IoU>=0.5-matched F1 per field). Example:
+
+    python benchmarks/segmentation_vs_cellpose_cli.py --plate ../shared/data/bbbc014 --wells 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from mantle_assets.models.registry import resolve_model
+
+DNA = 2
+
+
+def timed(command: list[str], env: dict, log: Path) -> tuple[float, float, str]:
+    """Run a command; return wall seconds, the process's peak RSS in MiB and its stdout."""
+    with open(log, "w+") as output:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own resource usage
+        wall = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        text = output.read()
+    if process.returncode:
+        sys.exit(f"{' '.join(command[:4])} failed:\n{text[-2000:]}")
+    return wall, usage.ru_maxrss / 1024, text
+
+
+def f1(truth: np.ndarray, other: np.ndarray) -> float:
+    from cellpose import metrics
+
+    _, tp, fp, fn = metrics.average_precision([truth.astype(np.int32)], [other.astype(np.int32)], threshold=[0.5])
+    tp, fp, fn = tp[0, 0], fp[0, 0], fn[0, 0]
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plate", type=Path, required=True)
+    parser.add_argument("--wells", type=int, default=4)
+    parser.add_argument("--model", default="mantle-nuclei-v1")
+    parser.add_argument("--diameter", type=float, default=15.0)
+    args = parser.parse_args()
+    weights = resolve_model(args.model).path
+    wells = sorted(p.name.removeprefix("Channel2-").removesuffix(".tif")
+                   for p in (args.plate / "images").glob("Channel2-*.tif"))[: args.wells]
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        ours, cli = scratch / "plate", scratch / "cli"
+        ours.mkdir()
+        cli.mkdir()
+        for well in wells:
+            channels = [tifffile.imread(args.plate / "images" / f"Channel{c}-{well}.tif") for c in (1, 2)]
+            for c in (1, 2):
+                (ours / f"Channel{c}-{well}.tif").symlink_to(args.plate / "images" / f"Channel{c}-{well}.tif")
+            tifffile.imwrite(cli / f"{well}.tif", np.stack(channels))
+        env = dict(os.environ, MANTLE_HOME=str(scratch / "home"))
+        env.pop("DAGSTER_HOME", None)
+        entity = subprocess.run([sys.executable, "-m", "mantle_assets.cli", "register", str(ours)],
+                                env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+        our_wall, our_rss, out = timed(
+            [sys.executable, "-m", "mantle_assets.cli", "segment", entity, "--cellpose-model", args.model,
+             "--nuclei-channel", str(DNA), "--cytoplasm-channel", str(DNA), "--diameter", str(args.diameter)],
+            env, scratch / "ours.log")
+        cli_wall, cli_rss, _ = timed(
+            [sys.executable, "-m", "cellpose", "--dir", str(cli), "--pretrained_model", str(weights),
+             "--chan", str(DNA), "--chan2", "0", "--diameter", str(args.diameter), "--save_tif", "--no_npy"],
+            env, scratch / "cli.log")
+
+        mask_dir = Path(out.split("-> ")[-1].split(" (run")[0])
+        scores = [f1(tifffile.imread(cli / f"{well}_cp_masks.tif"), tifffile.imread(mask_dir / f"{well}_cp_masks.tif"))
+                  for well in wells]
+
+    print(f"{len(wells)} fields of 640x640, model {args.model}, diameter {args.diameter:g}, {os.cpu_count()} cores")
+    print(f"segmentation_masks (mantle segment): {our_wall:7.1f} s wall, {our_wall / len(wells):5.1f} s/field")
+    print(f"Cellpose CLI:                        {cli_wall:7.1f} s wall, {cli_wall / len(wells):5.1f} s/field")
+    print(f"wall-time ratio ours/CLI: {our_wall / cli_wall:.2f}")
+    print(f"peak RSS (MiB): ours {our_rss:.0f}, CLI {cli_rss:.0f}")
+    print(f"mask agreement F1@IoU0.5 per field: min {min(scores):.4f}, mean {np.mean(scores):.4f}")
+
+
+if __name__ == "__main__":
+    main()
