@@ -30,6 +30,26 @@ def missing_data(reason: str):
     pytest.skip(reason)
 
 
+EIGHT_WELLS = ("01-A-01", "02-A-02", "03-A-03", "04-A-04", "09-A-09", "10-A-10", "11-A-11", "12-A-12")
+
+
+def register_crop_per_well(tmp_path: Path, store, wells, experiment_name: str) -> list:
+    """Register one directory per well holding its DNA channel (Channel2) cropped to ``CROP``."""
+    from mantle_assets.registration import register_image_directory
+
+    images = bbbc014_images()
+    if images is None:
+        missing_data("BBBC014 demo plate not found")
+    entities = []
+    for well in wells:
+        directory = tmp_path / well
+        directory.mkdir()
+        pixels = tifffile.imread(images / f"Channel2-{well}.tif")
+        tifffile.imwrite(directory / f"{well}.tif", np.ascontiguousarray(pixels[CROP]))
+        entities.append(register_image_directory(store, directory, experiment_name))
+    return entities
+
+
 @pytest.fixture(autouse=True)
 def mantle_home(tmp_path, monkeypatch) -> Path:
     """A fresh $MANTLE_HOME and $DAGSTER_HOME for every test: nothing lands in the working tree."""

@@ -10,9 +10,7 @@ recorded.
 import logging
 import time
 
-import numpy as np
 import pytest
-import tifffile
 from dagster import AssetKey, DagsterRunStatus
 from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 from dagster._core.test_utils import create_test_daemon_workspace_context
@@ -23,32 +21,14 @@ from dagster_shared.error import SerializableErrorInfo
 
 from mantle_assets.entities import EntityStore
 from mantle_assets.orchestration.partitions import image_directory_partitions
-from mantle_assets.registration import register_image_directory
-from mantle_assets_tests.conftest import CROP, bbbc014_images, missing_data
+from mantle_assets_tests.conftest import EIGHT_WELLS, register_crop_per_well
 
 pytestmark = pytest.mark.slow
 
-# Eight partitions at once: the queue of a test instance has no run limit.
-WELLS = ("01-A-01", "02-A-02", "03-A-03", "04-A-04", "09-A-09", "10-A-10", "11-A-11", "12-A-12")
-
-
-def registered_wells(tmp_path, store):
-    images = bbbc014_images()
-    if images is None:
-        missing_data("BBBC014 demo plate not found")
-    entities = []
-    for well in WELLS:
-        directory = tmp_path / well
-        directory.mkdir()
-        pixels = tifffile.imread(images / f"Channel2-{well}.tif")
-        tifffile.imwrite(directory / f"{well}.tif", np.ascontiguousarray(pixels[CROP]))
-        entities.append(register_image_directory(store, directory, "backfill"))
-    return entities
-
-
 def test_backfill_of_eight_partitions_records_every_entity_and_edge(tmp_path, instance, bundled_model_name):
     store = EntityStore()
-    sources = registered_wells(tmp_path, store)
+    # Eight partitions at once: the queue of a test instance has no run limit.
+    sources = register_crop_per_well(tmp_path, store, EIGHT_WELLS, "backfill")
     partition_keys = [entity.entity_id for entity in sources]
     instance.add_dynamic_partitions(image_directory_partitions.name, partition_keys)
     target = ModuleTarget(

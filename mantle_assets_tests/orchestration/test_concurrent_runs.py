@@ -4,14 +4,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import tifffile
 from dagster import DagsterInstance, DagsterRunStatus
 
 from mantle_assets.entities import EntityStore
-from mantle_assets.registration import register_image_directory
-from mantle_assets_tests.conftest import CROP, bbbc014_images, missing_data
+from mantle_assets_tests.conftest import EIGHT_WELLS, register_crop_per_well
 
 pytestmark = pytest.mark.slow
 
@@ -19,18 +16,8 @@ RUNS = 8
 
 
 def test_concurrent_runs_record_every_entity_and_edge(tmp_path, mantle_home, bundled_model_name):
-    images = bbbc014_images()
-    if images is None:
-        missing_data("BBBC014 demo plate not found")
     store = EntityStore()
-    wells = ["01-A-01", "02-A-02", "03-A-03", "04-A-04", "09-A-09", "10-A-10", "11-A-11", "12-A-12"][:RUNS]
-    sources = []
-    for well in wells:
-        directory = tmp_path / well
-        directory.mkdir()
-        pixels = tifffile.imread(images / f"Channel2-{well}.tif")
-        tifffile.imwrite(directory / f"{well}.tif", np.ascontiguousarray(pixels[CROP]))
-        sources.append(register_image_directory(store, directory, "concurrency"))
+    sources = register_crop_per_well(tmp_path, store, EIGHT_WELLS[:RUNS], "concurrency")
 
     processes = [
         subprocess.Popen(
@@ -40,7 +27,10 @@ def test_concurrent_runs_record_every_entity_and_edge(tmp_path, mantle_home, bun
         )
         for entity in sources
     ]
-    outcomes = [(p.wait(timeout=900), p.stderr.read()) for p in processes]
+    outcomes = []
+    for process in processes:  # communicate() drains the pipes, so a chatty run never blocks on a full one
+        _, err = process.communicate(timeout=900)
+        outcomes.append((process.returncode, err))
     assert all(code == 0 for code, _ in outcomes), [err for code, err in outcomes if code]
     lock_errors = ("Could not set lock", "database is locked", "StoreBusyError")
     assert not [line for _, err in outcomes for line in err.splitlines() if any(e in line for e in lock_errors)]
