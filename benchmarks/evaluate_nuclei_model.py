@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from mantle_assets.imaging.fields import group_fields, read_field
+from mantle_assets.imaging.precision import PRECISIONS
 from mantle_assets.imaging.preview import outline_overlay, png_bytes
 from mantle_assets.imaging.segmentation import CellposeSegmenter, SegmentationSettings, select_channels
 from mantle_assets.models.registry import resolve_model
@@ -42,13 +43,16 @@ def main() -> None:
     parser.add_argument("--plate", type=Path)
     parser.add_argument("--wells-per-dose", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("runs/eval"))
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     spec = resolve_model(args.model)
-    segmenter = CellposeSegmenter(spec.path, builtin_name=spec.name if spec.kind == "builtin" else None)
+    segmenter = CellposeSegmenter(
+        spec.path, builtin_name=spec.name if spec.kind == "builtin" else None, precision=args.precision
+    )
     report = {"model": args.model, "path": str(spec.path), "hardware": describe_hardware(),
-              "size_model": segmenter.size_model is not None}
+              "precision": segmenter.precision, "size_model": segmenter.size_model is not None}
 
     if args.val:
         annotated = load_annotated_set(args.val)

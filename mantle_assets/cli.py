@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from mantle_assets.imaging.precision import PRECISIONS
 from mantle_assets.settings import dagster_home, mantle_home
 
 
@@ -461,6 +462,8 @@ def ui(port: int) -> None:
 @click.option("--seed", type=int, default=None)
 @click.option("--weight", "weights", multiple=True, help="NAME=FRACTION: share of each epoch from a set.")
 @click.option("--init", "initial_model", default=None, help="Model to continue training from (name or file).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Network arithmetic (default auto: bfloat16 on CPUs with AMX).")
 def train(weights: tuple[str, ...], **options) -> None:
     """Train a Cellpose model (the trained_cellpose_model asset) and record it as an entity."""
     from mantle_assets.orchestration.training import TrainingConfig

@@ -18,6 +18,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from mantle_assets.imaging.precision import run_network_in
+
 MIN_ESTIMATED_DIAMETER = 5.0
 
 logger = logging.getLogger(__name__)
@@ -212,9 +214,18 @@ class CellposeSegmenter:
         model for automatic diameters (``size_*.npy`` from its cache).
     gpu : bool, optional
         Use the GPU; default: whenever torch sees one.
+    precision : {"auto", "float32", "bfloat16"}
+        The network's arithmetic (:func:`mantle_assets.imaging.precision.run_network_in`).
     """
 
-    def __init__(self, weights: str | Path, *, builtin_name: str | None = None, gpu: bool | None = None):
+    def __init__(
+        self,
+        weights: str | Path,
+        *,
+        builtin_name: str | None = None,
+        gpu: bool | None = None,
+        precision: str = "auto",
+    ):
         import torch
         from cellpose import models
 
@@ -223,6 +234,7 @@ class CellposeSegmenter:
             self.model = models.CellposeModel(gpu=use_gpu, model_type=builtin_name)
         else:
             self.model = models.CellposeModel(gpu=use_gpu, pretrained_model=str(weights))
+        self.precision = run_network_in(self.model.net, precision)
         self.diam_mean = float(self.model.diam_mean)
         self.device = str(self.model.device)
         self.size_model = self._size_model(Path(weights), builtin_name)

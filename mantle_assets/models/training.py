@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mantle_assets.imaging.io import read_image
+from mantle_assets.imaging.precision import run_network_in
 
 AP_THRESHOLDS = (0.5, 0.75, 0.9)
 
@@ -122,6 +123,8 @@ class TrainingParameters:
     set_weights: dict[str, float] = field(default_factory=dict)
     # A model to continue training from (name or file, as cellpose_model accepts); None trains from scratch.
     initial_model: str | None = None
+    # Network arithmetic (see mantle_assets.imaging.precision); "auto" is bfloat16 on AMX CPUs.
+    precision: str = "auto"
 
 
 def sampling_probabilities(
@@ -170,6 +173,7 @@ class TrainingResult:
     final_train_loss: float
     hardware: str
     n_train_images: int
+    precision: str
 
 
 def describe_hardware() -> str:
@@ -223,6 +227,7 @@ def train_cellpose_model(
     model = models.CellposeModel(
         gpu=torch.cuda.is_available(), pretrained_model=initial_weights(params), diam_mean=params.diam_mean
     )
+    precision = run_network_in(model.net, params.precision)
     start = time.perf_counter()
     model_path, train_losses, _ = train.train_seg(
         model.net,
@@ -251,6 +256,7 @@ def train_cellpose_model(
         final_train_loss=float(train_losses[-1]),
         hardware=describe_hardware(),
         n_train_images=len(images),
+        precision=precision,
     )
 
 

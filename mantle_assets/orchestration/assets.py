@@ -204,6 +204,7 @@ def segment_partition(
             "min_size": config.min_size,
             "batch_size": config.batch_size,
             "model_path": str(spec.path),
+            "precision": segmenter.precision,
         },
         "source_fingerprint": source_fingerprint,
         "model_sha256": spec.weights_sha256(),

@@ -30,16 +30,22 @@ class EntityStoreResource(ConfigurableResource):
 class CellposeResource(ConfigurableResource):
     """Loads Cellpose models, each once per step however many images it segments.
 
-    ``gpu``: ``None`` uses the GPU whenever torch sees one.
+    ``gpu``: ``None`` uses the GPU whenever torch sees one. ``precision``: the
+    network's arithmetic, ``auto`` (bfloat16 on CPUs with AMX, else float32),
+    ``float32`` (Cellpose's own) or ``bfloat16``.
     """
 
     gpu: bool | None = None
+    precision: str = "auto"
     _loaded: dict = PrivateAttr(default_factory=dict)
 
     def segmenter(self, spec: ModelSpec) -> CellposeSegmenter:
         if spec.path not in self._loaded:
             self._loaded[spec.path] = CellposeSegmenter(
-                spec.path, builtin_name=spec.name if spec.kind == "builtin" else None, gpu=self.gpu
+                spec.path,
+                builtin_name=spec.name if spec.kind == "builtin" else None,
+                gpu=self.gpu,
+                precision=self.precision,
             )
         return self._loaded[spec.path]
 

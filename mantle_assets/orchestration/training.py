@@ -46,6 +46,10 @@ class TrainingConfig(Config):
     initial_model: str | None = Field(
         default=None, description="Model to continue training from (name or file); none trains from scratch."
     )
+    precision: str = Field(
+        default=TrainingParameters.precision,
+        description="Network arithmetic: float32, bfloat16 (mixed precision) or auto (bfloat16 on AMX CPUs).",
+    )
 
     def parameters(self) -> TrainingParameters:
         return TrainingParameters(
@@ -92,7 +96,7 @@ def trained_cellpose_model(
         trained = train_cellpose_model(train_sets, partial, config.model_name, params)
     weights = final / "models" / config.model_name
     with removed_on_failure(final):
-        scores = evaluate_segmenter(CellposeSegmenter(weights), validation)
+        scores = evaluate_segmenter(CellposeSegmenter(weights, precision=params.precision), validation)
         context.log.info(f"validation {validation_path.name}: {scores}")
         train_ids = [annotated_entity(store, name, path, train_sets[name]) for name, path in named]
         validation_id = annotated_entity(store, validation_path.name, validation_path, validation)
@@ -108,6 +112,7 @@ def trained_cellpose_model(
                 "epochs": params.n_epochs,
                 "wall_seconds": trained.wall_seconds,
                 "hardware": trained.hardware,
+                "precision": trained.precision,
                 "diam_mean": trained.diam_mean,
                 "diam_labels": trained.diam_labels,
                 "validation_ap": scores,
@@ -129,6 +134,7 @@ def trained_cellpose_model(
             "diameter_median_relative_error": scores["diameter_median_relative_error"],
             "wall_seconds": trained.wall_seconds,
             "hardware": trained.hardware,
+            "precision": trained.precision,
             "final_train_loss": trained.final_train_loss,
         }
     )
