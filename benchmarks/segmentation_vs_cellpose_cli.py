@@ -4,8 +4,10 @@ Both segment the DNA channel with the same model file and diameter. Our side is
 `mantle segment` (a Dagster run recording entities and lineage) on a registered
 directory of per-channel files; the CLI gets one two-channel TIFF per field,
 prepared before timing, and `--chan 2 --chan2 0`. Prints wall times, seconds per
-field, peak RSS of each process, orchestration overhead (wall time outside the
-per-field work) and mask agreement (IoU>=0.5-matched F1 per field). Example:
+field, peak RSS of each process, orchestration overhead (our wall time outside
+Cellpose's work: loading the model, which imports Cellpose and torch, and each
+field's read-segment-write, both taken from the run's log) and mask agreement
+(IoU>=0.5-matched F1 per field). Example:
 
     python benchmarks/segmentation_vs_cellpose_cli.py --plate ../shared/data/bbbc014 --wells 4
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +29,8 @@ import tifffile
 from mantle_assets.models.registry import resolve_model
 
 DNA = 2
+MODEL_LOADED = re.compile(r"loaded model \S+ on \S+ in (\S+) in ([0-9.]+) s")
+FIELD_DONE = re.compile(r": \d+ objects in ([0-9.]+) s")
 
 
 def timed(command: list[str], env: dict, log: Path) -> tuple[float, float, str]:
@@ -87,14 +92,21 @@ def main() -> None:
             env, scratch / "cli.log")
 
         mask_dir = Path(out.split("-> ")[-1].split(" (run")[0])
+        precision, load_seconds = MODEL_LOADED.search(out).groups()
+        field_seconds = [float(s) for s in FIELD_DONE.findall(out)]
+        cellpose_seconds = float(load_seconds) + sum(field_seconds)
         scores = [f1(tifffile.imread(cli / f"{well}_cp_masks.tif"), tifffile.imread(mask_dir / f"{well}_cp_masks.tif"))
                   for well in wells]
 
     print(f"{len(wells)} fields of 640x640, model {args.model}, diameter {args.diameter:g}, {os.cpu_count()} cores")
+    print(f"ours computes in {precision}; the CLI in float32")
     print(f"segmentation_masks (mantle segment): {our_wall:7.1f} s wall, {our_wall / len(wells):5.1f} s/field")
     print(f"Cellpose CLI:                        {cli_wall:7.1f} s wall, {cli_wall / len(wells):5.1f} s/field")
     print(f"wall-time ratio ours/CLI: {our_wall / cli_wall:.2f}")
     print(f"peak RSS (MiB): ours {our_rss:.0f}, CLI {cli_rss:.0f}")
+    print(f"ours: model load {float(load_seconds):.1f} s + fields {sum(field_seconds):.1f} s = Cellpose's work "
+          f"{cellpose_seconds:.1f} s; orchestration overhead {our_wall - cellpose_seconds:.1f} s "
+          f"({100 * (our_wall - cellpose_seconds) / our_wall:.1f} % of wall)")
     print(f"mask agreement F1@IoU0.5 per field: min {min(scores):.4f}, mean {np.mean(scores):.4f}")
 
 

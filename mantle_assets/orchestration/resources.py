@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, get_dagster_logger
 from pydantic import PrivateAttr
 
 from mantle_assets.entities import EntityStore
@@ -41,12 +42,18 @@ class CellposeResource(ConfigurableResource):
 
     def segmenter(self, spec: ModelSpec) -> CellposeSegmenter:
         if spec.path not in self._loaded:
-            self._loaded[spec.path] = CellposeSegmenter(
+            start = time.perf_counter()
+            segmenter = CellposeSegmenter(
                 spec.path,
                 builtin_name=spec.name if spec.kind == "builtin" else None,
                 gpu=self.gpu,
                 precision=self.precision,
             )
+            get_dagster_logger().info(
+                f"loaded model {spec.name} on {segmenter.device} in {segmenter.precision} "
+                f"in {time.perf_counter() - start:.1f} s"
+            )
+            self._loaded[spec.path] = segmenter
         return self._loaded[spec.path]
 
 
