@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from mantle_assets.imaging.cellpose_import import import_cellpose
 from mantle_assets.imaging.precision import run_network_in
 
 MIN_ESTIMATED_DIAMETER = 5.0
@@ -227,6 +228,7 @@ class CellposeSegmenter:
         precision: str = "auto",
     ):
         import torch
+        import_cellpose()
         from cellpose import models
 
         use_gpu = torch.cuda.is_available() if gpu is None else gpu

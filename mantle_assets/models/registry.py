@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mantle_assets.imaging.cellpose_import import import_cellpose
+
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 BUNDLED_METADATA = "model.json"
 
@@ -65,6 +67,7 @@ class ModelSpec:
 
 def cellpose_model_dir() -> Path:
     """Cellpose's weights cache (``CELLPOSE_LOCAL_MODELS_PATH`` or ``~/.cellpose/models``)."""
+    import_cellpose()
     from cellpose import models
 
     return Path(models.MODEL_DIR)
@@ -76,6 +79,7 @@ def builtin_model_names() -> list[str]:
     The transformer models need ``backbone="transformer"`` (and the
     segmentation_models_pytorch package), so they are not offered.
     """
+    import_cellpose()
     from cellpose import models
 
     return [name for name in dict.fromkeys(models.MODEL_NAMES) if "transformer" not in name]
@@ -165,6 +169,7 @@ def resolve_model(name_or_path: str, *, download: bool = True) -> ModelSpec:
 
 
 def _download_builtin(spec: ModelSpec) -> ModelSpec:
+    import_cellpose()
     from cellpose import models
 
     try:

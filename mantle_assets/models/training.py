@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mantle_assets.imaging.cellpose_import import import_cellpose
 from mantle_assets.imaging.io import read_image
 from mantle_assets.imaging.precision import run_network_in
 
@@ -215,6 +216,7 @@ def train_cellpose_model(
     TrainingResult
     """
     import torch
+    import_cellpose()
     from cellpose import models, train
 
     np.random.seed(params.seed)
@@ -290,6 +292,7 @@ def train_size_model(net, weights: Path, images, masks, probabilities, params: T
     Path
         ``<weights>_size.npy``, which ``cellpose.models.SizeModel`` reads.
     """
+    import_cellpose()
     from cellpose import train
 
     train.train_size(
@@ -324,6 +327,7 @@ def average_precision(
     dict
         ``{"ap50": ..., "ap75": ..., "ap90": ...}`` (keys from the thresholds).
     """
+    import_cellpose()
     from cellpose import metrics
 
     ap, _, _, _ = metrics.average_precision(
