@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+from mantle_assets.storage import is_uri, normalised_uri
 
 DEFAULT_MANTLE_HOME = ".mantle"
 
@@ -19,9 +22,23 @@ def dagster_home() -> Path:
     return Path(configured).expanduser().resolve() if configured else mantle_home() / "dagster"
 
 
-def mask_root() -> Path:
-    """Where segmentation outputs are written: ``$MANTLE_HOME/masks``."""
-    return mantle_home() / "masks"
+def mask_root() -> Path | str:
+    """Where segmentation outputs are written: ``$MANTLE_MASK_ROOT``, else ``$MANTLE_HOME/masks``.
+
+    ``MANTLE_MASK_ROOT`` may be a local folder or a URI (``s3://lab/masks``),
+    returned normalised (see :func:`mantle_assets.storage.normalised_uri`).
+    """
+    configured = os.environ.get("MANTLE_MASK_ROOT", "").strip()
+    if not configured:
+        return mantle_home() / "masks"
+    if is_uri(configured):
+        return normalised_uri(configured)
+    return Path(configured).expanduser().resolve()
+
+
+def staging_root() -> Path:
+    """Where runs keep local copies of URI directories while they read them: ``$MANTLE_HOME/staging``."""
+    return mantle_home() / "staging"
 
 
 # Never image data: registering them would only expose the machine's own files.
@@ -32,42 +49,62 @@ class OutsideDataRootsError(ValueError):
     """A path to register lies outside the configured data roots (or in a system directory)."""
 
 
-def data_roots() -> list[Path]:
-    """``$MANTLE_DATA_ROOTS`` (``os.pathsep``-separated) as resolved paths; empty when unset."""
+def data_roots() -> list[Path | str]:
+    """``$MANTLE_DATA_ROOTS`` as resolved paths and normalised URIs; empty when unset.
+
+    Roots are separated by ``os.pathsep``, except where it begins a URI's ``://``:
+    ``/data:s3://lab/plates`` is the folder ``/data`` and the URI ``s3://lab/plates``.
+    """
     configured = os.environ.get("MANTLE_DATA_ROOTS", "")
-    return [Path(root).expanduser().resolve() for root in configured.split(os.pathsep) if root.strip()]
+    roots = [root.strip() for root in re.split(rf"{re.escape(os.pathsep)}(?!//)", configured) if root.strip()]
+    return [normalised_uri(root) if is_uri(root) else Path(root).expanduser().resolve() for root in roots]
 
 
-def check_data_path(path: str | os.PathLike, what: str) -> Path:
+def check_data_path(path: str | os.PathLike, what: str) -> Path | str:
     """Refuse a path outside the data roots, or in a system directory when no roots are configured.
 
     The path is resolved first, so symbolic links cannot lead out of the roots.
+    A URI (``s3://lab/plate1``) must lie under a URI root when roots are
+    configured, and may not hold ``..`` segments then; without roots every URI
+    is accepted.
 
     Parameters
     ----------
-    path : path
-        A directory or file to register.
+    path : path or str
+        A directory or file to register, or a URI.
     what : str
         How the error names it (e.g. ``"image_directory"``).
 
     Returns
     -------
-    Path
-        The resolved path.
+    Path or str
+        The resolved path, or the normalised URI.
 
     Raises
     ------
     OutsideDataRootsError
         One line naming the path and the roots.
     """
-    resolved = Path(path).expanduser().resolve()
     roots = data_roots()
+    listed = os.pathsep.join(str(root) for root in roots)
+    if is_uri(path):
+        uri = normalised_uri(path)
+        if roots and not _under_uri_root(uri, roots):
+            raise OutsideDataRootsError(f"{what} {uri} is outside the data roots (MANTLE_DATA_ROOTS={listed})")
+        return uri
+    resolved = Path(path).expanduser().resolve()
     if roots:
-        if not any(resolved.is_relative_to(root) for root in roots):
-            listed = os.pathsep.join(str(root) for root in roots)
+        if not any(isinstance(root, Path) and resolved.is_relative_to(root) for root in roots):
             raise OutsideDataRootsError(f"{what} {resolved} is outside the data roots (MANTLE_DATA_ROOTS={listed})")
     elif any(resolved.is_relative_to(system) for system in SYSTEM_DIRECTORIES):
         raise OutsideDataRootsError(
             f"{what} {resolved} is a system directory; set MANTLE_DATA_ROOTS to the folders that hold your data"
         )
     return resolved
+
+
+def _under_uri_root(uri: str, roots: list[Path | str]) -> bool:
+    # Object stores take ".." as part of a key, but a reader may not: refuse it rather than guess.
+    if ".." in uri.split("://", 1)[1].split("/"):
+        return False
+    return any(f"{uri}/".startswith(f"{root}/") for root in roots if isinstance(root, str))

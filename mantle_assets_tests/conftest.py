@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,3 +92,61 @@ def bundled_model_name() -> str:
     if not specs:
         pytest.fail("no bundled model in the package")
     return specs[0].name
+
+
+@dataclass
+class S3:
+    """A bucket on a local S3 server, and a boto3 client to arrange and inspect it independently of Mantle."""
+
+    client: Any
+    bucket: str
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{key}".rstrip("/")
+
+    def put_directory(self, local: Path, prefix: str) -> str:
+        """Upload a folder's files under ``prefix``; return the prefix's URI."""
+        for path in sorted(local.iterdir()):
+            self.client.put_object(Bucket=self.bucket, Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+        return self.uri(prefix)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def read(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch) -> S3:
+    """Bucket ``lab`` on a real S3 server (moto's, on a free local port), reached through s3fs.
+
+    Mantle finds it the way a deployment would: fsspec's ``FSSPEC_S3_ENDPOINT_URL``
+    and the usual AWS variables, here with fake credentials and no AWS files of the machine.
+    """
+    import urllib.request
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "mantle-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "mantle-test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no aws config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no aws credentials"))
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="lab")
+    try:
+        yield S3(client, "lab")
+    finally:
+        # moto keeps its buckets in the process, not the server: empty them for the next test.
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
+        server.stop()

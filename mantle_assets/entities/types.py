@@ -18,6 +18,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from mantle_assets.storage import is_uri, normalised_uri
+
 __all__ = [
     "DATA_TYPES",
     "ENTITY_ID_PATTERN",
@@ -126,7 +128,8 @@ class DataType:
         Returns
         -------
         dict[str, Any]
-            The values normalised: paths as absolute POSIX strings, integers
+            The values normalised: paths as absolute POSIX strings, URIs
+            (``s3://...``) as :func:`~mantle_assets.storage.normalised_uri`, integers
             as ``int``, floats as ``float``, JSON values as they read back
             from JSON text.
 
@@ -134,7 +137,7 @@ class DataType:
         ------
         PropertyValidationError
             For unknown or missing properties, values of the wrong type and
-            paths that do not exist.
+            local paths that do not exist.
         """
         if not isinstance(properties, Mapping):
             raise PropertyValidationError(f"{self.name}: properties must be a mapping, {_got(properties)}")
@@ -163,6 +166,10 @@ class DataType:
         if kind in ("file", "directory"):
             if not isinstance(value, (str, os.PathLike)) or (isinstance(value, str) and not value.strip()):
                 raise fail("a path")
+            if is_uri(value):
+                # Not looked up: that would cost a request to the object store on every
+                # validation, and the writers have just listed or uploaded it.
+                return normalised_uri(value)
             path = Path(os.path.abspath(os.path.expanduser(os.fspath(value))))
             if kind == "directory" and not path.is_dir():
                 reason = "not a directory" if path.exists() else "not found"
