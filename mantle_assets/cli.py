@@ -87,7 +87,8 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+# A plain string: click.Path would turn s3://lab/plate1 into s3:/lab/plate1.
+@click.argument("directory")
 @click.option("--experiment", "experiment_name", help="Experiment name recorded with the entity.")
 @click.option("--name", help="Entity name (default: the directory's name).")
 @click.option("--channel-names", help="Names of the channels in order, comma-separated (e.g. NFkB,DNA); "
@@ -95,19 +96,20 @@ def main() -> None:
 @click.option("--plate-layout", type=click.Path(path_type=Path),
               help="CSV of the plate: well,dose,control[,treatment] (control -1/0/1) or BBBC014's layout.")
 def register(
-    directory: Path, experiment_name: str | None, name: str | None, channel_names: str | None,
+    directory: str, experiment_name: str | None, name: str | None, channel_names: str | None,
     plate_layout: Path | None,
 ) -> None:
     """Register DIRECTORY of images as an image_directory entity and Dagster partition.
 
-    Prints the new entity id.
+    DIRECTORY is a folder or a URI such as s3://lab/plate1 (see "Object storage"
+    in the README). Prints the new entity id.
     """
     names = None if channel_names is None else [n.strip() for n in channel_names.split(",")]
     entity = _register(directory, experiment_name, name, channel_names=names, plate_layout=plate_layout)
     click.echo(entity.entity_id)
 
 
-def _register(directory: Path, experiment_name: str | None, name: str | None, defaults: dict | None = None,
+def _register(directory: str | Path, experiment_name: str | None, name: str | None, defaults: dict | None = None,
               **metadata):
     """Register and add the partition; ``metadata``: ``channel_names``, ``plate_layout``."""
     from mantle_assets.imaging.fields import ImageDirectoryError

@@ -11,7 +11,8 @@ from mantle_assets.entities import Entity, EntityStore
 from mantle_assets.imaging.assay import read_plate_layout
 from mantle_assets.imaging.fields import FieldGrouping, group_fields, list_image_files, well_of
 from mantle_assets.imaging.measurements import check_channel_names
-from mantle_assets.settings import check_data_path
+from mantle_assets.settings import check_data_path, staging_root
+from mantle_assets.storage import is_uri, local_copy, remote_fingerprint
 
 IMAGE_DIRECTORY = "image_directory"
 
@@ -21,13 +22,16 @@ def directory_fingerprint(directory: str | os.PathLike) -> tuple[int, str]:
 
     The fingerprint hashes each image file's name, size and modification time:
     rewriting, adding, removing or renaming an image changes it, and it costs
-    one ``stat`` per file instead of reading whole plates.
+    one ``stat`` per file instead of reading whole plates. A URI is
+    fingerprinted from its listing (:func:`~mantle_assets.storage.remote_fingerprint`).
 
     Returns
     -------
     (int, str)
         File count and a hex SHA-256 digest.
     """
+    if is_uri(directory):
+        return remote_fingerprint(directory)
     digest = hashlib.sha256()
     files = list_image_files(directory)
     for path in files:
@@ -36,10 +40,12 @@ def directory_fingerprint(directory: str | os.PathLike) -> tuple[int, str]:
     return len(files), digest.hexdigest()
 
 
-def image_directory_properties(grouping: FieldGrouping, experiment_name: str | None) -> dict:
-    file_count, fingerprint = directory_fingerprint(grouping.directory)
+def image_directory_properties(directory: str | os.PathLike, grouping: FieldGrouping,
+                               experiment_name: str | None) -> dict:
+    """The properties of an image_directory entity; ``grouping`` may be of a local copy of ``directory``."""
+    file_count, fingerprint = directory_fingerprint(directory)
     return {
-        "image_directory": str(grouping.directory),
+        "image_directory": str(directory),
         "experiment_name": experiment_name,
         "field_grouping": grouping.to_metadata(),
         "file_count": file_count,
@@ -63,8 +69,10 @@ def register_image_directory(
     ----------
     store : EntityStore
         Where to record it.
-    directory : path
-        The folder of images.
+    directory : path or str
+        The folder of images, or a URI such as ``s3://lab/plate1``, whose
+        images are checked on a local copy under ``$MANTLE_HOME/staging``
+        (removed afterwards) and recorded as the URI.
     experiment_name : str, optional
         The experiment it belongs to.
     name : str, optional
@@ -80,7 +88,8 @@ def register_image_directory(
     Raises
     ------
     ImageDirectoryError
-        If the directory holds no readable images (nothing is recorded).
+        If the directory holds no readable images, or a URI cannot be listed
+        (nothing is recorded).
     OutsideDataRootsError
         If the directory, an image or the plate layout lies outside the data
         roots (see :func:`~mantle_assets.settings.check_data_path`).
@@ -89,21 +98,25 @@ def register_image_directory(
         the channels, an unreadable plate layout, or one that names none of the
         directory's wells.
     """
-    check_data_path(directory, "image_directory")
-    grouping = group_fields(directory)
-    for field in grouping.fields:
-        for path in field.files:
-            check_data_path(path, "image file")
-    if channel_names is not None:
-        channel_names = check_channel_names(channel_names, grouping.n_channels)
-    if plate_layout is not None:
-        check_data_path(plate_layout, "plate_layout")
-        check_plate_layout(plate_layout, grouping)
+    checked = check_data_path(directory, "image_directory")
+    directory = checked if is_uri(checked) else Path(directory)  # a URI normalised: no trailing slash
+    with local_copy(directory, staging_root()) as images:
+        grouping = group_fields(images)
+        if not is_uri(directory):  # a copy's files are the platform's own downloads
+            for field in grouping.fields:
+                for path in field.files:
+                    check_data_path(path, "image file")
+        if channel_names is not None:
+            channel_names = check_channel_names(channel_names, grouping.n_channels)
+        if plate_layout is not None:
+            check_data_path(plate_layout, "plate_layout")
+            check_plate_layout(plate_layout, grouping)
+        properties = image_directory_properties(directory, grouping, experiment_name)
     return store.register(
         IMAGE_DIRECTORY,
         name or Path(grouping.directory).name,
         {
-            **image_directory_properties(grouping, experiment_name),
+            **properties,
             "segmentation_defaults": segmentation_defaults,
             "channel_names": channel_names,
             "plate_layout": plate_layout,

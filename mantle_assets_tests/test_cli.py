@@ -70,6 +70,16 @@ def test_register_refuses_a_directory_without_images(tmp_path, mantle_home):
     assert json.loads(mantle("entities", "--json").stdout) == []
 
 
+def test_register_takes_a_uri(bbbc014_crops, s3, mantle_home):
+    uri = s3.put_directory(bbbc014_crops, "plates/crops")
+    entity_id = mantle("register", uri, "--experiment", "remote").stdout.strip()
+    shown = json.loads(mantle("show", entity_id, "--json").stdout)
+    assert (shown["name"], shown["properties"]["image_directory"]) == ("crops", "s3://lab/plates/crops")
+    failed = mantle("register", s3.uri("plates/nothing"), check=False)
+    assert failed.returncode != 0
+    assert failed.stderr.strip() == "Error: image directory s3://lab/plates/nothing does not exist"
+
+
 def test_models_json_lists_bundled_offline(bundled_model_name):
     listed = {m["name"]: m for m in json.loads(mantle("models", "--json").stdout)}
     assert listed[bundled_model_name]["offline"] is True

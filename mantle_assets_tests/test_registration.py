@@ -7,6 +7,8 @@ import tifffile
 from mantle_assets.entities import EntityStore
 from mantle_assets.imaging.fields import ImageDirectoryError
 from mantle_assets.registration import directory_fingerprint, register_image_directory
+from mantle_assets.settings import OutsideDataRootsError
+from mantle_assets.storage import remote_fingerprint
 
 
 @pytest.fixture
@@ -94,3 +96,43 @@ def test_a_layout_needs_fields_named_by_well(tmp_path):
     layout.write_text("well,dose,control\nA01,1,0\n")
     with pytest.raises(ValueError, match="no field name in .* holds a well like A01"):
         register_image_directory(EntityStore(), directory, plate_layout=layout)
+
+
+# --------------------------------------------------------------------------- directories on object storage
+
+
+def test_a_uri_directory_is_checked_on_a_copy_and_recorded_as_the_uri(plate, s3, mantle_home):
+    uri = s3.put_directory(plate, "plates/plate")
+    entity = register_image_directory(EntityStore(), f"{uri}/", "remote", channel_names=["NFkB", "DNA"])
+    local = register_image_directory(EntityStore(), plate, "local")
+    assert entity.properties["image_directory"] == uri == "s3://lab/plates/plate"
+    assert entity.name == "plate"
+    assert entity.properties["field_grouping"] == local.properties["field_grouping"]
+    assert entity.properties["file_count"] == 4
+    assert entity.properties["fingerprint"] == remote_fingerprint(uri)[1] == directory_fingerprint(uri)[1]
+    assert EntityStore().get(entity.entity_id) == entity
+    assert list((mantle_home / "staging").iterdir()) == []
+
+
+def test_a_bad_object_is_named_by_its_uri_and_nothing_recorded(plate, s3, mantle_home):
+    (plate / "Channel2-02-A-02.tif").write_bytes(b"truncated")
+    uri = s3.put_directory(plate, "plates/plate")
+    store = EntityStore()
+    with pytest.raises(ImageDirectoryError) as raised:
+        register_image_directory(store, uri)
+    assert str(raised.value).startswith(f"cannot read image {uri}/Channel2-02-A-02.tif: ")
+    assert store.list() == []
+    assert list((mantle_home / "staging").iterdir()) == []
+
+
+def test_a_missing_uri_is_refused_in_one_line(s3):
+    store = EntityStore()
+    with pytest.raises(ImageDirectoryError, match=r"^image directory s3://lab/nothing does not exist$"):
+        register_image_directory(store, s3.uri("nothing"))
+    assert store.list() == []
+
+
+def test_a_uri_outside_the_data_roots_is_refused_before_listing(monkeypatch):
+    monkeypatch.setenv("MANTLE_DATA_ROOTS", "s3://lab/plates")
+    with pytest.raises(OutsideDataRootsError, match="image_directory s3://lab/other is outside the data roots"):
+        register_image_directory(EntityStore(), "s3://lab/other")
