@@ -8,16 +8,24 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from mantle_assets.storage import is_uri, remove, upload_directory
+
 PARTIAL_PREFIX = ".partial-"
 
 
 @contextlib.contextmanager
-def removed_on_failure(path: Path) -> Iterator[None]:
-    """Delete ``path`` if the block fails: outputs must not outlive a failed record."""
+def removed_on_failure(path: Path | str) -> Iterator[None]:
+    """Delete ``path`` (a local directory, or everything under a URI) if the block fails.
+
+    Outputs must not outlive a failed record.
+    """
     try:
         yield
     except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+        if is_uri(path):
+            remove(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
         raise
 
 
@@ -42,3 +50,31 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):  # only succeeds when no other run has output there
             final.parent.rmdir()
         raise
+
+
+@contextlib.contextmanager
+def output_directory(final: Path | str, scratch: Path) -> Iterator[Path]:
+    """Yield a local directory to fill that becomes ``final``, a local directory or a URI.
+
+    A local ``final`` is an :func:`atomic_directory`. For a URI the outputs
+    are written into an :func:`atomic_directory` at ``scratch`` (which must
+    not exist) and, once complete, uploaded to ``final``; ``scratch`` is
+    removed afterwards. If the upload fails, what it wrote is deleted.
+
+    Object stores have no atomic rename: the upload appears object by object.
+    ``final`` must therefore be a prefix that no other run writes (one per run
+    id), and readers must learn of it only from the entity recorded after this
+    block (wrap the record in :func:`removed_on_failure`): an unrecorded prefix
+    is invisible to the platform, as a ``.partial-`` directory is.
+    """
+    if not is_uri(final):
+        with atomic_directory(final) as partial:
+            yield partial
+        return
+    try:
+        with atomic_directory(scratch) as partial:
+            yield partial
+        with removed_on_failure(final):
+            upload_directory(scratch, final)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

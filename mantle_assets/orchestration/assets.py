@@ -1,7 +1,9 @@
 """Assets: registered image directories and their Cellpose segmentation masks."""
 
 import base64
+import contextlib
 import statistics
+from collections.abc import Iterator
 
 from dagster import (
     AssetExecutionContext,
@@ -17,9 +19,9 @@ from dagster import (
 )
 from tqdm import tqdm
 
-from mantle_assets.atomic import atomic_directory, removed_on_failure
-from mantle_assets.entities import EntityStore
-from mantle_assets.imaging.fields import ImageDirectoryError, group_fields
+from mantle_assets.atomic import output_directory, removed_on_failure
+from mantle_assets.entities import Entity, EntityStore
+from mantle_assets.imaging.fields import FieldGrouping, ImageDirectoryError, group_fields
 from mantle_assets.imaging.pipeline import segment_directory
 from mantle_assets.imaging.segmentation import check_channels
 from mantle_assets.models.registry import resolve_model
@@ -28,7 +30,8 @@ from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
 from mantle_assets.orchestration.retries import retried_while_store_busy
 from mantle_assets.registration import IMAGE_DIRECTORY, directory_fingerprint
-from mantle_assets.settings import mask_root
+from mantle_assets.settings import mask_root, staging_root
+from mantle_assets.storage import is_uri, local_copy
 
 SEGMENTATION_PIPELINE = "cellpose-segmentation"
 MASK_DIRECTORY = "segmentation_mask_directory"
@@ -66,20 +69,62 @@ def image_directory(entity_store: EntityStoreResource) -> DataVersionsByPartitio
     return DataVersionsByPartition(versions)
 
 
-def load_image_directory(store: EntityStore, entity_id: str):
-    """The entity and its field grouping, failing with a one-line message."""
+def image_directory_entity(store: EntityStore, entity_id: str) -> Entity:
+    """The entity, failing with a one-line message when it is not an image directory."""
     entity = store.get(entity_id)
     if entity.data_type != IMAGE_DIRECTORY:
         raise ValueError(f"{entity_id} is a {entity.data_type}, not an {IMAGE_DIRECTORY}")
-    try:
-        grouping = group_fields(entity.properties["image_directory"])
-    except ImageDirectoryError as error:
-        raise ImageDirectoryError(f"{entity_id}: {error}") from None
-    return entity, grouping
+    return entity
+
+
+@contextlib.contextmanager
+def staged_image_directory(source: Entity, prefix: str = "") -> Iterator[tuple[FieldGrouping, str]]:
+    """An image directory's field grouping and fingerprint, for the time of the block.
+
+    A URI directory is grouped on a local copy under ``$MANTLE_HOME/staging``
+    (see :func:`~mantle_assets.storage.local_copy`; ``prefix`` starts its
+    name), removed when the block ends. The fingerprint is taken before the
+    images are read: images changed meanwhile make the outputs stale, never
+    wrongly current.
+
+    Raises
+    ------
+    ImageDirectoryError
+        One line naming the entity and the directory or file.
+    """
+    directory = source.properties["image_directory"]
+    with contextlib.ExitStack() as stack:
+        try:
+            _, fingerprint = directory_fingerprint(directory)
+            grouping = group_fields(stack.enter_context(local_copy(directory, staging_root(), prefix)))
+        except ImageDirectoryError as error:
+            raise ImageDirectoryError(f"{source.entity_id}: {error}") from None
+        yield grouping, fingerprint
+
+
+def check_segmentation(source: Entity, grouping: FieldGrouping, config: SegmentationConfig):
+    """Check a segmentation request's parameters and model against an image directory's fields.
+
+    Returns
+    -------
+    (SegmentationSettings, ModelSpec)
+
+    Raises
+    ------
+    ValueError
+        A one-line message naming the parameter at fault, or the model.
+    """
+    config = config.resolved_for(source)
+    settings = config.settings()
+    check_channels(config.nuclei_channel, config.cytoplasm_channel, grouping.n_channels)
+    return settings, resolve_model(config.cellpose_model)
 
 
 def prepare_segmentation(store: EntityStore, entity_id: str, config: SegmentationConfig):
     """Check a segmentation request before any work: the entity, its images, the parameters, the model.
+
+    A URI directory is checked on a local copy that is removed before this
+    returns, so the grouping's files are gone then: it serves for checking.
 
     Returns
     -------
@@ -90,11 +135,9 @@ def prepare_segmentation(store: EntityStore, entity_id: str, config: Segmentatio
     ValueError
         A one-line message naming the entity, file or parameter at fault.
     """
-    source, grouping = load_image_directory(store, entity_id)
-    config = config.resolved_for(source)
-    settings = config.settings()
-    check_channels(config.nuclei_channel, config.cytoplasm_channel, grouping.n_channels)
-    return source, grouping, settings, resolve_model(config.cellpose_model)
+    source = image_directory_entity(store, entity_id)
+    with staged_image_directory(source) as (grouping, _):
+        return (source, grouping, *check_segmentation(source, grouping, config))
 
 
 def lineage_table(store: EntityStore, entity_id: str) -> MetadataValue:
@@ -159,32 +202,35 @@ def segmentation_masks(
 def segment_partition(
     context: AssetExecutionContext, config: SegmentationConfig, store: EntityStore, cellpose: CellposeResource
 ) -> MaterializeResult:
-    source, grouping, settings, spec = prepare_segmentation(store, context.partition_key, config)
+    run_id = context.run.run_id
+    source = image_directory_entity(store, context.partition_key)
     # Parameters the run config leaves unset (null) come from the experiment's defaults.
     config = config.resolved_for(source)
-    _, source_fingerprint = directory_fingerprint(grouping.directory)
-    segmenter = cellpose.segmenter(spec)
+    # A URI root gets the masks uploaded under a prefix of this run's own (see output_directory).
+    root = mask_root()
+    output_dir = f"{root}/{source.entity_id}/{run_id}" if is_uri(root) else root / source.entity_id / run_id
 
-    run_id = context.run.run_id
-    output_dir = mask_root() / source.entity_id / run_id
+    with staged_image_directory(source, f"{run_id}-") as (grouping, source_fingerprint):
+        settings, spec = check_segmentation(source, grouping, config)
+        segmenter = cellpose.segmenter(spec)
 
-    # The bar shows when a person runs this from a terminal (`mantle segment`); daemon runs log only.
-    progress = tqdm(total=len(grouping.fields), desc=f"{source.entity_id} fields", unit="field", disable=None)
+        # The bar shows when a person runs this from a terminal (`mantle segment`); daemon runs log only.
+        progress = tqdm(total=len(grouping.fields), desc=f"{source.entity_id} fields", unit="field", disable=None)
 
-    def log_field(outcome):
-        progress.update()
-        context.log.info(f"{outcome.field}: {outcome.cells} objects in {outcome.seconds:.1f} s")
+        def log_field(outcome):
+            progress.update()
+            context.log.info(f"{outcome.field}: {outcome.cells} objects in {outcome.seconds:.1f} s")
 
-    with progress, atomic_directory(output_dir) as partial:
-        result = segment_directory(
-            grouping,
-            segmenter,
-            nuclei_channel=config.nuclei_channel,
-            cytoplasm_channel=config.cytoplasm_channel,
-            settings=settings,
-            output_dir=partial,
-            on_field=log_field,
-        )
+        with progress, output_directory(output_dir, staging_root() / f"{run_id}-masks") as partial:
+            result = segment_directory(
+                grouping,
+                segmenter,
+                nuclei_channel=config.nuclei_channel,
+                cytoplasm_channel=config.cytoplasm_channel,
+                settings=settings,
+                output_dir=partial,
+                on_field=log_field,
+            )
     cells = [f.cells for f in result.fields]
     seconds = [f.seconds for f in result.fields]
     properties = {
@@ -209,6 +255,7 @@ def segment_partition(
         "source_fingerprint": source_fingerprint,
         "model_sha256": spec.weights_sha256(),
     }
+    # The entity is the commit point: recorded only once the masks are complete where it says.
     with removed_on_failure(output_dir):
         output = store.record_output(
             MASK_DIRECTORY,

@@ -38,16 +38,18 @@ from mantle_assets.imaging.plots import dose_response_png, plate_heatmap_png
 from mantle_assets.orchestration.assets import (
     MASK_DIRECTORY,
     SEGMENTATION_PIPELINE,
+    image_directory_entity,
     lineage_table,
-    load_image_directory,
     segmentation_masks,
+    staged_image_directory,
     summary_metadata,
 )
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.orchestration.retries import retried_while_store_busy
 from mantle_assets.orchestration.schedules import current_output
-from mantle_assets.settings import mantle_home
+from mantle_assets.settings import mantle_home, staging_root
+from mantle_assets.storage import local_copy
 
 MEASUREMENT_PIPELINE = "cell-measurements"
 MEASUREMENT_TABLE = "cell_measurement_table"
@@ -132,16 +134,21 @@ def cell_measurements(
 def measure_partition(
     context: AssetExecutionContext, config: MeasurementConfig, store: EntityStore
 ) -> MaterializeResult:
-    source, grouping = load_image_directory(store, context.partition_key)
+    source = image_directory_entity(store, context.partition_key)
     masks = current_masks_of(store, source.entity_id)
-    names = source.properties.get("channel_names") or default_channel_names(grouping.channel_labels)
     run_id = context.run.run_id
     output_dir = mantle_home() / "measurements" / source.entity_id / run_id
 
-    with atomic_directory(output_dir) as partial:
+    # Images and masks on object storage are read from local copies, removed afterwards.
+    with (
+        staged_image_directory(source, f"{run_id}-") as (grouping, _),
+        local_copy(masks.properties["mask_directory"], staging_root(), f"{run_id}-") as mask_directory,
+        atomic_directory(output_dir) as partial,
+    ):
+        names = source.properties.get("channel_names") or default_channel_names(grouping.channel_labels)
         table = measure_directory(
             grouping,
-            masks.properties["mask_directory"],
+            mask_directory,
             names,
             ring_width=config.ring_width,
             on_field=lambda field, count: context.log.info(f"{field}: {count} objects measured"),

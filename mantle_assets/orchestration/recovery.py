@@ -4,7 +4,9 @@ A run executed in a CLI process that dies never reports its end: Dagster keeps
 it ``STARTED`` and keeps its ``gpu`` pool slot taken, so every later GPU step
 would wait forever. Runs are tagged with the host and process that execute
 them; before starting a run, the CLI fails those whose process is gone, frees
-their pool slots and removes their hidden partial outputs.
+their pool slots and removes their hidden partial outputs, their local copies of
+URI directories and, under a URI mask root, masks they uploaded but never
+recorded.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import os
 import shutil
 import socket
 
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from mantle_assets.atomic import PARTIAL_PREFIX
-from mantle_assets.settings import mantle_home
+from mantle_assets.entities import EntityStore
+from mantle_assets.settings import mantle_home, mask_root, staging_root
+from mantle_assets.storage import is_uri, remove
 
 HOST_TAG = "mantle/host"
 PID_TAG = "mantle/pid"
+PARTITION_TAG = "dagster/partition"
 UNFINISHED = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
 
 
@@ -41,8 +46,10 @@ def process_alive(pid: int) -> bool:
 def fail_abandoned_runs(instance: DagsterInstance) -> list[str]:
     """Fail this host's unfinished in-process runs whose process has died; return their run ids.
 
-    Their pool slots are freed and their ``.partial-<run id>`` output
-    directories under ``$MANTLE_HOME`` removed.
+    Their pool slots are freed, their ``.partial-<run id>`` output directories
+    under ``$MANTLE_HOME`` and their copies under ``$MANTLE_HOME/staging``
+    removed, and so are their masks under a URI ``MANTLE_MASK_ROOT`` unless the
+    entity was recorded before the process died.
     """
     abandoned = []
     runs = instance.get_runs(filters=RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: socket.gethostname()}))
@@ -54,5 +61,25 @@ def fail_abandoned_runs(instance: DagsterInstance) -> list[str]:
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         for partial in mantle_home().glob(f"*/*/{PARTIAL_PREFIX}{run.run_id}"):
             shutil.rmtree(partial, ignore_errors=True)
+        for pattern in (f"{run.run_id}-*", f"{PARTIAL_PREFIX}{run.run_id}-*"):
+            for staged in staging_root().glob(pattern):
+                shutil.rmtree(staged, ignore_errors=True)
+        remove_unrecorded_upload(run)
         abandoned.append(run.run_id)
     return abandoned
+
+
+def remove_unrecorded_upload(run: DagsterRun) -> None:
+    """Delete what a dead run uploaded under a URI mask root, unless an entity records it.
+
+    Object stores have no rename to hide an incomplete upload behind (see
+    :func:`mantle_assets.atomic.output_directory`); a run's prefix is its own,
+    so it can go. Nothing to do for a local mask root, or for a run without a
+    partition.
+    """
+    root, entity_id = mask_root(), run.tags.get(PARTITION_TAG)
+    if not is_uri(root) or entity_id is None:
+        return
+    if any(edge.run_id == run.run_id for edge in EntityStore().children(entity_id)):
+        return  # died after recording: the masks are the entity's
+    remove(f"{root}/{entity_id}/{run.run_id}")

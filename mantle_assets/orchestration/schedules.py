@@ -1,7 +1,5 @@
 """The nightly backfill: segment every partition whose masks are missing, failed or stale."""
 
-from pathlib import Path
-
 from dagster import (
     DagsterRunStatus,
     DefaultScheduleStatus,
@@ -21,6 +19,7 @@ from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.orchestration.sensors import default_segmentation_config, segmentation_run_config
 from mantle_assets.registration import IMAGE_DIRECTORY, directory_fingerprint
+from mantle_assets.storage import is_directory
 
 # batch_size changes speed and memory, not the masks.
 RESULT_PARAMETERS = ("cellpose_model", "nuclei_channel", "cytoplasm_channel", "diameter",
@@ -96,7 +95,7 @@ def stale_segmentation_schedule(context: ScheduleEvaluationContext, entity_store
     night = context.scheduled_execution_time.strftime("%Y%m%d") if context.scheduled_execution_time else "now"
     requests = []
     for entity in store.list(IMAGE_DIRECTORY):
-        if entity.entity_id not in partitions or not Path(entity.properties["image_directory"]).is_dir():
+        if entity.entity_id not in partitions or not is_directory(entity.properties["image_directory"]):
             continue
         reason = stale_reason(store, context.instance, entity, model_hashes)
         if reason is not None:
