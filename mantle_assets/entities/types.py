@@ -309,6 +309,7 @@ _DATA_TYPE_DEFINITIONS: tuple[DataType, ...] = (
             "epochs": PropertySpec("integer", description="Number of epochs trained."),
             "wall_seconds": PropertySpec("float", description="Training wall-clock time in seconds."),
             "hardware": PropertySpec("string", description="Hardware trained on."),
+            "precision": PropertySpec("string", description="Network arithmetic in training: float32 or bfloat16."),
             "diam_mean": PropertySpec("float", description="Mean diameter the model was trained for."),
             "diam_labels": PropertySpec("float", description="Mean diameter of the training labels."),
             "validation_ap": PropertySpec("json", description="Average precision on the validation entity."),

@@ -5,11 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from dagster import DagsterInstance
 
 from mantle_assets.definitions import defs
 from mantle_assets.demo import default_data_candidates
 from mantle_assets.entities import EntityStore
+from mantle_assets.imaging.precision import resolve_precision
 from mantle_assets_tests.conftest import missing_data
 
 pytestmark = pytest.mark.slow
@@ -59,6 +61,7 @@ def test_training_registers_a_model_entity_with_metrics(tmp_path, mantle_home):
     assert props["epochs"] == 2 and props["seed"] == 0
     assert props["hyperparameters"]["nimg_per_epoch"] == 8
     assert props["diam_mean"] == 17.0
+    assert props["precision"] == resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
     assert 10 < props["diam_labels"] < 60
     assert set(props["validation_ap"]) >= {"ap50", "ap75", "ap90", "diameter_median_relative_error"}
     assert all(0.0 <= props["validation_ap"][k] <= 1.0 for k in ("ap50", "ap75", "ap90"))
