@@ -29,6 +29,26 @@ def removed_on_failure(path: Path | str) -> Iterator[None]:
         raise
 
 
+UNRECORDED_SUFFIX = ".unrecorded"
+
+
+@contextlib.contextmanager
+def set_aside_on_failure(path: Path) -> Iterator[None]:
+    """Rename ``path`` to ``<path>.unrecorded`` if the block fails, instead of deleting it.
+
+    For outputs too costly to make again (an hour of model training) whose
+    recording failed: nothing records or reads them, but a person can still
+    use or inspect the files.
+    """
+    try:
+        yield
+    except BaseException as error:
+        aside = path.with_name(path.name + UNRECORDED_SUFFIX)
+        os.replace(path, aside)
+        error.add_note(f"outputs kept, unrecorded, in {aside}")
+        raise
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a hidden sibling directory to fill; rename it to ``final`` on success.

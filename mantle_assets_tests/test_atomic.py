@@ -1,6 +1,6 @@
 import pytest
 
-from mantle_assets.atomic import atomic_directory, output_directory, removed_on_failure
+from mantle_assets.atomic import atomic_directory, output_directory, removed_on_failure, set_aside_on_failure
 
 
 def test_directory_appears_only_when_complete(tmp_path):
@@ -19,6 +19,18 @@ def test_failure_leaves_nothing_behind(tmp_path):
             (partial / "a.tif").write_bytes(b"x")
             raise RuntimeError("segmentation failed")
     assert not final.parent.exists()
+
+
+def test_a_costly_output_whose_record_fails_is_set_aside(tmp_path):
+    final = tmp_path / "models" / "run-1"
+    with atomic_directory(final) as partial:
+        (partial / "weights").write_bytes(b"w")
+    with pytest.raises(RuntimeError) as error:
+        with set_aside_on_failure(final):
+            raise RuntimeError("record failed")
+    assert not final.exists()
+    assert (tmp_path / "models" / "run-1.unrecorded" / "weights").read_bytes() == b"w"
+    assert error.value.__notes__ == [f"outputs kept, unrecorded, in {final}.unrecorded"]
 
 
 def test_never_overwrites_an_existing_output(tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from mantle_assets.atomic import atomic_directory, removed_on_failure
+from mantle_assets.atomic import atomic_directory, set_aside_on_failure
 from mantle_assets.entities import EntityStore
 from mantle_assets.imaging.segmentation import CellposeSegmenter
 from mantle_assets.models.training import (
@@ -95,7 +95,8 @@ def trained_cellpose_model(
     with atomic_directory(final) as partial:
         trained = train_cellpose_model(train_sets, partial, config.model_name, params)
     weights = final / "models" / config.model_name
-    with removed_on_failure(final):
+    # Training took up to hours: if scoring or recording fails, the weights are kept aside, not deleted.
+    with set_aside_on_failure(final):
         scores = evaluate_segmenter(CellposeSegmenter(weights, precision=params.precision), validation)
         context.log.info(f"validation {validation_path.name}: {scores}")
         train_ids = [annotated_entity(store, name, path, train_sets[name]) for name, path in named]
