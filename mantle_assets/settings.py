@@ -41,6 +41,26 @@ def staging_root() -> Path:
     return mantle_home() / "staging"
 
 
+DEFAULT_PLATES_PER_RUN = 8
+
+
+def plates_per_run() -> int:
+    """How many image directories one run of a backfill segments: ``$MANTLE_PLATES_PER_RUN`` (default 8).
+
+    A run loads the model and starts its process (or pod) once for all of
+    them; more runs than GPUs only queue.
+
+    Raises
+    ------
+    ValueError
+        One line naming the variable when it is not a positive integer.
+    """
+    configured = os.environ.get("MANTLE_PLATES_PER_RUN", "").strip() or str(DEFAULT_PLATES_PER_RUN)
+    if not configured.isdigit() or int(configured) < 1:
+        raise ValueError(f"MANTLE_PLATES_PER_RUN must be a positive integer, not {configured!r}")
+    return int(configured)
+
+
 # Never image data: registering them would only expose the machine's own files.
 SYSTEM_DIRECTORIES = ("/etc", "/proc", "/sys", "/dev", "/boot", "/bin", "/sbin", "/lib", "/usr", "/var", "/run")
 

@@ -7,9 +7,11 @@ from collections.abc import Iterator
 
 from dagster import (
     AssetExecutionContext,
+    AssetMaterialization,
+    AssetRecordsFilter,
+    BackfillPolicy,
     DataVersion,
     DataVersionsByPartition,
-    MaterializeResult,
     MetadataValue,
     TableColumn,
     TableRecord,
@@ -20,7 +22,7 @@ from dagster import (
 from tqdm import tqdm
 
 from mantle_assets.atomic import output_directory, removed_on_failure
-from mantle_assets.entities import Entity, EntityStore
+from mantle_assets.entities import Entity, EntityStore, StoreBusyError
 from mantle_assets.imaging.fields import FieldGrouping, ImageDirectoryError, group_fields
 from mantle_assets.imaging.pipeline import segment_directory
 from mantle_assets.imaging.segmentation import check_channels
@@ -30,7 +32,7 @@ from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
 from mantle_assets.orchestration.retries import retried_while_store_busy
 from mantle_assets.registration import IMAGE_DIRECTORY, directory_fingerprint
-from mantle_assets.settings import mask_root, staging_root
+from mantle_assets.settings import mask_root, plates_per_run, staging_root
 from mantle_assets.storage import is_uri, local_copy
 
 SEGMENTATION_PIPELINE = "cellpose-segmentation"
@@ -178,6 +180,50 @@ def summary_metadata(values: list[int]) -> dict:
     }
 
 
+def current_output(store: EntityStore, entity_id: str, pipeline: str, data_type: str) -> Entity | None:
+    """The unarchived ``data_type`` entity that ``pipeline`` made from ``entity_id`` most recently."""
+    for edge in reversed(store.children(entity_id)):
+        if edge.pipeline == pipeline:
+            child = store.get(edge.child_id)
+            if child.data_type == data_type and not child.archived:
+                return child
+    return None
+
+
+def current_masks(store: EntityStore, entity_id: str) -> Entity | None:
+    return current_output(store, entity_id, SEGMENTATION_PIPELINE, MASK_DIRECTORY)
+
+
+def materialized_in_run(context: AssetExecutionContext, partition_key: str) -> bool:
+    latest = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[partition_key]), limit=1
+    ).records
+    return bool(latest) and latest[0].run_id == context.run.run_id
+
+
+class SegmentationBatchError(RuntimeError):
+    """Some image directories of a multi-partition run failed; the others were segmented and recorded."""
+
+
+def raise_failures(failures: dict[str, Exception], partitions: int) -> None:
+    """Fail the step for the partitions that failed, if any.
+
+    A busy entity store comes first: the step is retried (see
+    :func:`retried_while_store_busy`), and the retry skips what is done. A
+    single-partition run fails with its partition's own message.
+    """
+    busy = [error for error in failures.values() if isinstance(error, StoreBusyError)]
+    if busy:
+        raise busy[0]
+    if partitions == 1 and failures:
+        raise next(iter(failures.values()))
+    if failures:
+        raise SegmentationBatchError(
+            f"{len(failures)} of {partitions} image directories failed: "
+            + "; ".join(f"{entity_id}: {error}" for entity_id, error in failures.items())
+        )
+
+
 @asset(
     deps=[image_directory],
     partitions_def=image_directory_partitions,
@@ -186,24 +232,47 @@ def summary_metadata(values: list[int]) -> dict:
     owners=["team:imaging"],
     op_tags=GPU_OP_TAGS,
     pool="gpu",
+    # A backfill segments several directories per run: one process, pod and model load for
+    # all of them, rather than one per plate.
+    backfill_policy=BackfillPolicy.multi_run(plates_per_run()),
+    output_required=False,
     description="Cellpose label images, one `<field>_cp_masks.tif` per field, recorded as a "
-    "segmentation_mask_directory entity linked to its image_directory.",
+    "segmentation_mask_directory entity linked to its image_directory. A backfill segments up to "
+    "`MANTLE_PLATES_PER_RUN` (default 8) directories per run; each is materialized as soon as its "
+    "entity is recorded, so one bad directory does not undo the others.",
 )
 def segmentation_masks(
     context: AssetExecutionContext,
     config: SegmentationConfig,
     entity_store: EntityStoreResource,
     cellpose: CellposeResource,
-) -> MaterializeResult:
+) -> Iterator[AssetMaterialization]:
+    store = entity_store.store()
+    failures: dict[str, Exception] = {}
+    for entity_id in context.partition_keys:
+        if materialized_in_run(context, entity_id):
+            continue  # by an earlier attempt of this step, which a retry repeats
+        try:
+            metadata = segment_partition(context, entity_id, config, store, cellpose)
+        except Exception as error:  # the batch goes on; the step fails at the end, naming it
+            context.log.error(f"{entity_id}: {error}", exc_info=len(context.partition_keys) > 1)
+            failures[entity_id] = error
+            continue
+        yield AssetMaterialization(context.asset_key, partition=entity_id, metadata=metadata)
     with retried_while_store_busy(seconds_to_wait=entity_store.lock_timeout):
-        return segment_partition(context, config, entity_store.store(), cellpose)
+        raise_failures(failures, len(context.partition_keys))
 
 
 def segment_partition(
-    context: AssetExecutionContext, config: SegmentationConfig, store: EntityStore, cellpose: CellposeResource
-) -> MaterializeResult:
+    context: AssetExecutionContext,
+    entity_id: str,
+    config: SegmentationConfig,
+    store: EntityStore,
+    cellpose: CellposeResource,
+) -> dict:
+    """Segment one image directory, record its masks entity, and return the materialization's metadata."""
     run_id = context.run.run_id
-    source = image_directory_entity(store, context.partition_key)
+    source = image_directory_entity(store, entity_id)
     # Parameters the run config leaves unset (null) come from the experiment's defaults.
     config = config.resolved_for(source)
     # A URI root gets the masks uploaded under a prefix of this run's own (see output_directory).
@@ -221,7 +290,8 @@ def segment_partition(
             progress.update()
             context.log.info(f"{outcome.field}: {outcome.cells} objects in {outcome.seconds:.1f} s")
 
-        with progress, output_directory(output_dir, staging_root() / f"{run_id}-masks") as partial:
+        scratch = staging_root() / f"{run_id}-{source.entity_id}-masks"
+        with progress, output_directory(output_dir, scratch) as partial:
             result = segment_directory(
                 grouping,
                 segmenter,
@@ -268,30 +338,28 @@ def segment_partition(
         )
 
     preview = base64.b64encode(result.preview_png).decode()
-    return MaterializeResult(
-        metadata={
-            "input_entity": source.entity_id,
-            "output_entity": output.entity_id,
-            "output_version": output.version,
-            "output_lineage": lineage_table(store, output.entity_id),
-            "input_properties": MetadataValue.json(without_file_lists(source.properties)),
-            "experiment_name": source.properties.get("experiment_name") or "",
-            "fields": len(result.fields),
-            "total_cells": result.total_cells,
-            "cells_per_field": MetadataValue.json(summary_metadata(cells)),
-            "cellpose_model": config.cellpose_model,
-            "parameters": MetadataValue.json(properties["extra_parameters"] | config.parameters()),
-            "diameter_px": MetadataValue.float(result.median_diameter()),
-            "diameter_estimated": settings.diameter is None,
-            "device": segmenter.device,
-            "seconds_per_field": MetadataValue.float(statistics.mean(seconds)),
-            "output_path": MetadataValue.path(str(output_dir)),
-            "preview": MetadataValue.md(
-                f"Outlines on field `{result.preview_field}`\n\n"
-                f"![preview](data:image/png;base64,{preview})"
-            ),
-        }
-    )
+    return {
+        "input_entity": source.entity_id,
+        "output_entity": output.entity_id,
+        "output_version": output.version,
+        "output_lineage": lineage_table(store, output.entity_id),
+        "input_properties": MetadataValue.json(without_file_lists(source.properties)),
+        "experiment_name": source.properties.get("experiment_name") or "",
+        "fields": len(result.fields),
+        "total_cells": result.total_cells,
+        "cells_per_field": MetadataValue.json(summary_metadata(cells)),
+        "cellpose_model": config.cellpose_model,
+        "parameters": MetadataValue.json(properties["extra_parameters"] | config.parameters()),
+        "diameter_px": MetadataValue.float(result.median_diameter()),
+        "diameter_estimated": settings.diameter is None,
+        "device": segmenter.device,
+        "seconds_per_field": MetadataValue.float(statistics.mean(seconds)),
+        "output_path": MetadataValue.path(str(output_dir)),
+        "preview": MetadataValue.md(
+            f"Outlines on field `{result.preview_field}`\n\n"
+            f"![preview](data:image/png;base64,{preview})"
+        ),
+    }
 
 
 def cellpose_version() -> str:

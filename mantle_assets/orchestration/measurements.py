@@ -36,8 +36,8 @@ from mantle_assets.imaging.fields import well_of
 from mantle_assets.imaging.measurements import default_channel_names, measure_directory
 from mantle_assets.imaging.plots import dose_response_png, plate_heatmap_png
 from mantle_assets.orchestration.assets import (
-    MASK_DIRECTORY,
-    SEGMENTATION_PIPELINE,
+    current_masks,
+    current_output,
     image_directory_entity,
     lineage_table,
     segmentation_masks,
@@ -47,7 +47,6 @@ from mantle_assets.orchestration.assets import (
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.orchestration.retries import retried_while_store_busy
-from mantle_assets.orchestration.schedules import current_output
 from mantle_assets.settings import mantle_home, staging_root
 from mantle_assets.storage import local_copy
 
@@ -77,7 +76,7 @@ class AssayConfig(Config):
 
 
 def current_masks_of(store: EntityStore, entity_id: str) -> Entity:
-    masks = current_output(store, entity_id, SEGMENTATION_PIPELINE, MASK_DIRECTORY)
+    masks = current_masks(store, entity_id)
     if masks is None:
         raise ValueError(f"{entity_id} has no segmentation masks: materialise segmentation_masks first")
     return masks

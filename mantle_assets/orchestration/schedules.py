@@ -1,43 +1,33 @@
 """The nightly backfill: segment every partition whose masks are missing, failed or stale."""
 
+import itertools
+import math
+
 from dagster import (
-    DagsterRunStatus,
+    AssetPartitionStatus,
     DefaultScheduleStatus,
     RunRequest,
-    RunsFilter,
     ScheduleEvaluationContext,
     schedule,
 )
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from mantle_assets.entities import Entity, EntityStore
 from mantle_assets.imaging.fields import ImageDirectoryError
 from mantle_assets.models.registry import ModelResolutionError, resolve_model
-from mantle_assets.orchestration.assets import MASK_DIRECTORY, SEGMENTATION_PIPELINE
+from mantle_assets.orchestration.assets import current_masks, segmentation_masks
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.jobs import segmentation_job
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.orchestration.sensors import default_segmentation_config, segmentation_run_config
 from mantle_assets.registration import IMAGE_DIRECTORY, directory_fingerprint
+from mantle_assets.settings import plates_per_run
 from mantle_assets.storage import is_directory
 
 # batch_size changes speed and memory, not the masks.
 RESULT_PARAMETERS = ("cellpose_model", "nuclei_channel", "cytoplasm_channel", "diameter",
                      "flow_threshold", "cellprob_threshold", "min_size")
-
-
-def current_output(store: EntityStore, entity_id: str, pipeline: str, data_type: str) -> Entity | None:
-    """The unarchived ``data_type`` entity that ``pipeline`` made from ``entity_id`` most recently."""
-    for edge in reversed(store.children(entity_id)):
-        if edge.pipeline == pipeline:
-            child = store.get(edge.child_id)
-            if child.data_type == data_type and not child.archived:
-                return child
-    return None
-
-
-def current_masks(store: EntityStore, entity_id: str) -> Entity | None:
-    return current_output(store, entity_id, SEGMENTATION_PIPELINE, MASK_DIRECTORY)
 
 
 def recorded_parameters(masks: Entity) -> dict:
@@ -46,20 +36,20 @@ def recorded_parameters(masks: Entity) -> dict:
             for name in RESULT_PARAMETERS}
 
 
-def stale_reason(store: EntityStore, instance, entity: Entity, model_hashes: dict[str, str | None]) -> str | None:
+def stale_reason(
+    store: EntityStore, entity: Entity, failed: bool, model_hashes: dict[str, str | None]
+) -> str | None:
     """Why a partition needs segmenting again, or None when its masks are current.
 
     Compares what the masks entity recorded (parameters, the directory's
-    fingerprint, the weights' hash) with what a run would use now.
+    fingerprint, the weights' hash) with what a run would use now; ``failed``:
+    Dagster's status of the partition is failed (its last attempt failed).
     """
     config: SegmentationConfig = default_segmentation_config(entity)
     masks = current_masks(store, entity.entity_id)
     if masks is None:
         return "no masks"
-    last_runs = instance.get_runs(
-        filters=RunsFilter(job_name=segmentation_job.name, tags={"dagster/partition": entity.entity_id}), limit=1
-    )
-    if last_runs and last_runs[0].status == DagsterRunStatus.FAILURE:
+    if failed:
         return "last run failed"
     wanted = config.model_dump()
     if recorded_parameters(masks) != {name: wanted[name] for name in RESULT_PARAMETERS}:
@@ -81,30 +71,92 @@ def stale_reason(store: EntityStore, instance, entity: Entity, model_hashes: dic
     return None
 
 
+def batches(stale: dict[str, str], partition_keys: list[str], size: int) -> list[tuple[list[str], str]]:
+    """Group stale partitions into runs of at most ``size``.
+
+    A run covers a range of partitions, so a batch is a stretch of stale
+    partitions adjacent in ``partition_keys`` (the partitions' order) with the
+    same reason; a longer stretch is split into near-equal batches.
+
+    Parameters
+    ----------
+    stale : dict of str to str
+        Stale partition keys and why.
+    partition_keys : list of str
+        All partition keys, in order.
+    size : int
+        Most partitions per batch.
+
+    Returns
+    -------
+    list of (list of str, str)
+        Each batch's partition keys, in order, and their reason.
+    """
+    stretches: list[tuple[list[str], str]] = []
+    previous = None
+    for key in partition_keys:
+        reason = stale.get(key)
+        if reason is not None and previous == reason:
+            stretches[-1][0].append(key)
+        elif reason is not None:
+            stretches.append(([key], reason))
+        previous = reason
+    result = []
+    for keys, reason in stretches:
+        count = math.ceil(len(keys) / size)
+        bounds = [round(i * len(keys) / count) for i in range(count + 1)]
+        result += [(keys[start:end], reason) for start, end in itertools.pairwise(bounds)]
+    return result
+
+
+def batch_run_request(keys: list[str], reason: str, entity: Entity, night: str) -> RunRequest:
+    """The run for a batch; ``entity`` is its first partition's image directory.
+
+    One partition gets its run config spelled out; a range leaves every
+    parameter unset, so each directory is segmented with its own experiment's
+    defaults (see :class:`SegmentationConfig`).
+    """
+    tags = {"mantle/stale_reason": reason}
+    if len(keys) == 1:
+        return RunRequest(
+            run_key=f"stale-{keys[0]}-{night}",
+            partition_key=keys[0],
+            run_config=segmentation_run_config(default_segmentation_config(entity)),
+            tags=tags,
+        )
+    return RunRequest(
+        run_key=f"stale-{keys[0]}-{keys[-1]}-{night}",
+        run_config=segmentation_run_config(SegmentationConfig()),
+        tags=tags | {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]},
+    )
+
+
 @schedule(
     job=segmentation_job,
     cron_schedule="0 2 * * *",
     default_status=DefaultScheduleStatus.RUNNING,
-    description="Nightly: one run per partition whose masks are missing, failed, or stale (directory "
-    "fingerprint, parameters or model weights changed since they were made).",
+    description="Nightly: segments every partition whose masks are missing, failed, or stale (directory "
+    "fingerprint, parameters or model weights changed since they were made), up to "
+    "`MANTLE_PLATES_PER_RUN` adjacent partitions per run.",
 )
 def stale_segmentation_schedule(context: ScheduleEvaluationContext, entity_store: EntityStoreResource):
     store = entity_store.store()
-    partitions = set(context.instance.get_dynamic_partitions(image_directory_partitions.name))
+    partition_keys = image_directory_partitions.get_partition_keys(dynamic_partitions_store=context.instance)
+    status = context.instance.get_status_by_partition(
+        segmentation_masks.key, partition_keys, image_directory_partitions
+    ) or {}
     model_hashes: dict[str, str | None] = {}
     night = context.scheduled_execution_time.strftime("%Y%m%d") if context.scheduled_execution_time else "now"
-    requests = []
-    for entity in store.list(IMAGE_DIRECTORY):
-        if entity.entity_id not in partitions or not is_directory(entity.properties["image_directory"]):
+    entities = {entity.entity_id: entity for entity in store.list(IMAGE_DIRECTORY)}
+    stale = {}
+    for key in partition_keys:
+        entity = entities.get(key)
+        if entity is None or not is_directory(entity.properties["image_directory"]):
             continue
-        reason = stale_reason(store, context.instance, entity, model_hashes)
+        reason = stale_reason(store, entity, status.get(key) == AssetPartitionStatus.FAILED, model_hashes)
         if reason is not None:
-            requests.append(
-                RunRequest(
-                    run_key=f"stale-{entity.entity_id}-{night}",
-                    partition_key=entity.entity_id,
-                    run_config=segmentation_run_config(default_segmentation_config(entity)),
-                    tags={"mantle/stale_reason": reason},
-                )
-            )
-    return requests
+            stale[key] = reason
+    return [
+        batch_run_request(keys, reason, entities[keys[0]], night)
+        for keys, reason in batches(stale, partition_keys, plates_per_run())
+    ]

@@ -3,8 +3,9 @@
 The backfill daemon's and the run queue's iterations run in the test process
 against the code location served from a subprocess; the default run launcher
 starts each dequeued run in its own process, where the job's multiprocess
-executor runs the step in yet another. Every entity and lineage edge must be
-recorded.
+executor runs the step in yet another. The asset's BackfillPolicy batches the
+partitions into runs of ``MANTLE_PLATES_PER_RUN``. Every entity and lineage edge
+must be recorded.
 """
 
 import logging
@@ -25,7 +26,18 @@ from mantle_assets_tests.conftest import EIGHT_WELLS, register_crop_per_well
 
 pytestmark = pytest.mark.slow
 
-def test_backfill_of_eight_partitions_records_every_entity_and_edge(tmp_path, instance, bundled_model_name):
+def run_partitions(run, partition_keys) -> list[str]:
+    if "dagster/partition" in run.tags:
+        return [run.tags["dagster/partition"]]
+    first, last = run.tags["dagster/asset_partition_range_start"], run.tags["dagster/asset_partition_range_end"]
+    return partition_keys[partition_keys.index(first) : partition_keys.index(last) + 1]
+
+
+def test_backfill_of_eight_partitions_records_every_entity_and_edge(
+    tmp_path, instance, bundled_model_name, monkeypatch
+):
+    # Read where the code location loads the definitions: the asset's BackfillPolicy.
+    monkeypatch.setenv("MANTLE_PLATES_PER_RUN", "3")
     store = EntityStore()
     # Eight partitions at once: the queue of a test instance has no run limit.
     sources = register_crop_per_well(tmp_path, store, EIGHT_WELLS, "backfill")
@@ -62,7 +74,10 @@ def test_backfill_of_eight_partitions_records_every_entity_and_edge(tmp_path, in
 
     assert instance.get_backfill("nightly").status == BulkActionStatus.COMPLETED_SUCCESS
     runs = instance.get_runs()
-    assert sorted(r.tags["dagster/partition"] for r in runs) == sorted(partition_keys)
+    # Batched by the asset's BackfillPolicy: three runs of at most three partitions, not eight.
+    batches = sorted(run_partitions(r, partition_keys) for r in runs)
+    assert len(batches) == 3 and all(len(batch) <= 3 for batch in batches)
+    assert sorted(key for batch in batches for key in batch) == sorted(partition_keys)
     assert all(r.status == DagsterRunStatus.SUCCESS for r in runs)
     for run in runs:
         logs = [e.message or "" for e in instance.all_logs(run.run_id)]

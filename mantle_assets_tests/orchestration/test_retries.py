@@ -12,6 +12,7 @@ from mantle_assets.orchestration.assets import segmentation_masks
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
 from mantle_assets.registration import register_image_directory
+from mantle_assets_tests.conftest import TWO_WELLS, register_crop_per_well
 
 pytestmark = pytest.mark.slow
 
@@ -81,3 +82,37 @@ def test_store_busy_beyond_the_retries_fails_the_run(bbbc014_crops, instance, bu
     assert not result.success
     event_types = [event.event_type for event in result.all_events]
     assert event_types.count(DagsterEventType.STEP_UP_FOR_RETRY) == 3
+
+
+def test_a_retried_range_skips_the_directories_it_already_materialized(tmp_path, instance, bundled_model_name):
+    store = EntityStore()
+    first, second = register_crop_per_well(tmp_path, store, TWO_WELLS, "batch")
+    instance.add_dynamic_partitions(image_directory_partitions.name, [first.entity_id, second.entity_id])
+
+    def busy_after_the_first_materialization():
+        deadline = time.monotonic() + 600
+        while not instance.get_event_records(EventRecordsFilter(DagsterEventType.ASSET_MATERIALIZATION)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        hold_lock(store, until=lambda: retries_requested(instance) > 0)
+
+    threading.Thread(target=busy_after_the_first_materialization, daemon=True).start()
+    result = materialize(
+        [segmentation_masks],
+        instance=instance,
+        tags={"dagster/asset_partition_range_start": first.entity_id,
+              "dagster/asset_partition_range_end": second.entity_id},
+        resources={"entity_store": EntityStoreResource(lock_timeout=LOCK_TIMEOUT), "cellpose": CellposeResource()},
+        run_config={"ops": {"segmentation_masks": {"config": {
+            "cellpose_model": bundled_model_name, "diameter": "12"}}}},
+    )
+
+    assert result.success
+    event_types = [event.event_type for event in result.all_events]
+    assert event_types.count(DagsterEventType.STEP_UP_FOR_RETRY) == 1
+    # Each directory segmented, recorded and materialized once: the retry did only the second.
+    assert sorted(m.partition for m in result.asset_materializations_for_node("segmentation_masks")) == sorted(
+        [first.entity_id, second.entity_id])
+    for source in (first, second):
+        (edge,) = store.children(source.entity_id)
+        assert edge.run_id == result.run_id

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import tifffile
 
-from mantle_assets.definitions import defs
 from mantle_assets.entities import EntityStore
 from mantle_assets.orchestration.assets import prepare_segmentation
 from mantle_assets.orchestration.config import PLATFORM_DEFAULTS, SegmentationConfig
@@ -45,11 +44,3 @@ def test_preparing_an_empty_config_checks_the_experiments_defaults(plate):
     _, _, settings, spec = prepare_segmentation(EntityStore(), plate.entity_id, SegmentationConfig())
     assert settings.diameter == 12.0
     assert spec.name == PLATFORM_DEFAULTS["cellpose_model"]
-
-
-def test_the_jobs_partition_config_is_the_experiments_defaults(plate):
-    """What the segmentation_job launchpad pre-fills for a partition, and what its backfills run with."""
-    job = defs.resolve_job_def("segmentation_job")
-    run_config = job.partitioned_config.get_run_config_for_partition_key(plate.entity_id)
-    assert run_config["ops"]["segmentation_masks"]["config"] == PLATFORM_DEFAULTS | {
-        "nuclei_channel": 2, "cytoplasm_channel": 2, "diameter": "12"}

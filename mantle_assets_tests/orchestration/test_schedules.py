@@ -12,7 +12,7 @@ from mantle_assets.entities import EntityStore
 from mantle_assets.models.registry import resolve_model
 from mantle_assets.orchestration.assets import MASK_DIRECTORY, SEGMENTATION_PIPELINE
 from mantle_assets.orchestration.partitions import image_directory_partitions
-from mantle_assets.orchestration.schedules import stale_segmentation_schedule
+from mantle_assets.orchestration.schedules import batches, stale_segmentation_schedule
 from mantle_assets.orchestration.sensors import default_segmentation_config
 from mantle_assets.registration import directory_fingerprint, register_image_directory
 
@@ -55,11 +55,28 @@ def record_current_masks(entity, tmp_path):
     )
 
 
-def preview(instance):
+def requests(instance):
     context = build_schedule_context(
         instance=instance, scheduled_execution_time=datetime(2026, 11, 27, 2, tzinfo=UTC), resources=defs.resources
     )
-    return {r.partition_key: r.tags["mantle/stale_reason"] for r in stale_segmentation_schedule(context)}
+    return stale_segmentation_schedule(context)
+
+
+def requested_partitions(instance, request) -> list[str]:
+    if request.partition_key is not None:
+        return [request.partition_key]
+    keys = image_directory_partitions.get_partition_keys(dynamic_partitions_store=instance)
+    first, last = request.partition_key_range
+    return keys[keys.index(first) : keys.index(last) + 1]
+
+
+def preview(instance):
+    """Each requested partition and why."""
+    return {
+        key: request.tags["mantle/stale_reason"]
+        for request in requests(instance)
+        for key in requested_partitions(instance, request)
+    }
 
 
 def test_missing_masks_are_listed(instance, plates):
@@ -110,3 +127,35 @@ def test_changed_model_weights_are_listed(instance, plates, tmp_path):
     assert preview(instance) == {}
     weights.write_bytes(weights.read_bytes() + b"retrained")
     assert set(preview(instance).values()) == {"model changed"}
+
+
+KEYS = [f"k{i}" for i in range(10)]
+
+
+def test_a_stretch_of_stale_partitions_is_split_into_near_equal_batches():
+    assert batches(dict.fromkeys(KEYS, "no masks"), KEYS, 4) == [
+        (["k0", "k1", "k2"], "no masks"), (["k3", "k4", "k5", "k6"], "no masks"), (["k7", "k8", "k9"], "no masks")]
+
+
+def test_batches_break_at_current_partitions_and_at_another_reason():
+    stale = {"k0": "no masks", "k1": "no masks", "k3": "no masks", "k4": "model changed", "k5": "model changed"}
+    assert batches(stale, KEYS, 8) == [
+        (["k0", "k1"], "no masks"), (["k3"], "no masks"), (["k4", "k5"], "model changed")]
+
+
+def test_adjacent_stale_partitions_are_requested_as_ranges(instance, plates, monkeypatch):
+    monkeypatch.setenv("MANTLE_PLATES_PER_RUN", "2")
+    pair, single = requests(instance)
+    assert requested_partitions(instance, pair) == [plates[0].entity_id, plates[1].entity_id]
+    # A range leaves every parameter to each directory's experiment; one partition spells them out.
+    assert set(pair.run_config["ops"]["segmentation_masks"]["config"].values()) == {None}
+    assert single.partition_key == plates[2].entity_id
+    spelled_out = single.run_config["ops"]["segmentation_masks"]["config"]
+    assert spelled_out == default_segmentation_config(plates[2]).model_dump()
+    assert len({pair.run_key, single.run_key}) == 2
+
+
+def test_a_bad_batch_size_is_named(instance, plates, monkeypatch):
+    monkeypatch.setenv("MANTLE_PLATES_PER_RUN", "0")
+    with pytest.raises(ValueError, match="MANTLE_PLATES_PER_RUN"):
+        requests(instance)

@@ -1,0 +1,67 @@
+"""Several image directories in one run: the range runs of backfills and of the nightly schedule."""
+
+import pytest
+from dagster import AssetPartitionStatus, DagsterEventType
+
+from mantle_assets.cli import root_cause
+from mantle_assets.definitions import defs
+from mantle_assets.entities import EntityStore
+from mantle_assets.orchestration.assets import segmentation_masks
+from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets_tests.conftest import EIGHT_WELLS, register_crop_per_well
+from mantle_assets_tests.orchestration.test_schedules import preview, requests
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def three_plates(tmp_path, instance, bundled_model_name):
+    """Three adjacent partitions without masks; the second's experiment asks for a channel its images lack."""
+    store = EntityStore()
+    defaults = [
+        {"diameter": "12"},
+        {"diameter": "12", "nuclei_channel": 3, "cytoplasm_channel": 3},
+        {"diameter": "15"},
+    ]
+    plates = [
+        store.update(entity.entity_id, {"segmentation_defaults": {"cellpose_model": bundled_model_name, **own}})
+        for entity, own in zip(register_crop_per_well(tmp_path, store, EIGHT_WELLS[:3], "batch"), defaults, strict=True)
+    ]
+    instance.add_dynamic_partitions(image_directory_partitions.name, [p.entity_id for p in plates])
+    return plates
+
+
+def test_a_nightly_range_segments_each_directory_with_its_experiments_defaults(instance, three_plates):
+    good, bad, other = three_plates
+    (request,) = requests(instance)
+
+    result = defs.resolve_job_def("segmentation_job").execute_in_process(
+        run_config=request.run_config, tags=request.tags, instance=instance, raise_on_error=False
+    )
+
+    assert not result.success
+    store = EntityStore()
+    masks = {m.properties["source_entity"]: m for m in store.list("segmentation_mask_directory")}
+    assert set(masks) == {good.entity_id, other.entity_id}
+    assert {key: m.properties["diameter"] for key, m in masks.items()} == {good.entity_id: "12", other.entity_id: "15"}
+    assert {m.properties["run_id"] for m in masks.values()} == {result.run_id}
+
+    materialized = result.asset_materializations_for_node("segmentation_masks")
+    assert {m.partition: m.metadata["output_entity"].value for m in materialized} == {
+        key: m.entity_id for key, m in masks.items()}
+    status = instance.get_status_by_partition(
+        segmentation_masks.key, [p.entity_id for p in three_plates], image_directory_partitions
+    )
+    assert status == {
+        good.entity_id: AssetPartitionStatus.MATERIALIZED,
+        bad.entity_id: AssetPartitionStatus.FAILED,
+        other.entity_id: AssetPartitionStatus.MATERIALIZED,
+    }
+
+    (failure,) = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+    assert root_cause(failure.step_failure_data).endswith(
+        f"1 of 3 image directories failed: {bad.entity_id}: nuclei_channel=3 but the images have 1 channel(s)")
+    loads = [e for e in instance.all_logs(result.run_id) if (e.user_message or "").startswith("loaded model")]
+    assert len(loads) == 1
+
+    assert preview(instance) == {bad.entity_id: "no masks"}
