@@ -19,6 +19,8 @@ from mantle_assets.imaging.io import read_image
 from mantle_assets.imaging.precision import run_network_in
 
 AP_THRESHOLDS = (0.5, 0.75, 0.9)
+# Objects below this area (px) are "small" for small_object_recall: BBBC039's micronuclei.
+SMALL_OBJECT_AREA = 60
 
 
 @dataclass(frozen=True)
@@ -338,6 +340,47 @@ def average_precision(
     return {f"ap{round(t * 100)}": float(np.mean(ap[:, i])) for i, t in enumerate(thresholds)}
 
 
+def small_object_recall(
+    true_masks: list[np.ndarray],
+    predicted_masks: list[np.ndarray],
+    max_area: int = SMALL_OBJECT_AREA,
+    iou_threshold: float = 0.5,
+) -> tuple[float | None, int]:
+    """Share of the small true objects that a predicted object matches.
+
+    The measure of what AP hides on BBBC039: its micronuclei (objects under
+    60 px, 6 % of the nuclei) decide whether AP@0.5 can pass 0.92.
+
+    Parameters
+    ----------
+    true_masks, predicted_masks : list of ndarray
+        Label images (0 = background), pairwise of one shape.
+    max_area : int
+        A true object is small when its area in pixels is below this.
+    iou_threshold : float
+        The IoU with one predicted object that counts as found.
+
+    Returns
+    -------
+    (float or None, int)
+        The recall (None without small objects) and the number of small objects.
+    """
+    found = total = 0
+    for truth, predicted in zip(true_masks, predicted_masks, strict=True):
+        t, p = truth.astype(np.int64).ravel(), predicted.astype(np.int64).ravel()
+        n_true, n_predicted = int(t.max()) + 1, int(p.max()) + 1
+        overlap = np.bincount(t * n_predicted + p, minlength=n_true * n_predicted).reshape(n_true, n_predicted)
+        true_area, predicted_area = overlap.sum(1), overlap.sum(0)
+        union = true_area[:, None] + predicted_area[None, :] - overlap
+        iou = np.divide(overlap, union, out=np.zeros(overlap.shape), where=union > 0)[:, 1:]
+        best = iou.max(1) if n_predicted > 1 else np.zeros(n_true)
+        small = (true_area > 0) & (true_area < max_area)
+        small[0] = False
+        total += int(small.sum())
+        found += int((best[small] >= iou_threshold).sum())
+    return (found / total if total else None), total
+
+
 def parse_named_path(text: str) -> tuple[str, Path]:
     """Split ``NAME=PATH`` (or a bare ``PATH``, named after its folder)."""
     name, sep, path = text.partition("=")
@@ -362,8 +405,9 @@ def evaluate_segmenter(segmenter, annotated: AnnotatedSet, *, annotated_diameter
     Returns
     -------
     dict
-        ``ap50``/``ap75``/``ap90`` (mean over images) and
-        ``diameter_median_relative_error``: the median over images of
+        ``ap50``/``ap75``/``ap90`` (mean over images),
+        ``small_object_recall``/``n_small_objects`` (see
+        :func:`small_object_recall`) and ``diameter_median_relative_error``: the median over images of
         ``|estimated - annotated| / annotated`` median object diameter.
     """
     from cellpose.utils import diameters
@@ -379,6 +423,7 @@ def evaluate_segmenter(segmenter, annotated: AnnotatedSet, *, annotated_diameter
         predicted.append(result.masks)
         errors.append(abs(result.diameter - true_diameter) / true_diameter)
     scores = average_precision(annotated.masks, predicted)
+    scores["small_object_recall"], scores["n_small_objects"] = small_object_recall(annotated.masks, predicted)
     scores["diameter_median_relative_error"] = float(np.median(errors))
     scores["n_images"] = len(annotated)
     return scores

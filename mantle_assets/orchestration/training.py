@@ -132,6 +132,9 @@ def trained_cellpose_model(
             "ap50": scores["ap50"],
             "ap75": scores["ap75"],
             "ap90": scores["ap90"],
+            "small_object_recall": MetadataValue.json(
+                {"recall": scores["small_object_recall"], "objects": scores["n_small_objects"]}
+            ),
             "diameter_median_relative_error": scores["diameter_median_relative_error"],
             "wall_seconds": trained.wall_seconds,
             "hardware": trained.hardware,

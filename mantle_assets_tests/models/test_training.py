@@ -10,6 +10,7 @@ from mantle_assets.models.training import (
     load_annotated_set,
     parse_named_path,
     sampling_probabilities,
+    small_object_recall,
 )
 
 
@@ -68,6 +69,21 @@ def test_average_precision_of_known_predictions():
     half = truth.copy()
     half[half > 2] = 0  # two of four objects found: TP=2, FN=2 -> AP = 0.5
     assert average_precision([truth], [half])["ap50"] == pytest.approx(0.5)
+
+
+def test_small_object_recall_counts_only_small_objects_found():
+    truth = np.zeros((40, 40), np.uint16)
+    truth[2:22, 2:22] = 1  # 400 px: not small
+    truth[30:35, 30:35] = 2  # 25 px: small, found exactly below
+    truth[30:36, 2:8] = 3  # 36 px: small, found only in part below
+    truth[25:28, 25:28] = 4  # 9 px: small, missed
+    predicted = np.zeros_like(truth)
+    predicted[30:35, 30:35] = 7
+    predicted[30:36, 2:4] = 8  # IoU 12/36 < 0.5
+    assert small_object_recall([truth], [predicted]) == (pytest.approx(1 / 3), 3)
+    assert small_object_recall([truth], [predicted], max_area=30) == (pytest.approx(1 / 2), 2)
+    assert small_object_recall([truth], [np.zeros_like(truth)])[0] == 0.0
+    assert small_object_recall([truth], [predicted], max_area=5) == (None, 0)
 
 
 def test_training_starts_fresh_without_an_initial_model():

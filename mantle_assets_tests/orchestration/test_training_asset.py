@@ -63,7 +63,8 @@ def test_training_registers_a_model_entity_with_metrics(tmp_path, mantle_home):
     assert props["diam_mean"] == 17.0
     assert props["precision"] == resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
     assert 10 < props["diam_labels"] < 60
-    assert set(props["validation_ap"]) >= {"ap50", "ap75", "ap90", "diameter_median_relative_error"}
+    assert set(props["validation_ap"]) >= {"ap50", "ap75", "ap90", "small_object_recall", "n_small_objects",
+                                           "diameter_median_relative_error"}
     assert all(0.0 <= props["validation_ap"][k] <= 1.0 for k in ("ap50", "ap75", "ap90"))
 
     train_entity, val_entity = store.list("annotated_image_directory")
@@ -74,3 +75,5 @@ def test_training_registers_a_model_entity_with_metrics(tmp_path, mantle_home):
     assert (edge.parent_id, edge.run_id) == (train_entity.entity_id, result.run_id)
     metadata = result.asset_materializations_for_node("trained_cellpose_model")[0].metadata
     assert metadata["model_entity"].value == model.entity_id
+    assert metadata["small_object_recall"].value == {
+        "recall": props["validation_ap"]["small_object_recall"], "objects": props["validation_ap"]["n_small_objects"]}
