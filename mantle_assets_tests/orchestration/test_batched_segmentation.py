@@ -1,7 +1,15 @@
 """Several image directories in one run: the range runs of backfills and of the nightly schedule."""
 
+import logging
+import time
+from datetime import UTC, datetime
+
 import pytest
-from dagster import AssetPartitionStatus, DagsterEventType
+from dagster import AssetPartitionStatus, DagsterEventType, DagsterRunStatus
+from dagster._core.test_utils import create_test_daemon_workspace_context, freeze_time
+from dagster._core.workspace.load_target import ModuleTarget
+from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
+from dagster._scheduler.scheduler import launch_scheduled_runs
 
 from mantle_assets.cli import root_cause
 from mantle_assets.definitions import defs
@@ -65,3 +73,32 @@ def test_a_nightly_range_segments_each_directory_with_its_experiments_defaults(i
     assert len(loads) == 1
 
     assert preview(instance) == {bad.entity_id: "no masks"}
+
+
+def test_the_scheduler_launches_the_nightly_range_as_one_run(instance, three_plates):
+    """Dagster's own scheduler and run queue iterations, the run in a process of its own."""
+    good, bad, other = three_plates
+    target = ModuleTarget(
+        module_name="mantle_assets.definitions", attribute="defs", working_directory=None, location_name="mantle"
+    )
+    logger = logging.getLogger("scheduler")
+    with create_test_daemon_workspace_context(target, instance) as workspace:
+        for now in (datetime(2026, 11, 27, 1, 59, tzinfo=UTC), datetime(2026, 11, 27, 2, 0, 5, tzinfo=UTC)):
+            with freeze_time(now):
+                list(launch_scheduled_runs(workspace, logger, now, iteration_times={}))
+        (run,) = instance.get_runs()
+        run_queue = QueuedRunCoordinatorDaemon(interval_seconds=1)
+        deadline = time.monotonic() + 600
+        while not instance.get_run_by_id(run.run_id).is_finished:
+            assert time.monotonic() < deadline, "the scheduled run did not finish"
+            list(run_queue.run_iteration(workspace))
+            time.sleep(1)
+
+    run = instance.get_run_by_id(run.run_id)
+    assert run.tags["dagster/schedule_name"] == "stale_segmentation_schedule"
+    assert (run.tags["dagster/asset_partition_range_start"], run.tags["dagster/asset_partition_range_end"]) == (
+        good.entity_id, other.entity_id)
+    assert run.status == DagsterRunStatus.FAILURE  # the bad directory; the others are done
+    masks = EntityStore().list("segmentation_mask_directory")
+    assert sorted(m.properties["source_entity"] for m in masks) == [good.entity_id, other.entity_id]
+    assert {m.properties["run_id"] for m in masks} == {run.run_id}
