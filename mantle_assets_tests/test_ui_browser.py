@@ -112,8 +112,8 @@ def stop_process_group(server: subprocess.Popen) -> None:
 def ui(mantle_home, bbbc014_crops, tmp_path):
     """`mantle ui` on a free port, with the crops registered as one image_directory partition.
 
-    The new-image-directory sensor is stopped first (as a person can, in the UI or with `dagster
-    sensor stop`), so that the only segmentation run is the one the browser launches.
+    The new-image-directory and measurement sensors are stopped first (as a person can, in the UI
+    or with `dagster sensor stop`), so that the only runs are the ones the browser launches.
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -127,11 +127,12 @@ def ui(mantle_home, bbbc014_crops, tmp_path):
         )
     try:
         wait_until_serving(server, url, log)
-        subprocess.run(
-            [sys.executable, "-m", "dagster", "sensor", "stop", "new_image_directory_sensor",
-             "-w", str(mantle_home / "dagster" / "workspace.yaml")],
-            cwd=workdir, capture_output=True, text=True, check=True, timeout=300,
-        )
+        for sensor in ("new_image_directory_sensor", "segmented_directory_sensor"):
+            subprocess.run(
+                [sys.executable, "-m", "dagster", "sensor", "stop", sensor,
+                 "-w", str(mantle_home / "dagster" / "workspace.yaml")],
+                cwd=workdir, capture_output=True, text=True, check=True, timeout=300,
+            )
         entity_id = mantle("register", str(bbbc014_crops), "--experiment", EXPERIMENT, cwd=workdir).strip()
         # The experiment segments nuclei in the DNA channel (green); the UI's run must pick that up.
         mantle("defaults", "--experiment", EXPERIMENT, "--nuclei-channel", "2", "--cytoplasm-channel", "2",

@@ -82,15 +82,29 @@ def current_masks_of(store: EntityStore, entity_id: str) -> Entity:
     return masks
 
 
+def made_from(measured: Entity, masks: Entity) -> bool:
+    """Whether a measurement table measured these masks (this entity, as this run made it)."""
+    return (measured.properties["mask_entity"], measured.properties.get("mask_run_id")) == (
+        masks.entity_id, masks.properties.get("run_id")
+    )
+
+
+def needs_measuring(store: EntityStore, entity_id: str) -> bool:
+    """Whether an image directory has current masks that no measurement table measured yet."""
+    masks = current_masks(store, entity_id)
+    if masks is None:
+        return False
+    measured = current_output(store, entity_id, MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
+    return measured is None or not made_from(measured, masks)
+
+
 def current_measurements_of(store: EntityStore, entity_id: str) -> Entity:
     """The partition's measurement table, refused when the masks were segmented again since."""
     measured = current_output(store, entity_id, MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
     if measured is None:
         raise ValueError(f"{entity_id} has no cell measurements: materialise cell_measurements first")
     masks = current_masks_of(store, entity_id)
-    if (masks.entity_id, masks.properties.get("run_id")) != (
-        measured.properties["mask_entity"], measured.properties.get("mask_run_id")
-    ):
+    if not made_from(measured, masks):
         raise ValueError(
             f"{measured.entity_id} measured older masks than {masks.entity_id} (run {masks.properties.get('run_id')}): "
             "materialise cell_measurements again"

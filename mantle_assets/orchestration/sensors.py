@@ -1,10 +1,11 @@
-"""Sensors: new image directories become partitions and get segmented without anyone clicking."""
+"""Sensors: new image directories become partitions, get segmented and measured without anyone clicking."""
 
 import json
 import time
 from pathlib import Path
 
 from dagster import (
+    AssetRecordsFilter,
     DefaultSensorStatus,
     RunRequest,
     SensorEvaluationContext,
@@ -15,9 +16,10 @@ from dagster import (
 from mantle_assets.entities import Entity
 from mantle_assets.imaging.fields import ImageDirectoryError
 from mantle_assets.inbox import read_sidecar, scan_inbox
-from mantle_assets.orchestration.assets import SEGMENTATION_PIPELINE
+from mantle_assets.orchestration.assets import SEGMENTATION_PIPELINE, segmentation_masks
 from mantle_assets.orchestration.config import SegmentationConfig
-from mantle_assets.orchestration.jobs import segmentation_job, segmentation_run_config
+from mantle_assets.orchestration.jobs import measurement_job, segmentation_job, segmentation_run_config
+from mantle_assets.orchestration.measurements import needs_measuring
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource, InboxResource
 from mantle_assets.registration import IMAGE_DIRECTORY, register_image_directory
@@ -117,4 +119,40 @@ def inbox_sensor(
     return SensorResult(
         cursor=json.dumps(failed, sort_keys=True),
         skip_reason=None if added else "no new quiet inbox folders",
+    )
+
+
+# Materialization events read per tick; the cursor carries on from the last one.
+EVENTS_PER_TICK = 200
+
+
+@sensor(
+    job=measurement_job,
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Measures every image directory whose segmentation_masks were materialized (by any run: "
+    "the new-directory sensor's, the nightly schedule's, a backfill's, the UI's, the CLI's) and whose masks "
+    "no cell measurement table measured yet: one measurement_job run per directory.",
+)
+def segmented_directory_sensor(
+    context: SensorEvaluationContext, entity_store: EntityStoreResource
+) -> SensorResult:
+    after = int(context.cursor) if context.cursor else None
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=segmentation_masks.key, after_storage_id=after),
+        limit=EVENTS_PER_TICK,
+        ascending=True,
+    ).records
+    if not records:
+        return SensorResult(skip_reason="no new segmentation masks")
+    store = entity_store.store()
+    partitions = set(context.instance.get_dynamic_partitions(image_directory_partitions.name))
+    latest = {record.partition_key: record for record in records}  # ascending: the newest wins
+    return SensorResult(
+        run_requests=[
+            RunRequest(run_key=f"measure-{entity_id}-{record.storage_id}", partition_key=entity_id)
+            for entity_id, record in latest.items()
+            if entity_id in partitions and needs_measuring(store, entity_id)
+        ],
+        cursor=str(records[-1].storage_id),
     )

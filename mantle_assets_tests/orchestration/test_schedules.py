@@ -31,8 +31,9 @@ def plates(tmp_path, instance):
     return entities
 
 
-def record_current_masks(entity, tmp_path):
-    """What a successful segmentation with the entity's defaults records."""
+def record_current_masks(entity, tmp_path, run_id=None):
+    """What a successful segmentation (run ``run_id``) with the entity's defaults records."""
+    run_id = run_id or f"run-{entity.entity_id}"
     config = default_segmentation_config(entity)
     masks = tmp_path / "masks" / entity.entity_id
     masks.mkdir(parents=True)
@@ -46,11 +47,11 @@ def record_current_masks(entity, tmp_path):
             "extra_parameters": {k: getattr(config, k) for k in ("flow_threshold", "cellprob_threshold", "min_size")},
             "source_fingerprint": directory_fingerprint(entity.properties["image_directory"])[1],
             "model_sha256": resolve_model(config.cellpose_model).weights_sha256(),
-            "run_id": f"run-{entity.entity_id}",
+            "run_id": run_id,
         },
         parents=[entity.entity_id],
         pipeline=SEGMENTATION_PIPELINE,
-        run_id=f"run-{entity.entity_id}",
+        run_id=run_id,
         parameters=config.parameters(),
     )
 
