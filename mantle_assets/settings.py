@@ -44,21 +44,31 @@ def staging_root() -> Path:
 DEFAULT_PLATES_PER_RUN = 8
 
 
-def plates_per_run() -> int:
-    """How many image directories one run of a backfill segments: ``$MANTLE_PLATES_PER_RUN`` (default 8).
-
-    A run loads the model and starts its process (or pod) once for all of
-    them; more runs than GPUs only queue.
+def positive_integer_setting(name: str, default: int) -> int:
+    """An environment variable that must be a positive integer.
 
     Raises
     ------
     ValueError
-        One line naming the variable when it is not a positive integer.
+        One line naming the variable when it is set to anything else.
     """
-    configured = os.environ.get("MANTLE_PLATES_PER_RUN", "").strip() or str(DEFAULT_PLATES_PER_RUN)
+    configured = os.environ.get(name, "").strip() or str(default)
     if not configured.isdigit() or int(configured) < 1:
-        raise ValueError(f"MANTLE_PLATES_PER_RUN must be a positive integer, not {configured!r}")
+        raise ValueError(f"{name} must be a positive integer, not {configured!r}")
     return int(configured)
+
+
+def plates_per_run() -> int:
+    """How many image directories one run of a backfill segments: ``$MANTLE_PLATES_PER_RUN`` (default 8).
+
+    A run loads the model and starts its process (or pod) once for all of them.
+    """
+    return positive_integer_setting("MANTLE_PLATES_PER_RUN", DEFAULT_PLATES_PER_RUN)
+
+
+def gpu_count() -> int:
+    """GPUs the platform may use at once, the ``gpu`` pool's limit: ``$MANTLE_GPUS`` (default 1)."""
+    return positive_integer_setting("MANTLE_GPUS", 1)
 
 
 # Never image data: registering them would only expose the machine's own files.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mantle_assets.settings import gpu_count
+
 DEFAULT_MAX_CONCURRENT_RUNS = 4
 
 
@@ -32,7 +34,7 @@ def write_instance_settings(dagster_home: Path) -> Path:
         settings.write_text(
             instance_settings(
                 max_concurrent_runs=int(os.environ.get("MANTLE_MAX_RUNS", DEFAULT_MAX_CONCURRENT_RUNS)),
-                gpu_slots=int(os.environ.get("MANTLE_GPUS", 1)),
+                gpu_slots=gpu_count(),
             )
         )
     return settings

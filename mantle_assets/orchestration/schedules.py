@@ -22,7 +22,7 @@ from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.orchestration.sensors import default_segmentation_config, segmentation_run_config
 from mantle_assets.registration import IMAGE_DIRECTORY, directory_fingerprint
-from mantle_assets.settings import plates_per_run
+from mantle_assets.settings import gpu_count, plates_per_run
 from mantle_assets.storage import is_directory
 
 # batch_size changes speed and memory, not the masks.
@@ -137,7 +137,7 @@ def batch_run_request(keys: list[str], reason: str, entity: Entity, night: str) 
     default_status=DefaultScheduleStatus.RUNNING,
     description="Nightly: segments every partition whose masks are missing, failed, or stale (directory "
     "fingerprint, parameters or model weights changed since they were made), up to "
-    "`MANTLE_PLATES_PER_RUN` adjacent partitions per run.",
+    "`MANTLE_PLATES_PER_RUN` adjacent partitions per run, fewer when that leaves GPUs (`MANTLE_GPUS`) idle.",
 )
 def stale_segmentation_schedule(context: ScheduleEvaluationContext, entity_store: EntityStoreResource):
     store = entity_store.store()
@@ -156,7 +156,9 @@ def stale_segmentation_schedule(context: ScheduleEvaluationContext, entity_store
         reason = stale_reason(store, entity, status.get(key) == AssetPartitionStatus.FAILED, model_hashes)
         if reason is not None:
             stale[key] = reason
+    # Few stale plates are spread over the GPUs rather than queued behind one of them.
+    size = min(plates_per_run(), max(1, math.ceil(len(stale) / gpu_count())))
     return [
         batch_run_request(keys, reason, entities[keys[0]], night)
-        for keys, reason in batches(stale, partition_keys, plates_per_run())
+        for keys, reason in batches(stale, partition_keys, size)
     ]

@@ -156,6 +156,12 @@ def test_adjacent_stale_partitions_are_requested_as_ranges(instance, plates, mon
     assert len({pair.run_key, single.run_key}) == 2
 
 
+def test_few_stale_partitions_are_spread_over_the_gpus(instance, plates, monkeypatch):
+    assert len(requests(instance)) == 1  # one GPU: the three plates in one run
+    monkeypatch.setenv("MANTLE_GPUS", "3")
+    assert [requested_partitions(instance, r) for r in requests(instance)] == [[p.entity_id] for p in plates]
+
+
 def test_a_bad_batch_size_is_named(instance, plates, monkeypatch):
     monkeypatch.setenv("MANTLE_PLATES_PER_RUN", "0")
     with pytest.raises(ValueError, match="MANTLE_PLATES_PER_RUN"):
