@@ -93,6 +93,16 @@ def wait_until_serving(server: subprocess.Popen, url: str, log: Path) -> None:
     pytest.fail(f"mantle ui did not serve {url} within {SERVER_START_SECONDS} s:\n{log.read_text()[-3000:]}")
 
 
+def wait_visible(locator, timeout_ms: int = 10_000) -> bool:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    try:
+        locator.wait_for(state="visible", timeout=timeout_ms)
+    except PlaywrightTimeoutError:
+        return False
+    return True
+
+
 def stop_process_group(server: subprocess.Popen) -> None:
     """SIGTERM to `mantle ui` (dagster dev stops its webserver, daemon and code servers), then SIGKILL
     to whatever is left in its process group."""
@@ -166,8 +176,13 @@ def test_launch_a_partition_then_a_backfill_from_the_ui(ui, sync_playwright, art
             page.screenshot(path=artifacts / "01-asset-graph.png")
 
             # Open segmentation_masks: its description, then its page and its partition.
-            masks_node.click()
-            expect(page.get_by_text("recorded as a segmentation_mask_directory entity")).to_be_visible()
+            # Dagster's newsletter dialog can pop up over the click: click until the node's panel shows.
+            description = page.get_by_text("recorded as a segmentation_mask_directory entity")
+            for _ in range(3):
+                masks_node.click()
+                if wait_visible(description):
+                    break
+            expect(description).to_be_visible()
             page.get_by_role("link", name="View in Asset Catalog").click()
             page.get_by_role("tab", name="Partitions").click()
             page.get_by_text(entity_id, exact=True).first.click()
