@@ -212,16 +212,17 @@ def raise_failures(failures: dict[str, Exception], partitions: int) -> None:
     :func:`retried_while_store_busy`), and the retry skips what is done. A
     single-partition run fails with its partition's own message.
     """
+    if not failures:
+        return
     busy = [error for error in failures.values() if isinstance(error, StoreBusyError)]
     if busy:
         raise busy[0]
-    if partitions == 1 and failures:
+    if partitions == 1:
         raise next(iter(failures.values()))
-    if failures:
-        raise SegmentationBatchError(
-            f"{len(failures)} of {partitions} image directories failed: "
-            + "; ".join(f"{entity_id}: {error}" for entity_id, error in failures.items())
-        )
+    raise SegmentationBatchError(
+        f"{len(failures)} of {partitions} image directories failed: "
+        + "; ".join(f"{entity_id}: {error}" for entity_id, error in failures.items())
+    )
 
 
 @asset(
