@@ -11,7 +11,7 @@ from mantle_assets.entities import Entity, EntityStore
 from mantle_assets.imaging.assay import read_plate_layout
 from mantle_assets.imaging.fields import FieldGrouping, group_fields, list_image_files, well_of
 from mantle_assets.imaging.measurements import check_channel_names
-from mantle_assets.settings import check_data_path, staging_root
+from mantle_assets.settings import check_data_path, max_field_pixels, staging_root
 from mantle_assets.storage import is_uri, local_copy, remote_fingerprint
 
 IMAGE_DIRECTORY = "image_directory"
@@ -101,7 +101,7 @@ def register_image_directory(
     checked = check_data_path(directory, "image_directory")
     directory = checked if is_uri(checked) else Path(directory)  # a URI normalised: no trailing slash
     with local_copy(directory, staging_root()) as images:
-        grouping = group_fields(images)
+        grouping = group_fields(images, max_pixels=max_field_pixels())
         if not is_uri(directory):  # a copy's files are the platform's own downloads
             for field in grouping.fields:
                 for path in field.files:

@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+from mantle_assets.imaging.io import MAX_FIELD_PIXELS
 from mantle_assets.storage import is_uri, normalised_uri
 
 DEFAULT_MANTLE_HOME = ".mantle"
@@ -69,6 +70,33 @@ def plates_per_run() -> int:
 def gpu_count() -> int:
     """GPUs the platform may use at once, the ``gpu`` pool's limit: ``$MANTLE_GPUS`` (default 1)."""
     return positive_integer_setting("MANTLE_GPUS", 1)
+
+
+MAX_FIELD_PIXELS_ENV = "MANTLE_MAX_FIELD_PIXELS"
+
+
+def max_field_pixels() -> int:
+    """The most pixels one channel plane of an image may have: ``$MANTLE_MAX_FIELD_PIXELS``, default 2**28.
+
+    The image reader refuses larger images from their headers; see
+    :mod:`mantle_assets.imaging.io` for why there is a limit.
+
+    Raises
+    ------
+    ValueError
+        One line naming the variable when it is set to anything but a
+        positive whole number.
+    """
+    value = os.environ.get(MAX_FIELD_PIXELS_ENV, "").strip()
+    if not value:
+        return MAX_FIELD_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise ValueError(f"{MAX_FIELD_PIXELS_ENV} must be a positive whole number, got {value!r}")
+    return limit
 
 
 # Never image data: registering them would only expose the machine's own files.

@@ -19,7 +19,8 @@ import tifffile
 from PIL import Image
 
 from mantle_assets.entities import EntityStore
-from mantle_assets.imaging.fields import MAX_FIELD_PIXELS, ImageDirectoryError
+from mantle_assets.imaging.fields import ImageDirectoryError
+from mantle_assets.imaging.io import MAX_FIELD_PIXELS
 from mantle_assets.imaging.segmentation import ParameterError
 from mantle_assets.orchestration.assets import prepare_segmentation
 from mantle_assets.orchestration.config import SegmentationConfig
@@ -217,10 +218,10 @@ def test_per_channel_files_missing_for_some_fields(mantle_home, plate):
 
 
 def test_default_pixel_limit_is_documented():
-    from mantle_assets.imaging import fields
+    from mantle_assets.imaging import io
 
     assert MAX_FIELD_PIXELS == 2**28
-    assert "MANTLE_MAX_FIELD_PIXELS" in fields.__doc__ and "2**28" in fields.__doc__
+    assert "MANTLE_MAX_FIELD_PIXELS" in io.__doc__ and "2**28" in io.__doc__
 
 
 @pytest.mark.parametrize("suffix", [".tif", ".png"])
@@ -263,7 +264,7 @@ def test_image_grown_over_the_limit_after_registration(registered, plate, mantle
 @pytest.mark.parametrize("value", ["0", "-5", "lots", "1.5"])
 def test_bad_pixel_limit_setting(mantle_home, plate, monkeypatch, value):
     monkeypatch.setenv("MANTLE_MAX_FIELD_PIXELS", value)
-    message = refused_registration(mantle_home, plate)
+    message = refused_registration(mantle_home, plate, ValueError)  # a bad setting, not a bad image
     assert message == f"MANTLE_MAX_FIELD_PIXELS must be a positive whole number, got {value!r}"
 
 

@@ -1,10 +1,11 @@
-"""Data roots: what may be registered."""
+"""Settings read from the environment: data roots (what may be registered), mask root, pixel limit."""
 
 import os
 
 import pytest
 
-from mantle_assets.settings import OutsideDataRootsError, check_data_path, data_roots, mask_root
+from mantle_assets.imaging.io import MAX_FIELD_PIXELS
+from mantle_assets.settings import OutsideDataRootsError, check_data_path, data_roots, mask_root, max_field_pixels
 
 
 def test_without_roots_system_directories_are_refused(monkeypatch):
@@ -84,3 +85,20 @@ def test_mask_root_is_local_or_a_uri(tmp_path, monkeypatch, mantle_home):
     assert mask_root() == tmp_path / "masks"
     monkeypatch.setenv("MANTLE_MASK_ROOT", "s3://lab/masks/")
     assert mask_root() == "s3://lab/masks"
+
+
+def test_max_field_pixels_defaults_to_the_readers_limit(monkeypatch):
+    monkeypatch.delenv("MANTLE_MAX_FIELD_PIXELS", raising=False)
+    assert max_field_pixels() == MAX_FIELD_PIXELS == 2**28
+    monkeypatch.setenv("MANTLE_MAX_FIELD_PIXELS", " ")
+    assert max_field_pixels() == MAX_FIELD_PIXELS
+    monkeypatch.setenv("MANTLE_MAX_FIELD_PIXELS", " 63 ")
+    assert max_field_pixels() == 63
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "lots", "1.5"])
+def test_a_bad_max_field_pixels_is_named(monkeypatch, value):
+    monkeypatch.setenv("MANTLE_MAX_FIELD_PIXELS", value)
+    with pytest.raises(ValueError) as raised:
+        max_field_pixels()
+    assert str(raised.value) == f"MANTLE_MAX_FIELD_PIXELS must be a positive whole number, got {value!r}"

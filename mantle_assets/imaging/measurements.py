@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from mantle_assets.imaging.fields import FieldGrouping, read_field, well_of
-from mantle_assets.imaging.io import read_image
+from mantle_assets.imaging.io import MAX_FIELD_PIXELS, read_label_image
 from mantle_assets.imaging.pipeline import MASK_SUFFIX
 
 __all__ = ["check_channel_names", "cytoplasm_labels", "default_channel_names", "measure_directory", "measure_objects"]
@@ -230,6 +230,7 @@ def measure_directory(
     channel_names: Sequence[str],
     *,
     ring_width: int = 5,
+    max_pixels: int = MAX_FIELD_PIXELS,
     on_field: Callable[[str, int], None] | None = None,
 ) -> pd.DataFrame:
     """Measure every field of a segmented image directory (see :func:`measure_objects`).
@@ -245,6 +246,10 @@ def measure_directory(
         One name per channel; see :func:`check_channel_names`.
     ring_width : int
         Cytoplasm ring width in pixels.
+    max_pixels : int
+        The most pixels one channel plane of a field or mask may have; the
+        masks are read with the same checks as the images
+        (:func:`~mantle_assets.imaging.io.read_label_image`).
     on_field : callable, optional
         Called with the field name and its number of objects after each field.
 
@@ -257,8 +262,9 @@ def measure_directory(
     Raises
     ------
     ValueError
-        One line naming the mask file that is missing, unreadable or of
-        another shape than its field, or the channel names at fault.
+        One line naming the mask file that is missing, unreadable (an
+        :class:`~mantle_assets.imaging.io.ImageReadError`) or of another shape
+        than its field, or the channel names at fault.
     """
     names = check_channel_names(channel_names, grouping.n_channels)
     tables = []
@@ -266,8 +272,8 @@ def measure_directory(
         mask_path = Path(mask_directory) / f"{field.name}{MASK_SUFFIX}"
         if not mask_path.is_file():
             raise ValueError(f"{mask_path}: no mask for field {field.name}")
-        labels = read_image(mask_path)
-        stack = read_field(field)
+        labels = read_label_image(mask_path, max_pixels=max_pixels)
+        stack = read_field(field, max_pixels=max_pixels)
         if labels.shape != stack.shape[1:]:
             raise ValueError(f"{mask_path}: mask shape {labels.shape} differs from field shape {stack.shape[1:]}")
         table = measure_objects(labels, dict(zip(names, stack, strict=True)), ring_width=ring_width)

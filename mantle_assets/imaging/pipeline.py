@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mantle_assets.imaging.fields import FieldGrouping, read_field
-from mantle_assets.imaging.io import write_label_image
+from mantle_assets.imaging.io import MAX_FIELD_PIXELS, write_label_image
 from mantle_assets.imaging.preview import outline_overlay, png_bytes
 from mantle_assets.imaging.segmentation import (
     CellposeSegmenter,
@@ -57,6 +57,7 @@ def segment_directory(
     cytoplasm_channel: int,
     settings: SegmentationSettings,
     output_dir: Path,
+    max_pixels: int = MAX_FIELD_PIXELS,
     on_field: Callable[[FieldOutcome], None] | None = None,
 ) -> DirectorySegmentation:
     """Segment each field and write ``<field>_cp_masks.tif`` into ``output_dir``.
@@ -73,6 +74,8 @@ def segment_directory(
         Diameter and Cellpose thresholds.
     output_dir : Path
         An existing, empty directory.
+    max_pixels : int
+        The most pixels one channel plane of a field may have (see :func:`read_field`).
     on_field : callable, optional
         Called after each field (progress reporting).
 
@@ -86,7 +89,7 @@ def segment_directory(
     outcomes, preview = [], b""
     for index, field in enumerate(grouping.fields):
         start = time.perf_counter()
-        stack = read_field(field)
+        stack = read_field(field, max_pixels=max_pixels)
         image = select_channels(stack, nuclei_channel, cytoplasm_channel)
         result = segmenter.segment(image, settings)
         write_label_image(output_dir / f"{field.name}{MASK_SUFFIX}", result.masks)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mantle_assets.imaging.cellpose_import import import_cellpose
-from mantle_assets.imaging.io import read_image
+from mantle_assets.imaging.io import MAX_FIELD_PIXELS, read_image, read_label_image
 from mantle_assets.imaging.precision import run_network_in
 
 AP_THRESHOLDS = (0.5, 0.75, 0.9)
@@ -82,18 +82,36 @@ def find_annotated_pairs(directory: str | os.PathLike) -> list[tuple[Path, Path]
     return pairs
 
 
-def load_annotated_set(directory: str | os.PathLike) -> AnnotatedSet:
+def load_annotated_set(directory: str | os.PathLike, *, max_pixels: int = MAX_FIELD_PIXELS) -> AnnotatedSet:
     """Read every image/mask pair of an annotated directory.
 
     Multi-channel images are reduced to their first channel: the annotated
     sets are single-stain nuclei images.
+
+    Parameters
+    ----------
+    directory : path
+        The annotated directory (see :func:`find_annotated_pairs`).
+    max_pixels : int
+        The most pixels an image or mask may have.
+
+    Returns
+    -------
+    AnnotatedSet
+        ``(Y, X)`` float32 images and int32 masks.
+
+    Raises
+    ------
+    ValueError
+        One line naming the file: an image or mask the reader refuses (an
+        :class:`~mantle_assets.imaging.io.ImageReadError`: unreadable,
+        truncated, of an unsupported pixel type or over ``max_pixels``), or a
+        mask of another shape than its image.
     """
     names, images, masks = [], [], []
     for image_path, mask_path in find_annotated_pairs(directory):
-        image = read_image(image_path)
-        if image.ndim == 3:
-            image = image[..., 0] if image.shape[-1] <= 4 else image[0]
-        mask = read_image(mask_path)
+        image = read_image(image_path, max_pixels=max_pixels).pixels[0]
+        mask = read_label_image(mask_path, max_pixels=max_pixels)
         if mask.shape != image.shape:
             raise ValueError(
                 f"{mask_path}: mask shape {mask.shape} differs from image shape {image.shape}"

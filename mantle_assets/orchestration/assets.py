@@ -32,7 +32,7 @@ from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
 from mantle_assets.orchestration.retries import retried_while_store_busy
 from mantle_assets.registration import IMAGE_DIRECTORY, directory_fingerprint
-from mantle_assets.settings import mask_root, plates_per_run, staging_root
+from mantle_assets.settings import mask_root, max_field_pixels, plates_per_run, staging_root
 from mantle_assets.storage import is_uri, local_copy
 
 SEGMENTATION_PIPELINE = "cellpose-segmentation"
@@ -98,7 +98,8 @@ def staged_image_directory(source: Entity, prefix: str = "") -> Iterator[tuple[F
     with contextlib.ExitStack() as stack:
         try:
             _, fingerprint = directory_fingerprint(directory)
-            grouping = group_fields(stack.enter_context(local_copy(directory, staging_root(), prefix)))
+            images = stack.enter_context(local_copy(directory, staging_root(), prefix))
+            grouping = group_fields(images, max_pixels=max_field_pixels())
         except ImageDirectoryError as error:
             raise ImageDirectoryError(f"{source.entity_id}: {error}") from None
         yield grouping, fingerprint
@@ -300,6 +301,7 @@ def segment_partition(
                 cytoplasm_channel=config.cytoplasm_channel,
                 settings=settings,
                 output_dir=partial,
+                max_pixels=max_field_pixels(),
                 on_field=log_field,
             )
     cells = [f.cells for f in result.fields]

@@ -17,7 +17,7 @@ from mantle_assets.models.training import (
 )
 from mantle_assets.orchestration.assets import GPU_OP_TAGS
 from mantle_assets.orchestration.resources import EntityStoreResource
-from mantle_assets.settings import mantle_home
+from mantle_assets.settings import mantle_home, max_field_pixels
 
 TRAINING_PIPELINE = "cellpose-training"
 ANNOTATED = "annotated_image_directory"
@@ -85,9 +85,10 @@ def trained_cellpose_model(
 ) -> MaterializeResult:
     store = entity_store.store()
     named = [parse_named_path(text) for text in config.train_directories]
-    train_sets = {name: load_annotated_set(path) for name, path in named}
+    max_pixels = max_field_pixels()
+    train_sets = {name: load_annotated_set(path, max_pixels=max_pixels) for name, path in named}
     validation_path = Path(config.validation_directory)
-    validation = load_annotated_set(validation_path)
+    validation = load_annotated_set(validation_path, max_pixels=max_pixels)
 
     run_id = context.run.run_id
     final = mantle_home() / "models" / config.model_name / run_id

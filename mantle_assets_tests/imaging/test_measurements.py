@@ -4,6 +4,7 @@ import tifffile
 from scipy import ndimage
 
 from mantle_assets.imaging.fields import group_fields
+from mantle_assets.imaging.io import ImageReadError, write_label_image
 from mantle_assets.imaging.measurements import (
     check_channel_names,
     cytoplasm_labels,
@@ -165,3 +166,29 @@ def test_a_missing_or_misshapen_mask_is_named(segmented_directory):
         measure_directory(grouping, masks, ["NFkB", "DNA"])
     with pytest.raises(ValueError, match="channel_names: 1 name"):
         measure_directory(grouping, masks, ["NFkB"])
+
+
+def test_uint32_masks_are_measured(segmented_directory):
+    grouping, masks = segmented_directory
+    write_label_image(masks / "01-A-01_cp_masks.tif", two_squares() * 40000)  # labels 40000, 80000: uint32
+    table = measure_directory(grouping, masks, ["NFkB", "DNA"], ring_width=2)
+    assert table["label"].tolist() == [40000, 80000]
+    assert table["area"].tolist() == [16, 36]
+
+
+def test_masks_get_the_image_readers_checks(segmented_directory):
+    grouping, masks = segmented_directory
+    mask = masks / "13-B-01_cp_masks.tif"
+    write_label_image(mask, np.ones((80, 80), np.uint16))  # over the limit; its field (40x60) is not
+    with pytest.raises(ImageReadError) as raised:
+        measure_directory(grouping, masks, ["NFkB", "DNA"], max_pixels=40 * 60)
+    assert str(raised.value) == (
+        f"{mask}: 80x80 = 6400 pixels per channel exceeds the limit of 2400 (MANTLE_MAX_FIELD_PIXELS); "
+        "split the image into tiles"
+    )
+    write_label_image(mask, np.random.default_rng(0).integers(0, 60000, (40, 60)))  # random: zlib cannot shrink it
+    mask.write_bytes(mask.read_bytes()[:2000])
+    with pytest.raises(ImageReadError) as raised:
+        measure_directory(grouping, masks, ["NFkB", "DNA"])
+    assert str(raised.value).startswith(f"cannot read image {mask}: the file is truncated")
+    assert "\n" not in str(raised.value)

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -38,6 +40,43 @@ def test_cellpose_masks_naming_is_paired(tmp_path):
     annotated = load_annotated_set(tmp_path)
     assert annotated.names == ["cells"]
     assert annotated.images[0].dtype == np.float32
+
+
+def annotated_pair(directory, image, mask):
+    for folder in ("images", "masks"):
+        (directory / folder).mkdir(exist_ok=True)
+    tifffile.imwrite(directory / "images" / "a.tif", image)
+    tifffile.imwrite(directory / "masks" / "a.tif", mask)
+    return directory / "images" / "a.tif", directory / "masks" / "a.tif"
+
+
+def test_grey_images_and_uint32_masks_are_read_as_y_x(tmp_path):
+    rgb = np.stack([np.full((64, 64), c, np.uint8) for c in (7, 8, 9)], axis=-1)
+    annotated_pair(tmp_path, rgb, squares().astype(np.uint32) * 70000)
+    annotated = load_annotated_set(tmp_path)
+    assert annotated.images[0].shape == (64, 64) and annotated.images[0].dtype == np.float32
+    assert (annotated.images[0] == 7).all()  # the first channel
+    assert annotated.masks[0].dtype == np.int32
+    np.testing.assert_array_equal(annotated.masks[0], squares() * 70000)
+
+
+def test_training_images_and_masks_get_the_image_readers_checks(tmp_path):
+    image, mask = annotated_pair(tmp_path, np.zeros((64, 64), np.uint16), squares().astype(np.uint16))
+    image_name, mask_name = re.escape(str(image)), re.escape(str(mask))
+    with pytest.raises(ValueError, match=rf"^{image_name}: 64x64 = 4096 pixels per channel exceeds the limit of 4095"):
+        load_annotated_set(tmp_path, max_pixels=4095)
+    tifffile.imwrite(mask, squares().astype(np.float32))
+    refused_type = rf"^{mask_name}: unsupported pixel type float32; expected uint8, uint16 or uint32$"
+    with pytest.raises(ValueError, match=refused_type):
+        load_annotated_set(tmp_path)
+    tifffile.imwrite(mask, np.random.default_rng(0).integers(0, 60000, (64, 64)).astype(np.uint16))
+    mask.write_bytes(mask.read_bytes()[:4000])
+    with pytest.raises(ValueError, match=rf"^cannot read image {mask_name}: the file is truncated") as raised:
+        load_annotated_set(tmp_path)
+    assert "\n" not in str(raised.value)
+    tifffile.imwrite(image, np.zeros((20, 64, 64), np.uint16))
+    with pytest.raises(ValueError, match=rf"^{image_name}: shape \(20, 64, 64\) looks like a 3-D stack"):
+        load_annotated_set(tmp_path)
 
 
 def test_directory_without_annotations_is_refused(tmp_path):
