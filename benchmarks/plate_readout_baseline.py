@@ -26,7 +26,7 @@ from skimage.filters import gaussian, threshold_otsu
 from skimage.segmentation import watershed
 
 from mantle_assets.imaging.assay import plate_readout, read_plate_layout
-from mantle_assets.imaging.fields import group_fields, read_field, well_of
+from mantle_assets.imaging.fields import group_fields, read_field
 from mantle_assets.imaging.io import write_label_image
 from mantle_assets.imaging.measurements import measure_directory
 from mantle_assets.imaging.pipeline import MASK_SUFFIX
@@ -75,7 +75,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     readout = plate_readout(
         objects, value_column="NFkB_ratio", layout=read_plate_layout(args.plate / "plate_layout.csv"),
-        expected_wells=sorted({well_of(f.name) for f in grouping.fields} - {None}),
+        expected_wells=grouping.wells,
     )
     baseline = summary(readout)
     print(f"Otsu + watershed: {len(grouping.fields)} fields in {seconds:.0f} s")

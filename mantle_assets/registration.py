@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mantle_assets.entities import Entity, EntityStore
 from mantle_assets.imaging.assay import read_plate_layout
-from mantle_assets.imaging.fields import FieldGrouping, group_fields, list_image_files, well_of
+from mantle_assets.imaging.fields import FieldGrouping, group_fields, list_image_files
 from mantle_assets.imaging.measurements import check_channel_names
 from mantle_assets.settings import check_data_path, max_field_pixels, staging_root
 from mantle_assets.storage import is_uri, local_copy, remote_fingerprint
@@ -20,8 +20,9 @@ IMAGE_DIRECTORY = "image_directory"
 def directory_fingerprint(directory: str | os.PathLike) -> tuple[int, str]:
     """Count the image files of a directory and fingerprint them.
 
-    The fingerprint hashes each image file's name, size and modification time:
-    rewriting, adding, removing or renaming an image changes it, and it costs
+    The fingerprint hashes each image file's path below the directory, size
+    and modification time: rewriting, adding, removing or renaming an image
+    (in a sub-folder too) changes it, and it costs
     one ``stat`` per file instead of reading whole plates. A URI is
     fingerprinted from its listing (:func:`~mantle_assets.storage.remote_fingerprint`).
 
@@ -36,7 +37,8 @@ def directory_fingerprint(directory: str | os.PathLike) -> tuple[int, str]:
     files = list_image_files(directory)
     for path in files:
         stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        name = path.relative_to(directory).as_posix()
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return len(files), digest.hexdigest()
 
 
@@ -127,7 +129,7 @@ def register_image_directory(
 def check_plate_layout(plate_layout: str | os.PathLike, grouping: FieldGrouping) -> None:
     """Refuse a plate layout that cannot be read or that names none of the directory's wells."""
     layout_wells = set(read_plate_layout(plate_layout)["well"])
-    field_wells = {well_of(field.name) for field in grouping.fields} - {None}
+    field_wells = set(grouping.wells)
     if not field_wells:
         raise ValueError(f"plate_layout {plate_layout}: no field name in {grouping.directory} holds a well like A01")
     if not field_wells & layout_wells:

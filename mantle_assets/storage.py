@@ -85,19 +85,21 @@ def _filesystem(uri: str):
 
 
 def remote_image_files(uri: str) -> list[dict]:
-    """List the image files directly under a URI, as the file system describes them.
+    """List the image files under a URI, sub-folders included, as the file system describes them.
 
     Parameters
     ----------
     uri : str
-        Directory (prefix) to list, not recursed into.
+        Directory (prefix) to list; like a local image directory, its
+        sub-folders (one per well or time point) are part of it.
 
     Returns
     -------
     list of dict
         fsspec's entries (``name``, ``size`` and what the store adds, e.g.
-        ``ETag``) of the objects with a TIFF, PNG, JPEG or BMP suffix, hidden
-        ones (``.name``) left out, sorted by name.
+        ``ETag``) of the objects with a TIFF, PNG, JPEG or BMP suffix, plus
+        ``relative``: the path below the URI. Hidden objects and folders
+        (``.name``) are left out. Sorted by ``relative``.
 
     Raises
     ------
@@ -112,18 +114,25 @@ def remote_image_files(uri: str) -> list[dict]:
     try:
         fs, path = _filesystem(uri)
         fs.invalidate_cache(path)  # another process may have written there since the last listing
-        entries = fs.ls(path, detail=True)
+        is_file = fs.isfile(path)
+        entries = {} if is_file else fs.find(path, detail=True)
+        if not is_file and not entries and not fs.isdir(path):
+            raise FileNotFoundError(path)
     except FileNotFoundError:
         raise ImageDirectoryError(f"image directory {uri} does not exist") from None
     except (OSError, ValueError, ImportError) as error:  # e.g. denied, unknown protocol, s3fs missing
         raise ImageDirectoryError(f"image directory {uri}: {_one_line(error)}") from None
-    if len(entries) == 1 and entries[0]["type"] == "file" and entries[0]["name"].rstrip("/") == path.rstrip("/"):
+    if is_file:
         raise ImageDirectoryError(f"{uri} is not a directory")
-    files = [
-        entry for entry in entries
-        if entry["type"] == "file" and not _name(entry).startswith(".") and is_image_file(_name(entry))
-    ]
-    return sorted(files, key=_name)
+    root = path.strip("/")
+    files = []
+    for name, entry in entries.items():
+        relative = PurePosixPath(name.strip("/")).relative_to(root)
+        if entry["type"] == "file" and not any(part.startswith(".") for part in relative.parts) and is_image_file(
+            relative.name
+        ):
+            files.append({**entry, "relative": relative.as_posix()})
+    return sorted(files, key=lambda entry: entry["relative"])
 
 
 def remote_fingerprint(uri: str) -> tuple[int, str]:
@@ -149,7 +158,7 @@ def remote_fingerprint(uri: str) -> tuple[int, str]:
     files = remote_image_files(uri)
     for entry in files:
         version = next((entry[key] for key in _VERSION_KEYS if entry.get(key) is not None), "")
-        digest.update(f"{_name(entry)}\0{entry['size']}\0{version}\n".encode())
+        digest.update(f"{entry['relative']}\0{entry['size']}\0{version}\n".encode())
     return len(files), digest.hexdigest()
 
 
@@ -171,7 +180,7 @@ def is_directory(location: str | os.PathLike) -> bool:
 
 @contextlib.contextmanager
 def local_copy(location: str | os.PathLike, scratch_root: Path, prefix: str = "") -> Iterator[Path]:
-    """Yield a local directory holding a location's top-level image files.
+    """Yield a local directory holding a location's image files (sub-folders kept).
 
     A local location is yielded as it is. A URI's image files (see
     :func:`remote_image_files`) are downloaded into a new directory under
@@ -211,8 +220,11 @@ def local_copy(location: str | os.PathLike, scratch_root: Path, prefix: str = ""
     try:
         local = scratch / (PurePosixPath(path).name or "root")
         local.mkdir()
+        targets = [local / entry["relative"] for entry in files]
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
         if files:
-            fs.get([entry["name"] for entry in files], [str(local / _name(entry)) for entry in files])
+            fs.get([entry["name"] for entry in files], [str(target) for target in targets])
         try:
             yield local
         except ValueError as error:
@@ -247,10 +259,6 @@ def remove(uri: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         fs.rm(path, recursive=True)
     fs.invalidate_cache(path)
-
-
-def _name(entry: dict) -> str:
-    return PurePosixPath(entry["name"]).name
 
 
 def _one_line(error: BaseException) -> str:

@@ -211,7 +211,7 @@ def test_per_channel_files_missing_for_some_fields(mantle_home, plate):
     (plate / "Channel2-03-A-03.tif").unlink()
     (plate / "Channel1-04-A-04.tif").unlink()
     message = refused_registration(mantle_home, plate)
-    assert message == f"{plate}: field 03-A-03 has no Channel2 file"
+    assert message.startswith(f"{plate}: field 03-A-03 has no Channel2 file, though Channel2-")
 
 
 # --------------------------------------------------------------------------- images too large for one piece
@@ -327,7 +327,7 @@ def test_directory_deleted_after_registration(registered, plate, mantle_home):
 def test_directory_changed_so_it_no_longer_groups(registered, plate, mantle_home):
     (plate / "Channel2-02-A-02.tif").unlink()
     message = refused_preparation(registered, SegmentationConfig(), mantle_home, ImageDirectoryError)
-    assert message == f"{registered}: {plate}: field 02-A-02 has no Channel2 file"
+    assert message.startswith(f"{registered}: {plate}: field 02-A-02 has no Channel2 file, though Channel2-")
 
 
 def test_file_corrupted_after_registration(registered, plate, mantle_home):

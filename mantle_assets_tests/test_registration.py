@@ -45,7 +45,9 @@ def test_registration_records_grouping_and_fingerprint(plate, tmp_path):
     assert entity.entity_id == "E000001"
     assert entity.properties["experiment_name"] == "dose test"
     grouping = entity.properties["field_grouping"]
-    assert (grouping["pattern"], grouping["n_fields"], grouping["n_channels"]) == ("channel-prefix", 2, 2)
+    assert (grouping["scheme"], grouping["n_fields"], grouping["n_channels"]) == ("bbbc014", 2, 2)
+    assert grouping["wells"] == {"01-A-01": "A01", "02-A-02": "A02"}
+    assert grouping["summary"] == "2 fields x 2 channels (Channel1, Channel2), wells A01, A02, scheme bbbc014"
     assert entity.properties["file_count"] == 4
     assert entity.properties["fingerprint"] == directory_fingerprint(plate)[1]
 

@@ -27,7 +27,7 @@ from mantle_assets.storage import (
 
 @pytest.fixture
 def memory_plate():
-    """``memory://<unique>/plate`` with two image objects, a hidden one, a non-image and a sub-folder."""
+    """``memory://<unique>/plate`` with two image objects, a hidden one, a non-image and a hidden sub-folder."""
     fs = fsspec.filesystem("memory")
     root = f"/mantle-test-{uuid.uuid4().hex}"
     fs.pipe({
@@ -35,7 +35,7 @@ def memory_plate():
         f"{root}/plate/Channel2-01-A-01.tif": tiff_bytes(2),
         f"{root}/plate/._Channel1-01-A-01.tif": b"resource fork",
         f"{root}/plate/notes.txt": b"not an image",
-        f"{root}/plate/thumbnails/Channel1-01-A-01.tif": tiff_bytes(3),
+        f"{root}/plate/.thumbnails/Channel1-01-A-01.tif": tiff_bytes(3),
     })
     yield f"memory://{root}/plate"
     fs.rm(root, recursive=True)
@@ -76,9 +76,25 @@ def test_uris_are_normalised():
         normalised_uri("/data/plate1")
 
 
-def test_listing_keeps_top_level_visible_images(memory_plate):
-    names = [entry["name"].rsplit("/", 1)[1] for entry in remote_image_files(memory_plate)]
+def test_listing_keeps_visible_images(memory_plate):
+    names = [entry["relative"] for entry in remote_image_files(memory_plate)]
     assert names == ["Channel1-01-A-01.tif", "Channel2-01-A-01.tif"]
+
+
+def test_a_plate_in_sub_folders_is_listed_and_copied_with_its_folders(tmp_path):
+    fs = fsspec.filesystem("memory")
+    root = f"/mantle-test-{uuid.uuid4().hex}/plate"
+    fs.pipe({f"{root}/TimePoint_1/P_A01_s1_w{c}.tif": tiff_bytes(c) for c in (1, 2)})
+    try:
+        uri = f"memory://{root}"
+        assert [entry["relative"] for entry in remote_image_files(uri)] == [
+            "TimePoint_1/P_A01_s1_w1.tif", "TimePoint_1/P_A01_s1_w2.tif"
+        ]
+        with local_copy(uri, tmp_path / "staging") as local:
+            grouping = group_fields(local)
+            assert (grouping.scheme, grouping.timepoint, grouping.wells) == ("metaxpress", "TimePoint_1", ["A01"])
+    finally:
+        fs.rm(root, recursive=True)
 
 
 def test_fingerprint_changes_when_an_object_is_rewritten_or_added(memory_plate):
@@ -87,8 +103,8 @@ def test_fingerprint_changes_when_an_object_is_rewritten_or_added(memory_plate):
     assert count == 2
     assert remote_fingerprint(memory_plate) == (2, before)
     fs.pipe(f"{path}/notes.txt", b"other notes")
-    fs.pipe(f"{path}/thumbnails/new.tif", tiff_bytes(4))
-    assert remote_fingerprint(memory_plate) == (2, before)  # neither an image nor at the top level
+    fs.pipe(f"{path}/.thumbnails/new.tif", tiff_bytes(4))
+    assert remote_fingerprint(memory_plate) == (2, before)  # neither an image nor in a visible folder
 
     fs.pipe(f"{path}/Channel1-01-A-01.tif", tiff_bytes(9))
     rewritten = remote_fingerprint(memory_plate)
@@ -138,7 +154,7 @@ def test_a_copy_holds_the_images_and_is_removed_afterwards(memory_plate, tmp_pat
         assert local.name == "plate" and local.parent.name.startswith("run-1-")
         assert sorted(p.name for p in local.iterdir()) == ["Channel1-01-A-01.tif", "Channel2-01-A-01.tif"]
         grouping = group_fields(local)
-        assert (grouping.pattern, grouping.n_channels) == ("channel-prefix", 2)
+        assert (grouping.scheme, grouping.n_channels) == ("bbbc014", 2)
     assert list(staging.iterdir()) == []
 
 

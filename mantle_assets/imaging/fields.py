@@ -1,20 +1,16 @@
 """Group the image files of a directory into fields of view.
 
-Microscopy plates are often exported with one file per channel, the channel
-written into the file name. :func:`group_fields` recognises four such naming
-schemes and otherwise treats every file as one field (grey or multi-channel).
-:func:`read_field` then gives every field as a ``(C, Y, X)`` array, whatever
-the layout on disk; channel ``c`` (1-based) is colour ``c`` in the pipeline
-parameters (1 = red, 2 = green, 3 = blue).
-
-Patterns (channel label, field name):
-
-* ``channel-prefix``: ``Channel2-01-A-01.tif`` (BBBC014) -> ``Channel2``, ``01-A-01``
-* ``w-suffix``: ``IXMtest_A02_s1_w1.tif`` or ``IXMtest_A02_s1_w1051DAA7C-...tif``
-  (MetaXpress, with UUID) -> ``w1``, ``IXMtest_A02_s1``
-* ``ch-suffix``: ``pos01_ch00.tif`` (Leica) -> ``ch00``, ``pos01``
-* ``c-suffix``: ``img_c1.tif`` -> ``c1``, ``img``
-* ``one-file-per-field``: anything else -> ``1``, ``2``, ...; the file stem
+Microscopy plates are often exported with one file per channel (and per site,
+plane and time point), written into the file names, in folders per well or
+time point. :func:`group_fields` reads the names with the naming schemes of
+:mod:`mantle_assets.imaging.naming` (one per instrument: BBBC014, MetaXpress /
+ImageXpress, Operetta / Opera Phenix, Yokogawa CellVoyager, Cellomics /
+CellInsight, IN Cell Analyzer, and generic ``_w1`` / ``_ch1`` / ``_c1`` /
+``Channel1-`` names) or a pattern the user gives, and otherwise treats every
+file as one field (grey or multi-channel). :func:`read_field` then gives every
+field as a ``(C, Y, X)`` array, whatever the layout on disk; channel ``c``
+(1-based) is the c-th channel of a field (for RGB files 1 = red, 2 = green,
+3 = blue).
 
 Decisions worth knowing
 -----------------------
@@ -23,22 +19,27 @@ Decisions worth knowing
   ``max_pixels`` argument) and how alpha, palettes and truncated files are
   handled. Its errors, :class:`~mantle_assets.imaging.io.ImageReadError`, are
   :class:`ImageDirectoryError`: the same class.
-* A per-channel scheme is used only when *every* image file matches it and it
-  yields at least two channel labels; a directory of ``*_w1.tif`` files only is
-  one-file-per-field (field names keep the ``_w1``).
+* A scheme is used only when *every* image file it does not ignore matches it;
+  the generic suffix schemes also need two channel labels, so a directory of
+  ``*_w1.tif`` files only is one-file-per-field (field names keep the ``_w1``).
+* Nothing ambiguous is guessed: one-file-per-field is refused when two names
+  differ only by a channel-, plane- or time-like token (``d0``/``d1``,
+  ``ch1``/``ch2``, ``z01``/``z02``), a scheme that leaves fields with different
+  channel sets is refused, and names that give several z-planes or time
+  points are refused as a stack, not flattened.
+* Sub-folders are part of the directory (a plate with a folder per well or
+  time point is one image directory); symbolic links to folders are refused.
 * Channels of one field stored in different pixel types are promoted with
   :func:`numpy.result_type` (uint8 + uint16 gives uint16, anything + float32
   gives float32, all exact).
-* ``.ome`` before ``.tif`` is not part of a field name.
 * Fields and channel labels are sorted naturally (``s2`` before ``s10``).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -51,6 +52,17 @@ from mantle_assets.imaging.io import (
     read_image,
     read_image_header,
 )
+from mantle_assets.imaging.naming import (
+    ONE_FILE_PER_FIELD,
+    SCHEMES,
+    NamingError,
+    ParsedName,
+    channel_like_pair,
+    natural_key,
+    one_file_per_field,
+    parse_name,
+    user_scheme,
+)
 
 __all__ = [
     "Field",
@@ -59,20 +71,7 @@ __all__ = [
     "group_fields",
     "list_image_files",
     "read_field",
-    "well_of",
 ]
-
-_UUID = r"[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}"
-# Tried in this order; the first scheme that every file matches wins.
-_SCHEMES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("channel-prefix", re.compile(r"^(?P<label>channel\d+)[-_](?P<field>.+)$", re.IGNORECASE)),
-    # MetaXpress appends a UUID straight after the wavelength; its fixed length
-    # is what tells "w1" + "051DAA7C-..." from "w10" + "51DAA7C-...".
-    ("w-suffix", re.compile(rf"^(?P<field>.+)_(?P<label>w\d+)(?:{_UUID})?$", re.IGNORECASE)),
-    ("ch-suffix", re.compile(r"^(?P<field>.+)_(?P<label>ch\d+)$", re.IGNORECASE)),
-    ("c-suffix", re.compile(r"^(?P<field>.+)_(?P<label>c\d+)$", re.IGNORECASE)),
-)
-ONE_FILE_PER_FIELD = "one-file-per-field"
 
 _NO_IMAGES = "no images in {}: expected TIFF, PNG, JPEG or BMP files"
 
@@ -89,14 +88,22 @@ class Field:
     Attributes
     ----------
     name : str
-        Field id, e.g. ``"01-A-01"``; the file stem for one-file-per-field.
+        Field id, e.g. ``"01-A-01"``: the file name with channel, plane and
+        time point cut out (:mod:`~mantle_assets.imaging.naming`); the file
+        stem for one-file-per-field.
     files : tuple of Path
         One file per channel, in channel order, or a single (possibly
         multi-channel) file.
+    well : str, optional
+        The plate well (``"A01"``) the names give.
+    site : str, optional
+        The field (site) within the well as the names write it (``"s1"``).
     """
 
     name: str
     files: tuple[Path, ...]
+    well: str | None = None
+    site: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists and strings from callers but keep the frozen value hashable.
@@ -111,25 +118,53 @@ class FieldGrouping:
     ----------
     directory : Path
         The directory that was grouped.
-    pattern : str
-        ``"channel-prefix"``, ``"w-suffix"``, ``"c-suffix"``, ``"ch-suffix"``
-        or ``"one-file-per-field"``.
+    scheme : str
+        The naming scheme's name (:data:`~mantle_assets.imaging.naming.SCHEMES`),
+        ``"pattern"`` for a user's pattern, or ``"one-file-per-field"``.
     fields : tuple of Field
         Sorted naturally by name.
     channel_labels : tuple of str
         Per-channel schemes: the name tokens (``("w1", "w2")``);
         one-file-per-field: ``("1", "2", ...)``.
+    naming_pattern : str, optional
+        The user's pattern, when one was given.
+    plane, timepoint : str, optional
+        The one z-plane and time point of every file, where the names say.
     """
 
     directory: Path
-    pattern: str
+    scheme: str
     fields: tuple[Field, ...]
     channel_labels: tuple[str, ...]
+    naming_pattern: str | None = None
+    plane: str | None = None
+    timepoint: str | None = None
 
     @property
     def n_channels(self) -> int:
         """Number of channels of every field."""
         return len(self.channel_labels)
+
+    @property
+    def wells(self) -> list[str]:
+        """The wells of the fields, in plate order (``A01, A02, ..., B01``)."""
+        return sorted({field.well for field in self.fields} - {None}, key=lambda well: (len(well), well))
+
+    def describe(self) -> str:
+        """One line saying what was found, e.g. ``2 fields x 2 channels (ch1, ch2), wells A01, A12, scheme operetta``."""
+        wells = self.wells
+        if not wells:
+            where = "no wells in the names"
+        elif len(wells) <= 8:
+            where = f"wells {', '.join(wells)}"
+        else:
+            where = f"wells {', '.join(wells[:3])}, ..., {wells[-1]} ({len(wells)} wells)"
+        stack = "".join(f", {kind} {value}" for kind, value in (("plane", self.plane), ("time point", self.timepoint))
+                        if value is not None)
+        return (
+            f"{_count(len(self.fields), 'field')} x {_count(self.n_channels, 'channel')} "
+            f"({', '.join(self.channel_labels)}), {where}{stack}, scheme {self.scheme}"
+        )
 
     def to_metadata(self) -> dict:
         """Describe the grouping as JSON-serialisable metadata.
@@ -137,14 +172,21 @@ class FieldGrouping:
         Returns
         -------
         dict
-            ``pattern``, ``n_fields``, ``n_channels``, ``channel_labels`` and
-            ``fields`` (field name to file names relative to the directory).
+            ``scheme``, ``naming_pattern``, ``summary`` (:meth:`describe`),
+            ``n_fields``, ``n_channels``, ``channel_labels``, ``plane``,
+            ``timepoint``, ``wells`` (field name to well) and ``fields``
+            (field name to file names relative to the directory).
         """
         return {
-            "pattern": self.pattern,
+            "scheme": self.scheme,
+            "naming_pattern": self.naming_pattern,
+            "summary": self.describe(),
             "n_fields": len(self.fields),
             "n_channels": self.n_channels,
             "channel_labels": list(self.channel_labels),
+            "plane": self.plane,
+            "timepoint": self.timepoint,
+            "wells": {field.name: field.well for field in self.fields},
             "fields": {field.name: [self._relative(f) for f in field.files] for field in self.fields},
         }
 
@@ -155,34 +197,50 @@ class FieldGrouping:
             return path.as_posix()
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 # --------------------------------------------------------------------------- listing
 
 
 def list_image_files(directory: str | os.PathLike) -> list[Path]:
-    """List the image files directly inside a directory.
+    """List the image files in a directory and its sub-folders.
 
     Parameters
     ----------
     directory : path
-        Directory to list (not recursed into).
+        Directory to list; sub-folders (one per well or time point, as some
+        instruments write them) are part of it.
 
     Returns
     -------
     list of Path
-        Files with a TIFF, PNG, JPEG or BMP suffix (any case), sorted by name.
-        Hidden files (``.name``, e.g. macOS ``._x.tif`` resource forks) are
-        ignored.
+        Files with a TIFF, PNG, JPEG or BMP suffix (any case), sorted by path
+        below the directory. Hidden files and folders (``.name``, e.g. macOS
+        ``._x.tif`` resource forks) are ignored.
 
     Raises
     ------
     ImageDirectoryError
-        If the directory does not exist or is not a directory.
+        If the directory does not exist or is not a directory, or a sub-folder
+        is a symbolic link (not followed: it could lead anywhere, even back up).
     """
     path = _check_directory(directory)
-    return sorted(
-        (p for p in path.iterdir() if not p.name.startswith(".") and is_image_file(p) and p.is_file()),
-        key=lambda p: p.name,
-    )
+    found = []
+    for root, folders, files in os.walk(path):
+        for folder in folders:
+            if not folder.startswith(".") and os.path.islink(os.path.join(root, folder)):
+                raise ImageDirectoryError(
+                    f"{os.path.join(root, folder)}: a symbolic link to a folder inside image directory {path}; "
+                    f"copy the images in or register the folder it points to"
+                )
+        folders[:] = sorted(folder for folder in folders if not folder.startswith("."))
+        found.extend(
+            Path(root, name) for name in files
+            if not name.startswith(".") and is_image_file(name) and os.path.isfile(os.path.join(root, name))
+        )
+    return sorted(found, key=lambda p: p.relative_to(path).as_posix())
 
 
 def _check_directory(directory: str | os.PathLike) -> Path:
@@ -196,16 +254,31 @@ def _check_directory(directory: str | os.PathLike) -> Path:
 
 # --------------------------------------------------------------------------- grouping
 
+_PATTERN_HINT = (
+    "if the names mean something else, register with --pattern REGEX (named groups well, field, channel, plane, "
+    "timepoint)"
+)
 
-def group_fields(directory: str | os.PathLike, *, max_pixels: int = MAX_FIELD_PIXELS) -> FieldGrouping:
+
+def group_fields(
+    directory: str | os.PathLike, *, naming_pattern: str | None = None, max_pixels: int = MAX_FIELD_PIXELS
+) -> FieldGrouping:
     """Group the image files of a directory into fields of view.
 
-    Only file headers are read, so this is cheap enough for large plates.
+    The first naming scheme of :data:`~mantle_assets.imaging.naming.SCHEMES`
+    that every file's name matches (files it ignores, such as thumbnails, left
+    out) is used, unless ``naming_pattern`` is given; with none, every file is
+    one field. Only file headers are read, so this is cheap enough for large
+    plates.
 
     Parameters
     ----------
     directory : path
-        Directory holding the images (not recursed into).
+        Directory holding the images, sub-folders included.
+    naming_pattern : str, optional
+        A regular expression with named groups (see
+        :func:`~mantle_assets.imaging.naming.user_scheme`) that every image
+        file must match.
     max_pixels : int
         The most pixels one channel plane of a file may have.
 
@@ -216,8 +289,13 @@ def group_fields(directory: str | os.PathLike, *, max_pixels: int = MAX_FIELD_PI
     Raises
     ------
     ImageDirectoryError
-        If the directory is missing or holds no images, a field lacks a
-        channel, a file is unreadable, empty, truncated (TIFF), of an
+        One line naming the files: the directory is missing or holds no
+        images; files do not match the naming pattern; one-file-per-field
+        would group files whose names differ only by a channel-, plane- or
+        time-like token (``d0``/``d1``, ``ch1``/``ch2``, ``z01``/``z02``);
+        the names give several z-planes or time points (a stack is refused,
+        not flattened); a field lacks a channel the others have, or has two
+        files of one; a file is unreadable, empty, truncated (TIFF), of an
         unsupported pixel type, a 3-D stack, larger than ``max_pixels`` per
         channel, or does not match its field's shape or the other fields'
         channel count.
@@ -227,10 +305,10 @@ def group_fields(directory: str | os.PathLike, *, max_pixels: int = MAX_FIELD_PI
     >>> import tempfile, numpy as np, tifffile
     >>> d = Path(tempfile.mkdtemp())
     >>> for c in (1, 2):
-    ...     tifffile.imwrite(d / f"Channel{c}-01-A-01.tif", np.full((4, 5), c, np.uint8))
+    ...     tifffile.imwrite(d / f"r01c02f01p01-ch{c}sk1fk1fl1.tiff", np.full((4, 5), c, np.uint8))
     >>> grouping = group_fields(d)
-    >>> grouping.pattern, grouping.channel_labels, grouping.fields[0].name
-    ('channel-prefix', ('Channel1', 'Channel2'), '01-A-01')
+    >>> grouping.describe()
+    '1 field x 2 channels (ch1, ch2), wells A02, plane p01, time point sk1, scheme operetta'
     >>> read_field(grouping.fields[0])[:, 0, 0]
     array([1, 2], dtype=uint8)
     """
@@ -238,35 +316,117 @@ def group_fields(directory: str | os.PathLike, *, max_pixels: int = MAX_FIELD_PI
     files = list_image_files(path)
     if not files:
         raise ImageDirectoryError(_NO_IMAGES.format(path))
-    for pattern, regex in _SCHEMES:
-        matches = [regex.match(_stem(f)) for f in files]
-        if all(matches) and len({m["label"] for m in matches}) >= 2:
-            return _group_per_channel(path, pattern, files, matches, max_pixels)
-    return _group_one_file_per_field(path, files, max_pixels)
+    relative = [PurePosixPath(f.relative_to(path).as_posix()) for f in files]
+    scheme, parsed = _parse_names(path, relative, naming_pattern)
+    return _group(path, scheme, naming_pattern, [(path / name, parsed[name]) for name in parsed], max_pixels)
 
 
-def _group_per_channel(
-    directory: Path, pattern: str, files: list[Path], matches: list[re.Match[str]], max_pixels: int
-) -> FieldGrouping:
-    by_field: dict[str, dict[str, Path]] = {}
-    for path, match in zip(files, matches, strict=True):
-        channels = by_field.setdefault(match["field"], {})
-        label = match["label"]
-        if label in channels:
+def _parse_names(
+    directory: Path, relative: list[PurePosixPath], naming_pattern: str | None
+) -> tuple[str, dict[PurePosixPath, ParsedName]]:
+    """The scheme that reads the names, and what it reads from each file it does not ignore."""
+    if naming_pattern is not None:
+        try:
+            scheme = user_scheme(naming_pattern)
+            parsed = {name: parse_name(scheme, name) for name in relative}
+        except NamingError as error:
+            raise ImageDirectoryError(f"{directory}: {error}") from None
+        unmatched = [name for name, result in parsed.items() if result is None]
+        if unmatched:
             raise ImageDirectoryError(
-                f"{directory}: field {match['field']} has two {label} files: {channels[label].name}, {path.name}"
+                f"{directory}: {len(unmatched)} of {len(relative)} image files do not match the naming pattern "
+                f"{naming_pattern!r}, e.g. {unmatched[0]}"
             )
-        channels[label] = path
-    labels = tuple(sorted({label for channels in by_field.values() for label in channels}, key=_natural_key))
-    # Check names before headers: a missing file is the likelier mistake and costs no I/O.
-    for name in sorted(by_field, key=_natural_key):
-        for label in labels:
-            if label not in by_field[name]:
-                raise ImageDirectoryError(f"{directory}: field {name} has no {label} file")
+        return scheme.name, parsed  # type: ignore[return-value]
+    for scheme in SCHEMES:
+        kept = [name for name in relative if not scheme.ignores(name.name)]
+        parsed = {}
+        for name in kept:
+            result = parse_name(scheme, name)
+            if result is None:
+                break
+            parsed[name] = result
+        else:
+            if kept and len({result.channel for result in parsed.values()} - {None}) >= scheme.min_channels:
+                return scheme.name, parsed
+    parsed = {name: one_file_per_field(name) for name in relative}
+    pair = channel_like_pair([result.field for result in parsed.values()])
+    if pair is not None:
+        first, second, kind = pair
+        raise ImageDirectoryError(
+            f"{directory}: {first} and {second} differ only by what looks like a {kind}, but no naming scheme "
+            f"reads these names, so each would be segmented as a field of its own; register with --pattern REGEX "
+            f"(named groups well, field, channel, plane, timepoint)"
+        )
+    return ONE_FILE_PER_FIELD, parsed
 
+
+def _group(
+    directory: Path, scheme: str, naming_pattern: str | None, files: list[tuple[Path, ParsedName]], max_pixels: int
+) -> FieldGrouping:
+    plane, timepoint = (_one_value(directory, files, kind) for kind in ("plane", "timepoint"))
+    with_channel = [(path, name) for path, name in files if name.channel is not None]
+    if not with_channel:
+        fields, labels = _whole_file_fields(directory, files, max_pixels)
+    elif len(with_channel) < len(files):
+        named = with_channel[0]
+        unnamed = next((path, name) for path, name in files if name.channel is None)
+        raise ImageDirectoryError(
+            f"{directory}: {_below(directory, unnamed[0])} names no channel but {_below(directory, named[0])} "
+            f"names {named[1].channel} (scheme {scheme}); {_PATTERN_HINT}"
+        )
+    else:
+        fields, labels = _per_channel_fields(directory, scheme, with_channel, max_pixels)
+    return FieldGrouping(directory, scheme, fields, labels, naming_pattern, plane, timepoint)
+
+
+_STACKS = {
+    "plane": ("z-planes", "a z-stack; project each stack to one plane (e.g. maximum intensity) and register that"),
+    "timepoint": ("time points", "a time series; register each time point's images as a directory of its own"),
+}
+
+
+def _one_value(directory: Path, files: list[tuple[Path, ParsedName]], kind: str) -> str | None:
+    """The one plane (or time point) of every file; several are a stack the pipeline does not segment."""
+    first_path, first = files[0]
+    for path, name in files[1:]:
+        if getattr(name, kind) != getattr(first, kind):
+            what, advice = _STACKS[kind]
+            raise ImageDirectoryError(
+                f"{directory}: {_below(directory, first_path)} and {_below(directory, path)} are different {what} "
+                f"({getattr(first, kind)}, {getattr(name, kind)}) of one plate: {advice}; the pipeline segments "
+                f"2-D fields"
+            )
+    return getattr(first, kind)
+
+
+def _per_channel_fields(
+    directory: Path, scheme: str, files: list[tuple[Path, ParsedName]], max_pixels: int
+) -> tuple[tuple[Field, ...], tuple[str, ...]]:
+    by_field: dict[str, dict[str, Path]] = {}
+    names: dict[str, ParsedName] = {}
+    for path, name in files:
+        channels = by_field.setdefault(name.field, {})
+        names.setdefault(name.field, name)
+        if name.channel in channels:
+            raise ImageDirectoryError(
+                f"{directory}: field {name.field} has two {name.channel} files: "
+                f"{_below(directory, channels[name.channel])}, {_below(directory, path)}; {_PATTERN_HINT}"
+            )
+        channels[name.channel] = path
+    labels = tuple(sorted({label for channels in by_field.values() for label in channels}, key=natural_key))
+    # Check names before headers: a missing file is the likelier mistake and costs no I/O.
+    for field in sorted(by_field, key=natural_key):
+        for label in labels:
+            if label not in by_field[field]:
+                example = next(channels[label] for channels in by_field.values() if label in channels)
+                raise ImageDirectoryError(
+                    f"{directory}: field {field} has no {label} file, though {_below(directory, example)} is one "
+                    f"(scheme {scheme}); {_PATTERN_HINT}"
+                )
     fields = []
-    for name in sorted(by_field, key=_natural_key):
-        paths = tuple(by_field[name][label] for label in labels)
+    for field in sorted(by_field, key=natural_key):
+        paths = tuple(by_field[field][label] for label in labels)
         infos = [read_image_header(p, max_pixels=max_pixels) for p in paths]
         for info in infos:
             if info.n_channels not in (1, 3):
@@ -274,33 +434,41 @@ def _group_per_channel(
                     f"{info.path}: holds {info.n_channels} channels; a per-channel file must be grey "
                     f"(or RGB with equal channels)"
                 )
-        _check_same_shape(name, infos)
-        fields.append(Field(name, paths))
-    return FieldGrouping(directory, pattern, tuple(fields), labels)
+        _check_same_shape(field, infos)
+        fields.append(Field(field, paths, names[field].well, names[field].site))
+    return tuple(fields), labels
 
 
-def _group_one_file_per_field(directory: Path, files: list[Path], max_pixels: int) -> FieldGrouping:
-    by_name: dict[str, Path] = {}
-    for path in files:
-        name = _stem(path)
-        if name in by_name:
-            raise ImageDirectoryError(f"{directory}: two files give field {name}: {by_name[name].name}, {path.name}")
-        by_name[name] = path
+def _whole_file_fields(
+    directory: Path, files: list[tuple[Path, ParsedName]], max_pixels: int
+) -> tuple[tuple[Field, ...], tuple[str, ...]]:
+    by_field: dict[str, tuple[Path, ParsedName]] = {}
+    for path, name in files:
+        if name.field in by_field:
+            raise ImageDirectoryError(
+                f"{directory}: two files give field {name.field}: {_below(directory, by_field[name.field][0])}, "
+                f"{_below(directory, path)}"
+            )
+        by_field[name.field] = (path, name)
     first = None
     fields = []
-    for name in sorted(by_name, key=_natural_key):
-        info = read_image_header(by_name[name], max_pixels=max_pixels)
+    for field in sorted(by_field, key=natural_key):
+        path, name = by_field[field]
+        info = read_image_header(path, max_pixels=max_pixels)
         if first is None:
             first = info
         elif info.n_channels != first.n_channels:
             raise ImageDirectoryError(
-                f"{directory}: mixed channel counts: {first.path.name} has {first.n_channels} "
-                f"channel(s) but {info.path.name} has {info.n_channels}"
+                f"{directory}: mixed channel counts: {_below(directory, first.path)} has {first.n_channels} "
+                f"channel(s) but {_below(directory, info.path)} has {info.n_channels}"
             )
-        fields.append(Field(name, (info.path,)))
+        fields.append(Field(field, (path,), name.well, name.site))
     assert first is not None  # group_fields refuses an empty directory
-    labels = tuple(str(c) for c in range(1, first.n_channels + 1))
-    return FieldGrouping(directory, ONE_FILE_PER_FIELD, tuple(fields), labels)
+    return tuple(fields), tuple(str(c) for c in range(1, first.n_channels + 1))
+
+
+def _below(directory: Path, path: Path) -> str:
+    return path.relative_to(directory).as_posix()
 
 
 def _check_same_shape(name: str, infos: list[ImageInfo]) -> None:
@@ -373,60 +541,3 @@ def _single_channel(info: ImageInfo) -> np.ndarray:
     raise ImageDirectoryError(
         f"{info.path}: a per-channel file holds a colour image ({len(pixels)} differing channels); expected grey"
     )
-
-
-# --------------------------------------------------------------------------- names
-
-
-def _stem(path: Path) -> str:
-    stem = path.stem
-    return stem[:-4] if stem.lower().endswith(".ome") else stem
-
-
-def _natural_key(text: str) -> tuple:
-    parts = re.split(r"(\d+)", text)
-    # Odd positions are always the digit runs, so ints never meet strs in comparison.
-    return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts)), text
-
-
-_ROW_COLUMN = re.compile(r"(?<![A-Za-z0-9])r(\d{1,2})c(\d{1,2})(?!\d)")
-# Rows A-P (384) and AA-AF (1536); upper case only, so "s1", "w1", "c0" are no wells.
-_WELL = re.compile(r"(?<![A-Za-z0-9])(A[A-F]|[A-P])[-_]?(\d{1,2})(?!\d)")
-
-
-def well_of(field_name: str) -> str | None:
-    """Extract the plate well from a field name.
-
-    Parameters
-    ----------
-    field_name : str
-        A field name such as ``"01-A-01"``, ``"IXMtest_A02_s1"`` or an
-        Operetta ``"r02c03f01p01"``.
-
-    Returns
-    -------
-    str or None
-        The well as row letter(s) and two-digit column (``"A01"``), or None
-        when the name holds no well.
-
-    Examples
-    --------
-    >>> well_of("01-A-01"), well_of("IXMtest_A02_s1"), well_of("r02c03f01p01")
-    ('A01', 'A02', 'B03')
-    >>> well_of("image_0001") is None
-    True
-    """
-    match = _ROW_COLUMN.search(field_name)
-    if match:
-        row, column = int(match[1]), int(match[2])
-        if 1 <= row <= 32 and 1 <= column <= 48:
-            return f"{_row_letters(row)}{column:02d}"
-    for match in _WELL.finditer(field_name):
-        column = int(match[2])
-        if 1 <= column <= 48:
-            return f"{match[1]}{column:02d}"
-    return None
-
-
-def _row_letters(row: int) -> str:
-    return chr(ord("A") + row - 1) if row <= 26 else "A" + chr(ord("A") + row - 27)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mantle_assets.imaging.fields import FieldGrouping, read_field, well_of
+from mantle_assets.imaging.fields import FieldGrouping, read_field
 from mantle_assets.imaging.io import MAX_FIELD_PIXELS, read_label_image
 from mantle_assets.imaging.pipeline import MASK_SUFFIX
 
@@ -277,7 +277,7 @@ def measure_directory(
         if labels.shape != stack.shape[1:]:
             raise ValueError(f"{mask_path}: mask shape {labels.shape} differs from field shape {stack.shape[1:]}")
         table = measure_objects(labels, dict(zip(names, stack, strict=True)), ring_width=ring_width)
-        table.insert(0, "well", well_of(field.name))
+        table.insert(0, "well", field.well)
         table.insert(0, "field", field.name)
         tables.append(table)
         if on_field is not None:

@@ -87,21 +87,32 @@ def staged_image_directory(source: Entity, prefix: str = "") -> Iterator[tuple[F
     (see :func:`~mantle_assets.storage.local_copy`; ``prefix`` starts its
     name), removed when the block ends. The fingerprint is taken before the
     images are read: images changed meanwhile make the outputs stale, never
-    wrongly current.
+    wrongly current. The names are read with the naming pattern given at
+    registration, if any.
 
     Raises
     ------
     ImageDirectoryError
-        One line naming the entity and the directory or file.
+        One line naming the entity and the directory or file; also when the
+        names no longer read with the naming scheme found at registration
+        (files were added or renamed since).
     """
     directory = source.properties["image_directory"]
+    registered = source.properties.get("field_grouping") or {}
     with contextlib.ExitStack() as stack:
         try:
             _, fingerprint = directory_fingerprint(directory)
             images = stack.enter_context(local_copy(directory, staging_root(), prefix))
-            grouping = group_fields(images, max_pixels=max_field_pixels())
+            grouping = group_fields(
+                images, naming_pattern=registered.get("naming_pattern"), max_pixels=max_field_pixels()
+            )
         except ImageDirectoryError as error:
             raise ImageDirectoryError(f"{source.entity_id}: {error}") from None
+        if registered.get("scheme") not in (None, grouping.scheme):
+            raise ImageDirectoryError(
+                f"{source.entity_id}: {directory} was registered with naming scheme {registered['scheme']} but its "
+                f"files now read as {grouping.scheme}; register it again (mantle register --again)"
+            )
         yield grouping, fingerprint
 
 

@@ -32,8 +32,8 @@ from pydantic import Field
 from mantle_assets.atomic import atomic_directory, removed_on_failure
 from mantle_assets.entities import Entity, EntityStore
 from mantle_assets.imaging.assay import PlateReadout, json_records, plate_readout, read_plate_layout
-from mantle_assets.imaging.fields import well_of
 from mantle_assets.imaging.measurements import default_channel_names, measure_directory
+from mantle_assets.imaging.naming import well_of
 from mantle_assets.imaging.plots import dose_response_png, plate_heatmap_png
 from mantle_assets.orchestration.assets import (
     current_masks,
@@ -275,6 +275,16 @@ def assay_readout(
         return read_out_partition(context, config, entity_store.store())
 
 
+def recorded_wells(source: Entity, fields: list[str]) -> list[str]:
+    """The wells of ``fields`` as the naming scheme read them at registration, in plate order.
+
+    Directories registered before wells were recorded have their field names read by ``well_of``.
+    """
+    recorded = (source.properties.get("field_grouping") or {}).get("wells") or {}
+    wells = {recorded[field] if field in recorded else well_of(field) for field in fields} - {None}
+    return sorted(wells, key=lambda well: (len(well), well))
+
+
 def read_out_partition(context: AssetExecutionContext, config: AssayConfig, store: EntityStore) -> MaterializeResult:
     source = store.get(context.partition_key)
     measured = current_measurements_of(store, source.entity_id)
@@ -282,12 +292,11 @@ def read_out_partition(context: AssetExecutionContext, config: AssayConfig, stor
     value_column = readout_column(config.readout_channel, measured.properties["channel_names"], masks)
     layout_file = source.properties.get("plate_layout")
     layout = read_plate_layout(layout_file) if layout_file else None
-    fields = measured.properties["objects_per_field"]
     readout = plate_readout(
         read_parquet(measured.properties["measurement_file"]),
         value_column=value_column,
         layout=layout,
-        expected_wells=sorted({well_of(field) for field in fields} - {None}),
+        expected_wells=recorded_wells(source, list(measured.properties["objects_per_field"])),
         min_cells=config.min_cells,
     )
     for part, reason in readout.notes.items():

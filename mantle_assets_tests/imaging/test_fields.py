@@ -16,7 +16,6 @@ from mantle_assets.imaging.fields import (
     group_fields,
     list_image_files,
     read_field,
-    well_of,
 )
 from mantle_assets.imaging.io import ImageReadError
 from mantle_assets_tests.imaging.test_io import SHAPE, ramp, write_tif
@@ -29,10 +28,10 @@ UUID2 = "9A2C11D4-0B3E-4F7A-8C61-5D0E2B7F3A10"
 
 
 @pytest.mark.parametrize(
-    ("pattern", "names", "fields", "labels"),
+    ("scheme", "names", "fields", "labels"),
     [
         (
-            "channel-prefix",
+            "bbbc014",
             {
                 "01-A-01": ["Channel1-01-A-01.tif", "Channel2-01-A-01.tif"],
                 "01-A-02": ["Channel1-01-A-02.tif", "Channel2-01-A-02.tif"],
@@ -41,7 +40,19 @@ UUID2 = "9A2C11D4-0B3E-4F7A-8C61-5D0E2B7F3A10"
             ("Channel1", "Channel2"),
         ),
         (
+            "channel-prefix",
+            {"img7": ["Channel1_img7.tif", "Channel2_img7.tif"], "img8": ["Channel1_img8.tif", "Channel2_img8.tif"]},
+            ["img7", "img8"],
+            ("Channel1", "Channel2"),
+        ),
+        (
             "w-suffix",
+            {"img7": ["img7_w1.tif", "img7_w2.tif"], "img8": ["img8_w1.tif", "img8_w2.tif"]},
+            ["img7", "img8"],
+            ("w1", "w2"),
+        ),
+        (
+            "metaxpress",
             {
                 "IXMtest_A02_s1": ["IXMtest_A02_s1_w1.tif", "IXMtest_A02_s1_w2.tif"],
                 "IXMtest_A02_s2": ["IXMtest_A02_s2_w1.tif", "IXMtest_A02_s2_w2.tif"],
@@ -50,7 +61,7 @@ UUID2 = "9A2C11D4-0B3E-4F7A-8C61-5D0E2B7F3A10"
             ("w1", "w2"),
         ),
         (
-            "w-suffix",
+            "metaxpress",
             {
                 "IXMtest_A02_s1": [f"IXMtest_A02_s1_w1{UUID}.tif", f"IXMtest_A02_s1_w2{UUID2}.tif"],
                 "IXMtest_B03_s1": [f"IXMtest_B03_s1_w1{UUID}.tif", f"IXMtest_B03_s1_w2{UUID2}.tif"],
@@ -72,27 +83,28 @@ UUID2 = "9A2C11D4-0B3E-4F7A-8C61-5D0E2B7F3A10"
         ),
     ],
 )
-def test_per_channel_schemes(tmp_path, pattern, names, fields, labels):
+def test_per_channel_schemes(tmp_path, scheme, names, fields, labels):
     for f, (_field, files) in enumerate(names.items()):
         for c, name in enumerate(files):
             write_tif(tmp_path / name, ramp(100 * c + f, np.uint16))
 
     grouping = group_fields(tmp_path)
 
-    assert grouping.pattern == pattern
+    assert grouping.scheme == scheme
     assert grouping.directory == tmp_path
     assert [field.name for field in grouping.fields] == fields
     assert grouping.channel_labels == labels
     assert grouping.n_channels == 2
     assert grouping.fields[0].files == tuple(tmp_path / n for n in names[fields[0]])
-    metadata = grouping.to_metadata()
-    assert json.loads(json.dumps(metadata)) == {
-        "pattern": pattern,
+    metadata = json.loads(json.dumps(grouping.to_metadata()))
+    assert {key: metadata[key] for key in ("scheme", "n_fields", "n_channels", "channel_labels", "fields")} == {
+        "scheme": scheme,
         "n_fields": 2,
         "n_channels": 2,
         "channel_labels": list(labels),
         "fields": names,
     }
+    assert metadata["wells"] == {field.name: field.well for field in grouping.fields}
     for f, field in enumerate(grouping.fields):
         pixels = read_field(field)
         assert pixels.shape == (2, *SHAPE)
@@ -131,7 +143,7 @@ def test_per_channel_png_files_and_grey_rgb(tmp_path):
     Image.fromarray(pseudo_coloured).save(tmp_path / "f_c2.png")
 
     grouping = group_fields(tmp_path)
-    assert grouping.pattern == "c-suffix"
+    assert grouping.scheme == "c-suffix"
     pixels = read_field(grouping.fields[0])
     assert pixels.shape == (3, *SHAPE) and pixels.dtype == np.uint8
     for c in range(3):
@@ -156,23 +168,29 @@ def test_per_channel_mixed_dtypes_are_promoted(tmp_path):
     np.testing.assert_array_equal(pixels[1], ramp(1000, np.uint16))
 
 
-def test_single_label_is_one_file_per_field(tmp_path):
+def test_single_label_of_a_generic_suffix_is_one_file_per_field(tmp_path):
+    write_tif(tmp_path / "img_s1_w1.tif", ramp())
+    write_tif(tmp_path / "img_s2_w1.tif", ramp())
+    grouping = group_fields(tmp_path)
+    assert grouping.scheme == "one-file-per-field"
+    assert [f.name for f in grouping.fields] == ["img_s1_w1", "img_s2_w1"]
+
+
+def test_single_wavelength_of_an_instrument_scheme_is_that_scheme(tmp_path):
     write_tif(tmp_path / "A01_s1_w1.tif", ramp())
     write_tif(tmp_path / "A01_s2_w1.tif", ramp())
     grouping = group_fields(tmp_path)
-    assert grouping.pattern == "one-file-per-field"
-    assert [f.name for f in grouping.fields] == ["A01_s1_w1", "A01_s2_w1"]
+    assert (grouping.scheme, grouping.channel_labels) == ("metaxpress", ("w1",))
+    assert [(f.name, f.well, f.site) for f in grouping.fields] == [("A01_s1", "A01", "s1"), ("A01_s2", "A01", "s2")]
 
 
-def test_partial_match_is_one_file_per_field(tmp_path):
-    # Per-channel grouping needs every file to match; one stray file disables it.
+def test_a_stray_file_among_channel_files_is_refused(tmp_path):
+    # Per-channel grouping needs every file to match; one stray file must not turn channels into fields.
     write_tif(tmp_path / "x_c0.tif", ramp())
     write_tif(tmp_path / "x_c1.tif", ramp())
     write_tif(tmp_path / "overview.tif", ramp())
-    grouping = group_fields(tmp_path)
-    assert grouping.pattern == "one-file-per-field"
-    assert [f.name for f in grouping.fields] == ["overview", "x_c0", "x_c1"]
-    assert grouping.channel_labels == ("1",)
+    with pytest.raises(ImageDirectoryError, match="x_c0 and x_c1 differ only by what looks like a channel"):
+        group_fields(tmp_path)
 
 
 # --------------------------------------------------------------------------- one file per field
@@ -184,11 +202,12 @@ def test_rgb_png_fields(tmp_path):
     Image.fromarray(rgb[::-1].copy()).save(tmp_path / "a.PNG")
 
     grouping = group_fields(tmp_path)
-    assert grouping.pattern == "one-file-per-field"
+    assert grouping.scheme == "one-file-per-field"
     assert [f.name for f in grouping.fields] == ["a", "b"]
     assert grouping.channel_labels == ("1", "2", "3")
-    assert grouping.to_metadata() == {
-        "pattern": "one-file-per-field",
+    metadata = grouping.to_metadata()
+    assert {key: metadata[key] for key in ("scheme", "n_fields", "n_channels", "channel_labels", "fields")} == {
+        "scheme": "one-file-per-field",
         "n_fields": 2,
         "n_channels": 3,
         "channel_labels": ["1", "2", "3"],
@@ -213,7 +232,11 @@ def test_list_image_files(tmp_path):
     (tmp_path / "sub.tif").mkdir()
     (tmp_path / "nested").mkdir()
     (tmp_path / "nested" / "z.tif").write_bytes(b"x")
-    assert [p.name for p in list_image_files(tmp_path)] == ["a.png", "b.TIF", "c.jpeg", "d.bmp", "e.tiff", "f.JPG"]
+    (tmp_path / ".hidden folder").mkdir()
+    (tmp_path / ".hidden folder" / "y.tif").write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_image_files(tmp_path)] == [
+        "a.png", "b.TIF", "c.jpeg", "d.bmp", "e.tiff", "f.JPG", "nested/z.tif"
+    ]
 
 
 def test_hidden_files_do_not_break_grouping(tmp_path):
@@ -221,7 +244,7 @@ def test_hidden_files_do_not_break_grouping(tmp_path):
     write_tif(tmp_path / "f_c1.tif", ramp())
     (tmp_path / "._f_c0.tif").write_bytes(b"\x00" * 10)  # macOS resource fork
     (tmp_path / "README.txt").write_text("plate notes")
-    assert group_fields(tmp_path).pattern == "c-suffix"
+    assert group_fields(tmp_path).scheme == "c-suffix"
 
 
 def test_field_accepts_lists_and_strings(tmp_path):
@@ -265,7 +288,8 @@ def test_missing_channel_file(tmp_path):
     write_tif(tmp_path / "Channel1-01-A-01.tif", ramp())
     write_tif(tmp_path / "Channel2-01-A-01.tif", ramp())
     write_tif(tmp_path / "Channel1-02-A-02.tif", ramp())
-    with pytest.raises(ImageDirectoryError, match=r": field 02-A-02 has no Channel2 file$") as info:
+    message = r": field 02-A-02 has no Channel2 file, though Channel2-01-A-01\.tif is one \(scheme bbbc014\); "
+    with pytest.raises(ImageDirectoryError, match=message) as info:
         group_fields(tmp_path)
     assert str(tmp_path) in str(info.value)
 
@@ -338,27 +362,3 @@ def test_pixel_limit_is_given_to_the_reader(tmp_path, names):
         group_fields(tmp_path, max_pixels=41)
     with pytest.raises(ImageDirectoryError, match=over):
         read_field(field, max_pixels=41)
-
-
-# --------------------------------------------------------------------------- wells
-
-
-@pytest.mark.parametrize(
-    ("name", "well"),
-    [
-        ("01-A-01", "A01"),
-        ("01-H-12", "H12"),
-        ("IXMtest_A02_s1", "A02"),
-        ("plate1_P24_s3", "P24"),
-        ("r02c03f01p01", "B03"),
-        ("r16c24f09p01-ch1sk1fk1fl1", "P24"),
-        ("B3_pos01", "B03"),
-        ("AF48_s1", "AF48"),
-        ("image_0001", None),
-        ("pos01", None),
-        ("sample", None),
-        ("x_s1", None),
-    ],
-)
-def test_well_of(name, well):
-    assert well_of(name) == well

@@ -153,7 +153,20 @@ def test_names_of_distinct_fields_are_not_taken_for_channels(names):
 
 @pytest.mark.parametrize(
     ("name", "well"),
-    [("01-A-01", "A01"), ("IXMtest_A02_s1", "A02"), ("r02c03f01p01", "B03"), ("x_AF48", "AF48"), ("img_0001", None)],
+    [
+        ("01-A-01", "A01"),
+        ("01-H-12", "H12"),
+        ("IXMtest_A02_s1", "A02"),
+        ("plate1_P24_s3", "P24"),
+        ("r02c03f01p01", "B03"),
+        ("r16c24f09p01-ch1sk1fk1fl1", "P24"),
+        ("B3_pos01", "B03"),
+        ("AF48_s1", "AF48"),
+        ("image_0001", None),
+        ("pos01", None),
+        ("sample", None),
+        ("x_s1", None),
+    ],
 )
-def test_well_of_guesses_wells_of_unparsed_names(name, well):
+def test_well_of_guesses_wells_of_names_no_scheme_parsed(name, well):
     assert well_of(name) == well
