@@ -169,8 +169,13 @@ def show(entity_id: str, as_json: bool) -> None:
 def _segmentation_options(function):
     options = [
         click.option("--cellpose-model", default=None, help="Bundled or built-in model name, or a model file."),
-        click.option("--nuclei-channel", type=int, default=None, help="0 = none, 1 = red, 2 = green, 3 = blue."),
-        click.option("--cytoplasm-channel", type=int, default=None, help="0 = grayscale, 1/2/3 = R/G/B."),
+        # Text, not int: a channel may be given by name, resolved against each entity's channels.
+        click.option("--nuclei-channel", default=None,
+                     help="Nuclear channel: 0 = none, c = the c-th channel of a field (1/2/3 = R/G/B in RGB files), "
+                     "or a channel name (DNA, w1, ...)."),
+        click.option("--cytoplasm-channel", default=None,
+                     help="Channel to segment: 0 = grayscale, c = the c-th channel, or a channel name; "
+                     "equal to --nuclei-channel for nuclei only."),
         click.option("--diameter", default=None, help="Object diameter in pixels, or None to estimate."),
         click.option("--flow-threshold", type=float, default=None),
         click.option("--cellprob-threshold", type=float, default=None),
@@ -219,14 +224,16 @@ def root_cause(failure) -> str:
 def _segment(entity_id: str, parameters: dict):
     """Materialise one partition of segmentation_masks through Dagster; return the output entity."""
     from mantle_assets.entities import EntityNotFoundError
-    from mantle_assets.orchestration.assets import prepare_segmentation
-    from mantle_assets.orchestration.config import SegmentationConfig
+    from mantle_assets.orchestration.assets import image_directory_entity, prepare_segmentation
+    from mantle_assets.orchestration.config import SegmentationConfig, channel_numbers
     from mantle_assets.orchestration.partitions import image_directory_partitions
 
     # Everything checkable is checked before a run exists, so a bad request records nothing.
     try:
-        config = SegmentationConfig(**{k: v for k, v in parameters.items() if v is not None})
-        prepare_segmentation(_store(), entity_id, config)
+        store = _store()
+        given = {k: v for k, v in parameters.items() if v is not None}
+        config = SegmentationConfig(**channel_numbers(image_directory_entity(store, entity_id), given))
+        prepare_segmentation(store, entity_id, config)
     except (EntityNotFoundError, ValueError) as error:
         raise MantleCommandError(str(error).splitlines()[0]) from None
     instance = _instance()
@@ -259,7 +266,8 @@ def defaults(entity_id: str | None, experiment_name: str | None, **parameters) -
 
     Automatic runs (the new-image-directory sensor, the nightly backfill) use them.
     """
-    from mantle_assets.orchestration.config import SegmentationConfig
+    from mantle_assets.imaging.segmentation import check_channels
+    from mantle_assets.orchestration.config import SegmentationConfig, channel_numbers
 
     store = _store()
     if (entity_id is None) == (experiment_name is None):
@@ -270,15 +278,23 @@ def defaults(entity_id: str | None, experiment_name: str | None, **parameters) -
     if not targets:
         raise MantleCommandError(f"no image directories in experiment {experiment_name!r}")
     given = {k: v for k, v in parameters.items() if v is not None}
+    checked = []
     for entity in targets:
-        merged = {**(entity.properties.get("segmentation_defaults") or {}), **given}
         try:
+            # Channel names are resolved per entity: DNA may be channel 2 of one plate and 1 of another.
+            merged = {**(entity.properties.get("segmentation_defaults") or {}), **channel_numbers(entity, given)}
             config = SegmentationConfig(**merged)
             config.settings()
+            resolved = config.resolve()
+            n_channels = (entity.properties.get("field_grouping") or {}).get("n_channels")
+            check_channels(resolved.nuclei_channel, resolved.cytoplasm_channel, n_channels)
         except ValueError as error:
-            raise MantleCommandError(str(error).splitlines()[0]) from None
+            raise MantleCommandError(f"{entity.entity_id}: {str(error).splitlines()[0]}") from None
+        checked.append((entity, merged, resolved))
+    # Every entity is checked before any is changed: a refusal leaves the experiment as it was.
+    for entity, merged, resolved in checked:
         store.update(entity.entity_id, {"segmentation_defaults": merged})
-        click.echo(f"{entity.entity_id}: {json.dumps(config.resolve().model_dump())}")
+        click.echo(f"{entity.entity_id}: {json.dumps(resolved.model_dump())}")
 
 
 @main.command()
@@ -290,7 +306,8 @@ def archive(entity_id: str) -> None:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {name, kind, path, offline, diam_mean}.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON list of {name, kind, path, offline, diam_mean, one_nuclear_channel}.")
 def models(as_json: bool) -> None:
     """List the Cellpose models: bundled, cached built-ins and downloadable built-ins."""
     from mantle_assets.models.registry import available_models

@@ -280,13 +280,48 @@ def test_bad_pixel_limit_setting(mantle_home, plate, monkeypatch, value):
             "cytoplasm_channel",
             "cytoplasm_channel=3 but the images have 2 channel(s)",
         ),
-        ({"nuclei_channel": 4}, "nuclei_channel", "nuclei_channel must be 0, 1, 2 or 3, got 4"),
-        ({"cytoplasm_channel": -1}, "cytoplasm_channel", "cytoplasm_channel must be 0, 1, 2 or 3, got -1"),
+        ({"nuclei_channel": 4}, "nuclei_channel", "nuclei_channel=4 but the images have 2 channel(s)"),
+        (
+            {"cytoplasm_channel": -1},
+            "cytoplasm_channel",
+            "cytoplasm_channel must be a channel number (0, or c >= 1 for the c-th channel of a field), got -1",
+        ),
     ],
 )
 def test_channel_beyond_the_images(registered, mantle_home, parameters, name, expected):
     message = refused_preparation(registered, SegmentationConfig(**parameters), mantle_home, ParameterError)
     assert message == expected and message.startswith(name)
+
+
+@pytest.mark.parametrize(("nuclei", "cytoplasm"), [(2, 1), (1, 0), (0, 2)])
+def test_whole_cell_request_to_the_bundled_nuclei_model(registered, mantle_home, nuclei, cytoplasm):
+    config = SegmentationConfig(cellpose_model="mantle-nuclei-v1", nuclei_channel=nuclei, cytoplasm_channel=cytoplasm)
+    message = refused_preparation(registered, config, mantle_home, ParameterError)
+    assert message.startswith(
+        f"cellpose_model 'mantle-nuclei-v1' segments nuclei in one channel, but cytoplasm_channel={cytoplasm} "
+        f"differs from nuclei_channel={nuclei} (a whole-cell request): ")
+    assert "cyto3" in message
+
+
+def test_whole_cell_request_to_cellpose_nuclei(registered, mantle_home, tmp_path, monkeypatch):
+    from cellpose import models as cellpose_models
+
+    # Cellpose's cache holding a nuclei weights file: the request is refused before anything loads it.
+    cache = tmp_path / "cellpose cache"
+    cache.mkdir()
+    (cache / "nucleitorch_0").write_bytes(b"weights")
+    monkeypatch.setattr(cellpose_models, "MODEL_DIR", cache)
+    config = SegmentationConfig(cellpose_model="nuclei", nuclei_channel=2, cytoplasm_channel=1)
+    message = refused_preparation(registered, config, mantle_home, ParameterError)
+    assert message.startswith("cellpose_model 'nuclei' segments nuclei in one channel, but cytoplasm_channel=1")
+
+
+def test_a_model_file_of_unknown_kind_may_be_asked_for_whole_cells(registered, tmp_path):
+    weights = tmp_path / "my model"
+    weights.write_bytes(b"weights")
+    config = SegmentationConfig(cellpose_model=str(weights), nuclei_channel=2, cytoplasm_channel=1)
+    _, _, _, spec = prepare_segmentation(EntityStore(), registered, config)
+    assert spec.kind == "file"
 
 
 @pytest.mark.parametrize("diameter", ["-5", "0", "0.0", "NaN", "nan", "inf", "-inf", "abc", "12px", "none please"])
@@ -363,7 +398,7 @@ def test_spaces_and_non_ascii_paths_register_and_prepare(tmp_path, monkeypatch, 
     assert EntityStore().get(entity.entity_id) == entity  # round trip through DuckDB
 
     source, grouping, settings, spec = prepare_segmentation(
-        EntityStore(), entity.entity_id, SegmentationConfig(nuclei_channel=1, cytoplasm_channel=2, diameter="17")
+        EntityStore(), entity.entity_id, SegmentationConfig(nuclei_channel=2, cytoplasm_channel=2, diameter="17")
     )
     assert source == entity
     assert grouping.directory == directory

@@ -117,3 +117,93 @@ def test_demo_json_ends_with_the_plate_readout(tmp_path, bundled_model_name, man
     assert grid[0].split() == ["1", "2", "12"] and [row.split()[0] for row in grid[1:]] == ["A", "B"]
     counts = {w["well"]: w["n_cells"] for w in readout["wells"]}
     assert grid[2].split() == ["B", "-", "-", str(counts["B12"])]
+
+
+def test_whole_cell_request_to_the_nuclei_model_is_refused_before_a_run(bbbc014_crops, bundled_model_name,
+                                                                        mantle_home):
+    entity_id = mantle("register", str(bbbc014_crops), "--channel-names", "NFkB,DNA").stdout.strip()
+    shown = mantle("show", entity_id, "--json").stdout
+    failed = mantle("segment", entity_id, "--cellpose-model", bundled_model_name, "--nuclei-channel", "DNA",
+                    "--cytoplasm-channel", "NFkB", check=False)
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines() == [
+        f"Error: cellpose_model '{bundled_model_name}' segments nuclei in one channel, but cytoplasm_channel=1 "
+        "differs from nuclei_channel=2 (a whole-cell request): to segment nuclei set cytoplasm_channel equal to "
+        "nuclei_channel (both 2); for whole cells use a whole-cell model such as cyto3 or a model file"]
+    assert mantle("show", entity_id, "--json").stdout == shown
+    assert [e["entity_id"] for e in json.loads(mantle("entities", "--json").stdout)] == [entity_id]
+    assert dagster_runs(mantle_home) == []
+    assert not (mantle_home / "masks").exists()
+
+
+def test_a_plate_without_objects_fails_and_records_nothing(tmp_path, bundled_model_name, mantle_home):
+    plate = tmp_path / "blank plate"
+    plate.mkdir()
+    for well in ("01-A-01", "02-A-02"):
+        for channel in (1, 2):
+            tifffile.imwrite(plate / f"Channel{channel}-{well}.tif", np.zeros((160, 160), np.uint16))
+    entity_id = mantle("register", str(plate), "--experiment", "blank").stdout.strip()
+
+    failed = mantle("segment", entity_id, "--cellpose-model", bundled_model_name, "--nuclei-channel", "2",
+                    "--cytoplasm-channel", "2", check=False)
+
+    assert failed.returncode == 1
+    (run,) = dagster_runs(mantle_home)
+    assert failed.stderr.splitlines()[-1] == (
+        f"Error: segmentation_job run {run.run_id} failed: mantle_assets.orchestration.assets.NoObjectsError: "
+        f"0 objects in all 2 fields with {bundled_model_name} (nuclei_channel=2, cytoplasm_channel=2, "
+        "diameter=None): check the channel and diameter")
+    assert [e["entity_id"] for e in json.loads(mantle("entities", "--json").stdout)] == [entity_id]
+    assert json.loads(mantle("show", entity_id, "--json").stdout)["children"] == []
+    assert not (mantle_home / "masks" / entity_id).exists()
+
+
+def test_channels_by_name_on_a_five_channel_plate(tmp_path, bundled_model_name, mantle_home):
+    images = bbbc014_images()
+    if images is None:
+        missing_data("BBBC014 demo plate not found (set MANTLE_DEMO_DATA)")
+    nfkb, dna = (tifffile.imread(images / f"Channel{c}-01-A-01.tif")[CROP] for c in (1, 2))
+    noise = np.random.default_rng(0).integers(0, 255, (3, *dna.shape)).astype(dna.dtype)
+    plate = tmp_path / "cell painting"
+    plate.mkdir()
+    tifffile.imwrite(plate / "01-A-01.tif", np.stack([nfkb, *noise, dna]))
+    entity_id = mantle("register", str(plate), "--channel-names", "NFkB,ER,RNA,AGP,DNA").stdout.strip()
+
+    mantle("segment", entity_id, "--cellpose-model", bundled_model_name, "--nuclei-channel", "dna",
+           "--cytoplasm-channel", "DNA", "--diameter", "12")
+
+    (masks,) = json.loads(mantle("entities", "--type", "segmentation_mask_directory", "--json").stdout)
+    props = masks["properties"]
+    assert (props["nuclei_channel"], props["cytoplasm_channel"], props["total_cells"] >= 10) == (5, 5, True)
+    failed = mantle("segment", entity_id, "--nuclei-channel", "Mito", check=False)
+    assert failed.returncode == 1 and failed.stderr.splitlines() == [
+        "Error: nuclei_channel='Mito' names no channel; the channels are 1 NFkB, 2 ER, 3 RNA, 4 AGP, 5 DNA"]
+
+
+def test_defaults_by_channel_name_are_resolved_per_directory(tmp_path, mantle_home):
+    entity_ids = []
+    for plate, names in (("plate a", "NFkB,DNA"), ("plate b", "DNA,GFP")):
+        for channel in (1, 2):
+            (tmp_path / plate).mkdir(exist_ok=True)
+            tifffile.imwrite(tmp_path / plate / f"Channel{channel}-01-A-01.tif", np.zeros((16, 16), np.uint8))
+        entity_ids.append(mantle("register", str(tmp_path / plate), "--experiment", "exp",
+                                 "--channel-names", names).stdout.strip())
+
+    def recorded():
+        return [json.loads(mantle("show", e, "--json").stdout)["properties"]["segmentation_defaults"]
+                for e in entity_ids]
+
+    lines = mantle("defaults", "--experiment", "exp", "--nuclei-channel", "DNA", "--cytoplasm-channel", "dna"
+                   ).stdout.splitlines()
+    assert [json.loads(line.split(": ", 1)[1])["nuclei_channel"] for line in lines] == [2, 1]
+    assert recorded() == [{"nuclei_channel": 2, "cytoplasm_channel": 2}, {"nuclei_channel": 1, "cytoplasm_channel": 1}]
+
+    # NFkB is channel 1 of plate a and no channel of plate b: refused, and neither plate changes.
+    failed = mantle("defaults", "--experiment", "exp", "--nuclei-channel", "NFkB", check=False)
+    assert failed.returncode == 1 and failed.stderr.splitlines() == [
+        f"Error: {entity_ids[1]}: nuclei_channel='NFkB' names no channel; the channels are 1 DNA (Channel1), "
+        "2 GFP (Channel2)"]
+    failed = mantle("defaults", entity_ids[0], "--cytoplasm-channel", "3", check=False)
+    assert failed.stderr.splitlines() == [
+        f"Error: {entity_ids[0]}: cytoplasm_channel=3 but the images have 2 channel(s)"]
+    assert recorded() == [{"nuclei_channel": 2, "cytoplasm_channel": 2}, {"nuclei_channel": 1, "cytoplasm_channel": 1}]

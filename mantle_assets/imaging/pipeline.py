@@ -69,7 +69,7 @@ def segment_directory(
     segmenter : CellposeSegmenter
         A loaded model.
     nuclei_channel, cytoplasm_channel : int
-        Mantle channel parameters (1-based colours; see ``select_channels``).
+        Mantle channel parameters (0, or the c-th channel of a field; see ``select_channels``).
     settings : SegmentationSettings
         Diameter and Cellpose thresholds.
     output_dir : Path

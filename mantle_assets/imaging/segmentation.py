@@ -1,17 +1,19 @@
 """The Cellpose wrapper: Mantle's pipeline parameters in, label images out.
 
 Mantle's parameters keep Mantle's meanings: ``cytoplasm_channel`` is the
-channel to segment (0 = grayscale, 1/2/3 = red/green/blue, i.e. channel c of
-a field), ``nuclei_channel`` the optional nuclear channel (0 = none); equal
-values mean nuclei-only segmentation of that channel.
+channel to segment (0 = grayscale, c >= 1 = the c-th channel of a field, so
+1/2/3 = red/green/blue in RGB files), ``nuclei_channel`` the optional nuclear
+channel (0 = none); equal values mean nuclei-only segmentation of that channel.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import numbers
 import pickle
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -56,22 +58,114 @@ def parse_diameter(value: str | float | int | None) -> float | None:
 
 
 def check_channels(nuclei_channel: int, cytoplasm_channel: int, n_channels: int | None = None) -> None:
-    """Refuse channel indices outside 0-3 or beyond the image's channels.
+    """Refuse channel numbers that are not whole numbers >= 0, or beyond the images' channels.
 
     Parameters
     ----------
     nuclei_channel, cytoplasm_channel : int
-        Mantle channel parameters.
+        Mantle channel parameters: 0, or c >= 1 for the c-th channel of a field.
     n_channels : int, optional
-        Channels the images have; when given, indices must not exceed it.
+        Channels the images have; when given, numbers must not exceed it.
+
+    Raises
+    ------
+    ParameterError
+        One line naming the parameter.
+
+    Examples
+    --------
+    >>> check_channels(5, 5, n_channels=5)
+    >>> try:
+    ...     check_channels(True, 1)
+    ... except ParameterError as error:
+    ...     print(error)
+    nuclei_channel must be a channel number (0, or c >= 1 for the c-th channel of a field), got True
     """
     for name, value in (("nuclei_channel", nuclei_channel), ("cytoplasm_channel", cytoplasm_channel)):
-        if value not in (0, 1, 2, 3):
-            raise ParameterError(f"{name} must be 0, 1, 2 or 3, got {value!r}")
+        # bool is an Integral, but True is a mistake, not channel 1.
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ParameterError(
+                f"{name} must be a channel number (0, or c >= 1 for the c-th channel of a field), got {value!r}"
+            )
         if n_channels is not None and value > n_channels:
             raise ParameterError(
                 f"{name}={value} but the images have {n_channels} channel(s)"
             )
+
+
+def resolve_channel(
+    value: int | str,
+    channel_names: Sequence[str] | None,
+    channel_labels: Sequence[str],
+    parameter: str = "channel",
+) -> int:
+    """Turn a channel given by number or by name into its channel number.
+
+    Parameters
+    ----------
+    value : int or str
+        A number, a number as text, or a channel name. A name is matched
+        (ignoring case, whole name) against ``channel_names`` first, then
+        against ``channel_labels``.
+    channel_names : sequence of str, optional
+        The names the user gave the channels, in channel order (``NFkB``, ``DNA``).
+    channel_labels : sequence of str
+        The channels' labels found in the file names (``w1``, ``Channel2``, ``DAPI``).
+    parameter : str
+        The parameter's name, for the error message.
+
+    Returns
+    -------
+    int
+        ``value`` itself when it is an int (checked by :func:`check_channels`, not
+        here), else the number it writes or the (1-based) channel it names.
+
+    Raises
+    ------
+    ParameterError
+        One line naming the parameter and listing the channels, if the name is
+        no channel's or more than one channel's.
+
+    Examples
+    --------
+    >>> resolve_channel("dna", ["NFkB", "DNA"], ["Channel1", "Channel2"], "nuclei_channel")
+    2
+    >>> resolve_channel("w1", None, ["w1", "w2"]), resolve_channel(" 3 ", None, ["1", "2", "3"])
+    (1, 3)
+    >>> try:
+    ...     resolve_channel("DAPI", ["NFkB", "DNA"], ["Channel1", "Channel2"], "nuclei_channel")
+    ... except ParameterError as error:
+    ...     print(error)
+    nuclei_channel='DAPI' names no channel; the channels are 1 NFkB (Channel1), 2 DNA (Channel2)
+    """
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if re.fullmatch(r"[+-]?\d+", text, re.ASCII):
+        return int(text)
+    for names in (channel_names or (), channel_labels):
+        matches = [index for index, name in enumerate(names, start=1) if name.casefold() == text.casefold()]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise ParameterError(
+                f"{parameter}={value!r} is ambiguous: it names channels {' and '.join(map(str, matches))}; "
+                f"the channels are {_describe_channels(channel_names, channel_labels)}"
+            )
+    raise ParameterError(
+        f"{parameter}={value!r} names no channel; the channels are {_describe_channels(channel_names, channel_labels)}"
+    )
+
+
+def _describe_channels(channel_names: Sequence[str] | None, channel_labels: Sequence[str]) -> str:
+    """``1 NFkB (Channel1), 2 DNA (Channel2)``: each channel's number, name and file-name label."""
+    described = []
+    for number, label in enumerate(channel_labels, start=1):
+        name = channel_names[number - 1] if channel_names else label
+        # One-file-per-field labels are the numbers themselves; a label equal to the name says nothing more.
+        extra = "" if label in (name, str(number)) else f" ({label})"
+        described.append(f"{number}" if name == str(number) else f"{number} {name}{extra}")
+    return ", ".join(described) or "none"
 
 
 def select_channels(stack: np.ndarray, nuclei_channel: int, cytoplasm_channel: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from mantle_assets.models.registry import BUNDLED_DIR, BUNDLED_METADATA
+from mantle_assets.models.registry import BUNDLED_DIR, BUNDLED_METADATA, ONE_NUCLEAR_CHANNEL
 
 # Kept in float32: the scale parameters are read as numbers, and tiny.
 FULL_PRECISION_KEYS = ("diam_mean", "diam_labels")
@@ -58,6 +58,8 @@ def bundle_model(weights: Path, name: str, metadata: dict, *, bundled_dir: Path 
     record = {
         "weights": name,
         "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+        # Mantle trains on the first channel of single-stain nuclei images (training.py, channels=[0, 0]).
+        ONE_NUCLEAR_CHANNEL: True,
         **metadata,
     }
     (folder / BUNDLED_METADATA).write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -15,9 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mantle_assets.imaging.cellpose_import import import_cellpose
+from mantle_assets.imaging.segmentation import ParameterError
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 BUNDLED_METADATA = "model.json"
+# The model.json key of a network trained on one nuclear channel alone (Cellpose ``channels=[c, 0]``).
+ONE_NUCLEAR_CHANNEL = "one_nuclear_channel"
+# Cellpose's built-ins trained that way; the others take a cytoplasm and a nuclear channel.
+ONE_NUCLEAR_CHANNEL_BUILTINS = frozenset({"nuclei"})
 
 
 class ModelResolutionError(ValueError):
@@ -39,6 +44,9 @@ class ModelSpec:
         Whether the weights are on disk, so no download is needed.
     diam_mean : float or None
         Object diameter the network works at, when known without loading it.
+    one_nuclear_channel : bool
+        Whether the network was trained on one nuclear channel alone, so that it segments nuclei
+        only; False where that is not known (model files).
     """
 
     name: str
@@ -46,6 +54,27 @@ class ModelSpec:
     path: Path
     offline: bool
     diam_mean: float | None = None
+    one_nuclear_channel: bool = False
+
+    def check_channels(self, nuclei_channel: int, cytoplasm_channel: int) -> None:
+        """Refuse a whole-cell request (``cytoplasm_channel`` != ``nuclei_channel``) to a nuclei-only model.
+
+        Given a second channel, a network trained on one nuclear channel finds nothing or
+        nonsense, with no error of its own.
+
+        Raises
+        ------
+        ParameterError
+            One line naming the model and the channels and saying what to do instead.
+        """
+        if self.one_nuclear_channel and cytoplasm_channel != nuclei_channel:
+            nuclear = nuclei_channel or cytoplasm_channel
+            raise ParameterError(
+                f"cellpose_model '{self.name}' segments nuclei in one channel, but cytoplasm_channel="
+                f"{cytoplasm_channel} differs from nuclei_channel={nuclei_channel} (a whole-cell request): to "
+                f"segment nuclei set cytoplasm_channel equal to nuclei_channel (both {nuclear}); for whole cells "
+                "use a whole-cell model such as cyto3 or a model file"
+            )
 
     def weights_sha256(self) -> str:
         """Content hash of the weights: a changed model file makes earlier masks stale."""
@@ -62,6 +91,7 @@ class ModelSpec:
             "path": str(self.path),
             "offline": self.offline,
             "diam_mean": self.diam_mean,
+            "one_nuclear_channel": self.one_nuclear_channel,
         }
 
 
@@ -94,7 +124,8 @@ def _builtin_basename(name: str) -> str:
 def builtin_spec(name: str) -> ModelSpec:
     path = cellpose_model_dir() / _builtin_basename(name)
     return ModelSpec(
-        name, "builtin", path, path.is_file(), 17.0 if name == "nuclei" else 30.0
+        name, "builtin", path, path.is_file(), 17.0 if name == "nuclei" else 30.0,
+        one_nuclear_channel=name in ONE_NUCLEAR_CHANNEL_BUILTINS,
     )
 
 
@@ -108,7 +139,10 @@ def bundled_specs() -> list[ModelSpec]:
                 metadata = json.loads(metadata_file.read_text())
                 path = folder / metadata["weights"]
                 specs.append(
-                    ModelSpec(folder.name, "bundled", path, path.is_file(), metadata["diam_mean"])
+                    ModelSpec(
+                        folder.name, "bundled", path, path.is_file(), metadata["diam_mean"],
+                        one_nuclear_channel=metadata.get(ONE_NUCLEAR_CHANNEL, False),
+                    )
                 )
     return specs
 

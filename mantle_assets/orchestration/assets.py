@@ -126,12 +126,15 @@ def check_segmentation(source: Entity, grouping: FieldGrouping, config: Segmenta
     Raises
     ------
     ValueError
-        A one-line message naming the parameter at fault, or the model.
+        A one-line message naming the parameter at fault, or the model (one it cannot find, or a
+        nuclei-only model asked for whole cells).
     """
     config = config.resolved_for(source)
     settings = config.settings()
     check_channels(config.nuclei_channel, config.cytoplasm_channel, grouping.n_channels)
-    return settings, resolve_model(config.cellpose_model)
+    spec = resolve_model(config.cellpose_model)
+    spec.check_channels(config.nuclei_channel, config.cytoplasm_channel)
+    return settings, spec
 
 
 def prepare_segmentation(store: EntityStore, entity_id: str, config: SegmentationConfig):
@@ -211,6 +214,10 @@ def materialized_in_run(context: AssetExecutionContext, partition_key: str) -> b
         AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[partition_key]), limit=1
     ).records
     return bool(latest) and latest[0].run_id == context.run.run_id
+
+
+class NoObjectsError(RuntimeError):
+    """A segmentation found no object in any field; such masks are refused, not recorded."""
 
 
 class SegmentationBatchError(RuntimeError):
@@ -315,6 +322,15 @@ def segment_partition(
                 max_pixels=max_field_pixels(),
                 on_field=log_field,
             )
+            # Raised inside the block, so the masks never leave their partial folder: an empty result
+            # must not become the directory's current masks, which measurements would then read.
+            if result.total_cells == 0:
+                fields = "the only field" if len(result.fields) == 1 else f"all {len(result.fields)} fields"
+                raise NoObjectsError(
+                    f"0 objects in {fields} with {config.cellpose_model} "
+                    f"(nuclei_channel={config.nuclei_channel}, cytoplasm_channel={config.cytoplasm_channel}, "
+                    f"diameter={config.diameter}): check the channel and diameter"
+                )
     cells = [f.cells for f in result.fields]
     seconds = [f.seconds for f in result.fields]
     properties = {

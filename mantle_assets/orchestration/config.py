@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dagster import Config
 from pydantic import Field
 
-from mantle_assets.imaging.segmentation import SegmentationSettings, check_channels, parse_diameter
+from mantle_assets.imaging.segmentation import SegmentationSettings, check_channels, parse_diameter, resolve_channel
 
 DEFAULT_MODEL = "mantle-nuclei-v1"
 
@@ -39,12 +39,14 @@ class SegmentationConfig(Config):
         f"{_UNSET}, else {DEFAULT_MODEL}.",
     )
     nuclei_channel: int | None = Field(
-        default=None, description=f"Nuclear channel: 0 = none, 1 = red, 2 = green, 3 = blue.{_UNSET}, else 0."
+        default=None,
+        description="Nuclear channel: 0 = none, c >= 1 = the c-th channel of a field (1/2/3 = red/green/blue in "
+        f"RGB files).{_UNSET}, else 0.",
     )
     cytoplasm_channel: int | None = Field(
         default=None,
-        description="Channel to segment: 0 = grayscale, 1/2/3 = R/G/B; equal to nuclei_channel for nuclei only."
-        f"{_UNSET}, else 0.",
+        description="Channel to segment: 0 = grayscale (the channels' mean), c >= 1 = the c-th channel of a field; "
+        f"equal to nuclei_channel for nuclei only.{_UNSET}, else 0.",
     )
     diameter: str | None = Field(
         default=None,
@@ -93,3 +95,28 @@ class SegmentationConfig(Config):
             "cytoplasm_channel": resolved.cytoplasm_channel,
             "diameter": resolved.diameter,
         }
+
+
+def channel_numbers(entity, parameters: Mapping) -> dict:
+    """``parameters`` with the channels given by name or as text turned into the entity's channel numbers.
+
+    Parameters
+    ----------
+    entity : Entity
+        An image_directory entity: its ``channel_names``, then its field grouping's
+        ``channel_labels``, name the channels (see :func:`resolve_channel`).
+    parameters : mapping
+        Segmentation parameters; ``nuclei_channel`` and ``cytoplasm_channel`` may be
+        numbers, numbers as text, or channel names. Unset (None) ones stay unset.
+
+    Raises
+    ------
+    ParameterError
+        One line naming the parameter and the entity's channels.
+    """
+    labels = (entity.properties.get("field_grouping") or {}).get("channel_labels") or ()
+    return dict(parameters) | {
+        name: resolve_channel(parameters[name], entity.properties.get("channel_names"), labels, name)
+        for name in ("nuclei_channel", "cytoplasm_channel")
+        if parameters.get(name) is not None
+    }

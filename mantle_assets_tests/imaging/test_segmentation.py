@@ -8,6 +8,7 @@ from mantle_assets.imaging.segmentation import (
     check_channels,
     load_size_parameters,
     parse_diameter,
+    resolve_channel,
     select_channels,
     with_smaller_batches_on_oom,
 )
@@ -35,10 +36,68 @@ def test_channel_beyond_the_images_is_refused():
         check_channels(3, 3, n_channels=2)
 
 
-@pytest.mark.parametrize("nuclei, cytoplasm", [(4, 0), (0, -1)])
-def test_channel_outside_rgb_is_refused(nuclei, cytoplasm):
-    with pytest.raises(ParameterError, match="_channel must be 0, 1, 2 or 3"):
-        check_channels(nuclei, cytoplasm)
+def test_channels_beyond_three_are_allowed_up_to_the_images_channels():
+    check_channels(5, 5, n_channels=5)
+    check_channels(0, 12)  # no image to compare with: any channel number
+    check_channels(np.int64(4), 0, n_channels=5)  # numpy integers, as read from arrays, are numbers too
+    with pytest.raises(ParameterError, match=r"^cytoplasm_channel=6 but the images have 5 channel\(s\)$"):
+        check_channels(5, 6, n_channels=5)
+
+
+@pytest.mark.parametrize(
+    "nuclei, cytoplasm, name, shown",
+    [(-1, 0, "nuclei_channel", "-1"), (0, 1.5, "cytoplasm_channel", "1.5"), (True, 1, "nuclei_channel", "True"),
+     (1, "2", "cytoplasm_channel", "'2'"), (2.0, 2, "nuclei_channel", "2.0")],
+)
+def test_a_channel_that_is_not_a_whole_number_from_zero_is_refused(nuclei, cytoplasm, name, shown):
+    with pytest.raises(ParameterError) as error:
+        check_channels(nuclei, cytoplasm, n_channels=3)
+    assert str(error.value) == (
+        f"{name} must be a channel number (0, or c >= 1 for the c-th channel of a field), got {shown}")
+
+
+CELL_PAINTING = ["DNA", "ER", "RNA", "AGP", "Mito"]
+LABELS = ["w1", "w2", "w3", "w4", "w5"]
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(3, 3), (0, 0), ("5", 5), (" 2 ", 2), ("0", 0),
+     ("Mito", 5), ("mito", 5), ("DNA", 1), ("w4", 4), ("W2", 2)],
+)
+def test_a_channel_is_given_by_number_or_by_name(value, expected):
+    assert resolve_channel(value, CELL_PAINTING, LABELS, "nuclei_channel") == expected
+
+
+def test_numbers_given_as_text_are_checked_like_numbers():
+    # "-1" is a number, not a name: check_channels refuses it with its own message.
+    assert resolve_channel("-1", CELL_PAINTING, LABELS) == -1
+
+
+def test_the_users_channel_names_win_over_file_name_labels():
+    # A name given at registration means what the user said, even where it is also another channel's label.
+    assert resolve_channel("w1", ["w2", "w1"], ["w1", "w2"]) == 2
+    assert resolve_channel("Channel2", None, ["Channel1", "Channel2"]) == 2
+
+
+def test_an_unknown_name_is_refused_listing_the_channels():
+    with pytest.raises(ParameterError) as error:
+        resolve_channel("DAPI", CELL_PAINTING, LABELS, "nuclei_channel")
+    assert str(error.value) == (
+        "nuclei_channel='DAPI' names no channel; the channels are "
+        "1 DNA (w1), 2 ER (w2), 3 RNA (w3), 4 AGP (w4), 5 Mito (w5)")
+
+
+def test_an_unknown_name_of_a_directory_without_channel_names_lists_the_numbers():
+    with pytest.raises(ParameterError, match=r"^cytoplasm_channel='DNA' names no channel; the channels are 1, 2, 3$"):
+        resolve_channel("DNA", None, ["1", "2", "3"], "cytoplasm_channel")
+
+
+def test_a_name_of_two_channels_is_refused():
+    with pytest.raises(ParameterError) as error:
+        resolve_channel("dapi", None, ["DAPI", "FITC", "dapi"], "nuclei_channel")
+    assert str(error.value) == (
+        "nuclei_channel='dapi' is ambiguous: it names channels 1 and 3; the channels are 1 DAPI, 2 FITC, 3 dapi")
 
 
 def test_select_channels_follows_mantle_meanings():
@@ -49,6 +108,15 @@ def test_select_channels_follows_mantle_meanings():
     pair = select_channels(stack, 3, 1)  # red cytoplasm, blue nuclei
     assert pair.shape == (2, 3, 4)
     assert np.all(pair[0] == 10.0) and np.all(pair[1] == 60.0)
+
+
+def test_select_channels_takes_the_c_th_of_five_channels():
+    stack = np.stack([np.full((3, 4), 10.0 * c) for c in range(1, 6)])
+    assert np.all(select_channels(stack, 5, 5) == 50.0)
+    pair = select_channels(stack, 1, 4)  # AGP to segment, DNA as nuclei
+    assert np.all(pair[0] == 40.0) and np.all(pair[1] == 10.0)
+    with pytest.raises(ParameterError, match="nuclei_channel=6 but the images have 5 channel"):
+        select_channels(stack, 6, 6)
 
 
 def gpu_holding(max_batch: int):

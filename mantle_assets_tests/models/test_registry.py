@@ -1,10 +1,17 @@
+import json
+
 import pytest
 from cellpose import models as cellpose_models
 
+from mantle_assets.imaging.segmentation import ParameterError
+from mantle_assets.models import registry
+from mantle_assets.models.bundling import bundle_model
 from mantle_assets.models.registry import (
+    BUNDLED_METADATA,
     ModelResolutionError,
     available_models,
     builtin_model_names,
+    builtin_spec,
     bundled_specs,
     resolve_model,
 )
@@ -74,3 +81,44 @@ def test_available_models_cover_bundled_and_every_builtin(empty_cellpose_cache):
     assert set(builtin_model_names()) <= set(names)
     assert len(names) == len(set(names))
     assert not any("transformer" in name for name in names)
+
+
+def test_nuclei_only_models_are_known_by_the_registry(empty_cellpose_cache, tmp_path):
+    (bundled,) = [s for s in bundled_specs() if s.name == "mantle-nuclei-v1"]
+    assert bundled.one_nuclear_channel and bundled.to_json()["one_nuclear_channel"] is True
+    assert builtin_spec("nuclei").one_nuclear_channel
+    assert not builtin_spec("cyto3").one_nuclear_channel
+    weights = tmp_path / "my model"
+    weights.write_bytes(b"weights")
+    assert not resolve_model(str(weights)).one_nuclear_channel  # of unknown kind: not refused
+
+
+def test_a_nuclei_only_model_refuses_a_whole_cell_request(bundled_model_name):
+    spec = resolve_model(bundled_model_name)
+    spec.check_channels(2, 2)
+    spec.check_channels(0, 0)  # grayscale of a one-channel image
+    with pytest.raises(ParameterError) as error:
+        spec.check_channels(2, 1)
+    assert str(error.value) == (
+        f"cellpose_model '{bundled_model_name}' segments nuclei in one channel, but cytoplasm_channel=1 differs "
+        "from nuclei_channel=2 (a whole-cell request): to segment nuclei set cytoplasm_channel equal to "
+        "nuclei_channel (both 2); for whole cells use a whole-cell model such as cyto3 or a model file")
+    with pytest.raises(ParameterError, match=r"cytoplasm_channel=3 differs from nuclei_channel=0 .* \(both 3\)"):
+        spec.check_channels(0, 3)
+
+
+def test_whole_cell_models_and_model_files_take_two_channels(empty_cellpose_cache, tmp_path):
+    builtin_spec("cyto3").check_channels(2, 1)
+    weights = tmp_path / "my model"
+    weights.write_bytes(b"weights")
+    resolve_model(str(weights)).check_channels(2, 1)
+
+
+def test_a_bundled_model_is_recorded_as_trained_on_one_nuclear_channel(bundled_model_name, tmp_path, monkeypatch):
+    """What `mantle bundle` writes: Mantle trains on one grayscale nuclear channel, so the bundle says so."""
+    folder = bundle_model(resolve_model(bundled_model_name).path, "rebundled", {"diam_mean": 17.0},
+                          bundled_dir=tmp_path)
+    assert json.loads((folder / BUNDLED_METADATA).read_text())["one_nuclear_channel"] is True
+    monkeypatch.setattr(registry, "BUNDLED_DIR", tmp_path)
+    (spec,) = bundled_specs()
+    assert (spec.name, spec.one_nuclear_channel) == ("rebundled", True)

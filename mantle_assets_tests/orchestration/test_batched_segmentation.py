@@ -4,7 +4,9 @@ import logging
 import time
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
+import tifffile
 from dagster import AssetPartitionStatus, DagsterEventType, DagsterRunStatus
 from dagster._core.test_utils import create_test_daemon_workspace_context, freeze_time
 from dagster._core.workspace.load_target import ModuleTarget
@@ -16,6 +18,7 @@ from mantle_assets.definitions import defs
 from mantle_assets.entities import EntityStore
 from mantle_assets.orchestration.assets import segmentation_masks
 from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.registration import register_image_directory
 from mantle_assets_tests.conftest import EIGHT_WELLS, register_crop_per_well
 from mantle_assets_tests.orchestration.test_schedules import preview, requests
 
@@ -102,3 +105,35 @@ def test_the_scheduler_launches_the_nightly_range_as_one_run(instance, three_pla
     masks = EntityStore().list("segmentation_mask_directory")
     assert sorted(m.properties["source_entity"] for m in masks) == [good.entity_id, other.entity_id]
     assert {m.properties["run_id"] for m in masks} == {run.run_id}
+
+
+def test_a_directory_without_objects_fails_only_itself(tmp_path, instance, bundled_model_name, mantle_home):
+    store = EntityStore()
+    (good,) = register_crop_per_well(tmp_path, store, EIGHT_WELLS[:1], "batch")
+    blank_directory = tmp_path / "blank"
+    blank_directory.mkdir()
+    tifffile.imwrite(blank_directory / "01-A-01.tif", np.zeros((160, 160), np.uint16))
+    blank = register_image_directory(store, blank_directory, "batch")
+    instance.add_dynamic_partitions(image_directory_partitions.name, [good.entity_id, blank.entity_id])
+
+    config = {"cellpose_model": bundled_model_name, "diameter": "12"}
+    result = defs.resolve_job_def("segmentation_job").execute_in_process(
+        run_config={"ops": {"segmentation_masks": {"config": config}}},
+        tags={"dagster/asset_partition_range_start": good.entity_id,
+              "dagster/asset_partition_range_end": blank.entity_id},
+        instance=instance,
+        raise_on_error=False,
+    )
+
+    assert not result.success
+    (masks,) = EntityStore().list("segmentation_mask_directory")
+    assert masks.properties["source_entity"] == good.entity_id and masks.properties["total_cells"] > 0
+    status = instance.get_status_by_partition(
+        segmentation_masks.key, [good.entity_id, blank.entity_id], image_directory_partitions
+    )
+    assert status == {good.entity_id: AssetPartitionStatus.MATERIALIZED, blank.entity_id: AssetPartitionStatus.FAILED}
+    (failure,) = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+    assert root_cause(failure.step_failure_data).endswith(
+        f"1 of 2 image directories failed: {blank.entity_id}: 0 objects in the only field with {bundled_model_name} "
+        "(nuclei_channel=0, cytoplasm_channel=0, diameter=12): check the channel and diameter")
+    assert not (mantle_home / "masks" / blank.entity_id).exists()

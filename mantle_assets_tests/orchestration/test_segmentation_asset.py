@@ -8,8 +8,13 @@ from dagster import AssetKey
 from mantle_assets.cli import root_cause
 from mantle_assets.definitions import defs
 from mantle_assets.entities import EntityStore
+from mantle_assets.imaging.segmentation import SegmentationSettings
+from mantle_assets.models.registry import resolve_model
+from mantle_assets.orchestration.assets import current_masks
 from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.resources import CellposeResource
 from mantle_assets.registration import register_image_directory
+from mantle_assets_tests.conftest import CROP, bbbc014_images, missing_data
 
 pytestmark = pytest.mark.slow
 
@@ -115,3 +120,52 @@ def test_observation_versions_change_with_the_directory(registered, instance, bb
     tifffile.imwrite(bbbc014_crops / "Channel2-13-B-01.tif", np.zeros((160, 160), np.uint8))
     after = observed_version()
     assert after.startswith("6 files, ") and after != before
+
+
+def test_masks_without_objects_fail_the_run_and_stay_unrecorded(registered, instance, bundled_model_name,
+                                                                 bbbc014_crops, mantle_home):
+    first = run_segmentation(instance, registered.entity_id, **dna_nuclei(bundled_model_name))
+    assert first.success
+    store = EntityStore()
+    before = current_masks(store, registered.entity_id)
+    # The plate's images replaced by blank ones (a failed acquisition): Cellpose finds nothing in any field.
+    for image in bbbc014_crops.iterdir():
+        tifffile.imwrite(image, np.zeros((160, 160), np.uint8))
+
+    blank = run_segmentation(instance, registered.entity_id, **dna_nuclei(bundled_model_name))
+
+    assert not blank.success
+    assert root_cause(blank.failure_data_for_node("segmentation_masks")).endswith(
+        f"0 objects in all 2 fields with {bundled_model_name} (nuclei_channel=2, cytoplasm_channel=2, "
+        "diameter=None): check the channel and diameter")
+    assert blank.asset_materializations_for_node("segmentation_masks") == []
+    store = EntityStore()
+    assert current_masks(store, registered.entity_id) == before  # the earlier masks stay current, unchanged
+    assert [e.run_id for e in store.parents(before.entity_id)] == [first.run_id]
+    assert sorted(p.name for p in (mantle_home / "masks" / registered.entity_id).iterdir()) == [first.run_id]
+
+
+def test_a_field_of_five_channels_is_segmented_on_its_fifth(tmp_path, instance, bundled_model_name, mantle_home):
+    images = bbbc014_images()
+    if images is None:
+        missing_data("BBBC014 demo plate not found")
+    nfkb, dna = (tifffile.imread(images / f"Channel{c}-01-A-01.tif")[CROP] for c in (1, 2))
+    noise = np.random.default_rng(0).integers(0, 255, (3, *dna.shape)).astype(dna.dtype)
+    directory = tmp_path / "cell painting"
+    directory.mkdir()
+    # Channel 5 holds the nuclei; the others hold other content, so any other choice gives other masks.
+    tifffile.imwrite(directory / "01-A-01.tif", np.stack([nfkb, *noise, dna]))
+    entity = register_image_directory(EntityStore(), directory, "cell painting")
+    assert entity.properties["field_grouping"]["n_channels"] == 5
+    instance.add_dynamic_partitions(image_directory_partitions.name, [entity.entity_id])
+
+    result = run_segmentation(instance, entity.entity_id, cellpose_model=bundled_model_name, nuclei_channel=5,
+                              cytoplasm_channel=5, diameter="12")
+
+    assert result.success
+    output = current_masks(EntityStore(), entity.entity_id)
+    assert (output.properties["nuclei_channel"], output.properties["cytoplasm_channel"]) == (5, 5)
+    masks = tifffile.imread(mantle_home / "masks" / entity.entity_id / result.run_id / "01-A-01_cp_masks.tif")
+    segmenter = CellposeResource().segmenter(resolve_model(bundled_model_name))
+    alone = segmenter.segment(dna.astype(np.float32), SegmentationSettings(diameter=12.0)).masks
+    assert masks.max() >= 10 and np.array_equal(masks, alone)  # the nuclei of channel 5 and nothing else
