@@ -218,5 +218,5 @@ def test_segmenting_the_dna_channel_finds_the_same_nuclei_under_every_layout(tmp
             settings=SegmentationSettings(diameter=17.0), output_dir=output,
         )
         counts[scheme] = {field.well: outcome.cells for field, outcome in zip(grouping.fields, result.fields)}
-    assert all(cells > 10 for cells in counts["bbbc014"].values())
+    assert all(cells >= 5 for cells in counts["bbbc014"].values()), counts
     assert all(per_well == counts["bbbc014"] for per_well in counts.values()), counts
