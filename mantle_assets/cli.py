@@ -95,23 +95,42 @@ def main() -> None:
               "they name the measurement columns.")
 @click.option("--plate-layout", type=click.Path(path_type=Path),
               help="CSV of the plate: well,dose,control[,treatment] (control -1/0/1) or BBBC014's layout.")
+@click.option("--again", is_flag=True, help="Register a new entity even if DIRECTORY is already registered.")
 def register(
     directory: str, experiment_name: str | None, name: str | None, channel_names: str | None,
-    plate_layout: Path | None,
+    plate_layout: Path | None, again: bool,
 ) -> None:
     """Register DIRECTORY of images as an image_directory entity and Dagster partition.
 
     DIRECTORY is a folder or a URI such as s3://lab/plate1 (see "Object storage"
-    in the README). Prints the new entity id.
+    in the README). Prints the new entity id, or the id of the unarchived entity that
+    already records DIRECTORY (the same folder, symbolic links followed, or the same URI)
+    with a note; asking then for other values than it records is an error.
     """
+    from mantle_assets.registration import existing_registration
+
     names = None if channel_names is None else [n.strip() for n in channel_names.split(",")]
-    entity = _register(directory, experiment_name, name, channel_names=names, plate_layout=plate_layout)
+    metadata = {"channel_names": names, "plate_layout": plate_layout}
+    try:
+        existing = None if again else existing_registration(
+            _store(), directory, experiment_name=experiment_name, name=name, **metadata
+        )
+    except ValueError as error:
+        raise MantleCommandError(str(error)) from None
+    if existing is not None:
+        recorded = existing.properties["image_directory"]
+        where = "" if recorded == directory else f" (as {recorded})"
+        click.echo(f"note: {directory} is already registered as {existing.entity_id}{where}; "
+                   "pass --again to register it anew", err=True)
+        click.echo(existing.entity_id)
+        return
+    entity = _register(directory, experiment_name, name, again=True, **metadata)
     click.echo(entity.entity_id)
 
 
 def _register(directory: str | Path, experiment_name: str | None, name: str | None, defaults: dict | None = None,
               **metadata):
-    """Register and add the partition; ``metadata``: ``channel_names``, ``plate_layout``."""
+    """Register and add the partition; ``metadata``: ``channel_names``, ``plate_layout``, ``again``."""
     from mantle_assets.imaging.fields import ImageDirectoryError
     from mantle_assets.orchestration.partitions import image_directory_partitions
     from mantle_assets.registration import register_image_directory
@@ -225,13 +244,13 @@ def _segment(entity_id: str, parameters: dict):
     """Materialise one partition of segmentation_masks through Dagster; return the output entity."""
     from mantle_assets.entities import EntityNotFoundError
     from mantle_assets.orchestration.assets import image_directory_entity, prepare_segmentation
-    from mantle_assets.orchestration.config import SegmentationConfig, channel_numbers
+    from mantle_assets.orchestration.config import SegmentationConfig, channel_numbers, coerce_segmentation_parameters
     from mantle_assets.orchestration.partitions import image_directory_partitions
 
     # Everything checkable is checked before a run exists, so a bad request records nothing.
     try:
         store = _store()
-        given = {k: v for k, v in parameters.items() if v is not None}
+        given = coerce_segmentation_parameters({k: v for k, v in parameters.items() if v is not None})
         config = SegmentationConfig(**channel_numbers(image_directory_entity(store, entity_id), given))
         prepare_segmentation(store, entity_id, config)
     except (EntityNotFoundError, ValueError) as error:
@@ -267,7 +286,7 @@ def defaults(entity_id: str | None, experiment_name: str | None, **parameters) -
     Automatic runs (the new-image-directory sensor, the nightly backfill) use them.
     """
     from mantle_assets.imaging.segmentation import check_channels
-    from mantle_assets.orchestration.config import SegmentationConfig, channel_numbers
+    from mantle_assets.orchestration.config import SegmentationConfig, channel_numbers, coerce_segmentation_parameters
 
     store = _store()
     if (entity_id is None) == (experiment_name is None):
@@ -277,7 +296,10 @@ def defaults(entity_id: str | None, experiment_name: str | None, **parameters) -
     ]
     if not targets:
         raise MantleCommandError(f"no image directories in experiment {experiment_name!r}")
-    given = {k: v for k, v in parameters.items() if v is not None}
+    try:
+        given = coerce_segmentation_parameters({k: v for k, v in parameters.items() if v is not None})
+    except ValueError as error:
+        raise MantleCommandError(str(error)) from None
     checked = []
     for entity in targets:
         try:
@@ -331,6 +353,7 @@ def models(as_json: bool) -> None:
 def demo(all_wells: bool, data: Path | None, cellpose_model: str | None, as_json: bool) -> None:
     """Register the BBBC014 demo plate, segment its nuclei (DNA = Channel2), measure NF-kB and read out the plate."""
     from mantle_assets import demo as demo_plate
+    from mantle_assets.registration import registered_directories
 
     def say(text: str) -> None:
         click.echo(text, err=as_json)
@@ -343,7 +366,7 @@ def demo(all_wells: bool, data: Path | None, cellpose_model: str | None, as_json
         raise MantleCommandError(str(error)) from None
     parameters = demo_plate.segmentation_parameters(cellpose_model)
     metadata = demo_plate.registration_metadata(plate)
-    entity = _find_registered(images)
+    entity = registered_directories(_store(), [images]).get(images)
     if entity is None:
         entity = _register(
             images, demo_plate.EXPERIMENT, None, {k: v for k, v in parameters.items() if v is not None}, **metadata
@@ -422,14 +445,6 @@ def readout_lines(readout) -> list[str]:
         lines.append(f"  {row:>2} " + "".join(f"{'-' if n is None else n:>6}" for n in counts))
     lines.append(f"  tables and plots: {props['readout_directory']}")
     return lines
-
-
-def _find_registered(directory: Path):
-    resolved = directory.resolve()
-    for entity in _store().list("image_directory"):
-        if Path(entity.properties["image_directory"]).resolve() == resolved:
-            return entity
-    return None
 
 
 WORKSPACE = """\

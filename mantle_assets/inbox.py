@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from mantle_assets.orchestration.config import SegmentationConfig, coerce_segmentation_parameters
+
 SIDECAR_NAMES = ("experiment.yaml", "experiment.yml", "experiment.json")
+# What a sidecar may set; anything else is refused rather than ignored, so that a misspelt key is noticed.
+SIDECAR_KEYS = ("experiment_name", "segmentation_defaults")
 
 
 @dataclass(frozen=True)
@@ -19,31 +26,62 @@ class InboxFolder:
     signature: str
 
 
-def scan_inbox(inbox: Path) -> list[InboxFolder]:
-    """The inbox's visible sub-folders with their last change time and a content signature.
+def inbox_folders(inbox: Path) -> list[Path]:
+    """The inbox's visible sub-folders, by name: each is one image directory, however deep its files lie."""
+    return sorted(p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    The signature hashes every file's name, size and modification time, so a
-    folder still being copied into shows a different signature at each scan.
+
+def scan_folder(path: Path) -> InboxFolder:
+    """An inbox folder's last change time and content signature, over its sub-folders too.
+
+    The signature hashes every visible file's path (relative to the folder), size
+    and modification time, so a folder still being copied into, at any depth (a
+    MetaXpress ``TimePoint_1/``, one sub-folder per well), shows a different
+    signature at each scan. Hidden folders (``.snapshot``, ``.git``) are not
+    entered. Hidden files do not enter the signature (a Finder ``.DS_Store``
+    does not make a refused folder be tried again), but their times do count as
+    changes: rsync and many copy tools write each file as a hidden temporary file
+    first, and the folder is not settled until it is renamed.
     """
-    folders = []
-    for path in sorted(p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        digest = hashlib.sha256()
-        last_change = path.stat().st_mtime
-        for item in sorted(path.iterdir()):
-            stat = item.stat()
+    digest = hashlib.sha256()
+    last_change = path.stat().st_mtime
+    for root, folders, files in os.walk(path):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name, is_file in [*((name, False) for name in folders), *((name, True) for name in sorted(files))]:
+            item = Path(root, name)
+            try:
+                stat = item.stat()
+            except FileNotFoundError:
+                if not item.is_symlink():  # renamed or removed since it was listed: a change, now
+                    last_change = time.time()
+                    continue
+                stat = item.lstat()  # a dangling link counts as itself, or the folder would never settle
             last_change = max(last_change, stat.st_mtime)
-            digest.update(f"{item.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        folders.append(InboxFolder(path, last_change, digest.hexdigest()))
-    return folders
+            if is_file and not name.startswith("."):
+                digest.update(f"{item.relative_to(path).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return InboxFolder(path, last_change, digest.hexdigest())
 
 
 def read_sidecar(folder: Path) -> dict:
-    """The folder's ``experiment.yaml``/``.yml``/``.json`` as a dict (empty when absent).
+    """The folder's ``experiment.yaml``/``.yml``/``.json``, checked (empty when absent).
+
+    ``segmentation_defaults`` are read as ``mantle defaults`` reads its options
+    (:func:`~mantle_assets.orchestration.config.coerce_segmentation_parameters`):
+    ``diameter: 12`` is 12 pixels, ``diameter: null`` or ``None`` estimates it,
+    ``nuclei_channel: "2"`` is channel 2.
+
+    Returns
+    -------
+    dict
+        ``experiment_name`` (text) and ``segmentation_defaults`` (typed parameters), where the sidecar sets them.
 
     Raises
     ------
     ValueError
-        One line naming the file when it is not a mapping of valid YAML/JSON.
+        One line naming the file, and the key and value where one is wrong: not
+        a mapping of valid YAML/JSON, an unknown key, an experiment name that is
+        no text, segmentation defaults that are no mapping or hold an unknown
+        parameter or a bad value.
     """
     for name in SIDECAR_NAMES:
         sidecar = folder / name
@@ -56,5 +94,30 @@ def read_sidecar(folder: Path) -> dict:
                                  f"{str(error).splitlines()[0]}") from None
             if not isinstance(content, dict):
                 raise ValueError(f"{sidecar}: expected a mapping of settings")
-            return content
+            return _checked_sidecar(sidecar, content)
     return {}
+
+
+def _checked_sidecar(sidecar: Path, content: dict) -> dict:
+    unknown = [key for key in content if key not in SIDECAR_KEYS]
+    if unknown:
+        raise ValueError(f"{sidecar}: unknown key {unknown[0]!r} (known: {', '.join(SIDECAR_KEYS)})")
+    checked = {}
+    experiment = content.get("experiment_name")
+    if experiment is not None:
+        # YAML reads `experiment_name: 2024-05-01` as a date and `experiment_name: 42` as a number; both name it.
+        if isinstance(experiment, bool) or not isinstance(experiment, (str, int, float, datetime.date)):
+            raise ValueError(f"{sidecar}: experiment_name must be text, got {experiment!r}")
+        checked["experiment_name"] = str(experiment)
+    defaults = content.get("segmentation_defaults")
+    if defaults is not None:
+        where = f"{sidecar}: segmentation_defaults"
+        if not isinstance(defaults, dict):
+            raise ValueError(f"{where} must be a mapping of parameters, got {defaults!r}")
+        defaults = coerce_segmentation_parameters(defaults, where)
+        try:
+            SegmentationConfig(**defaults).settings()
+        except ValueError as error:
+            raise ValueError(f"{where}: {str(error).splitlines()[0]}") from None
+        checked["segmentation_defaults"] = defaults
+    return checked

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from mantle_assets.entities import Entity, EntityStore
@@ -12,7 +12,7 @@ from mantle_assets.imaging.assay import read_plate_layout
 from mantle_assets.imaging.fields import FieldGrouping, group_fields, list_image_files
 from mantle_assets.imaging.measurements import check_channel_names
 from mantle_assets.settings import check_data_path, max_field_pixels, staging_root
-from mantle_assets.storage import is_uri, local_copy, remote_fingerprint
+from mantle_assets.storage import is_uri, local_copy, normalised_uri, remote_fingerprint
 
 IMAGE_DIRECTORY = "image_directory"
 
@@ -64,8 +64,12 @@ def register_image_directory(
     segmentation_defaults: dict | None = None,
     channel_names: Sequence[str] | None = None,
     plate_layout: str | os.PathLike | None = None,
+    again: bool = False,
 ) -> Entity:
     """Group a directory's images into fields and record it as an ``image_directory`` entity.
+
+    A directory already recorded by an unarchived entity (see :func:`registered_directories`)
+    is not registered again: that entity is returned unchanged, unless ``again`` is true.
 
     Parameters
     ----------
@@ -86,6 +90,13 @@ def register_image_directory(
     plate_layout : path, optional
         CSV of well -> treatment, dose, control flag; see
         :func:`~mantle_assets.imaging.assay.read_plate_layout`.
+    again : bool
+        Record a new entity even if the directory is already registered.
+
+    Returns
+    -------
+    Entity
+        The new entity, or the one already recording the directory.
 
     Raises
     ------
@@ -98,10 +109,19 @@ def register_image_directory(
     ValueError
         One line naming the parameter or file: channel names that do not fit
         the channels, an unreadable plate layout, or one that names none of the
-        directory's wells.
+        directory's wells; or, unless ``again``, a directory already registered
+        with other values of these (see :func:`existing_registration`).
     """
-    checked = check_data_path(directory, "image_directory")
-    directory = checked if is_uri(checked) else Path(directory)  # a URI normalised: no trailing slash
+    # Looked up before reading any image: registering a plate twice should not cost a second pass over it.
+    existing = None if again else existing_registration(
+        store, directory, experiment_name=experiment_name, name=name, segmentation_defaults=segmentation_defaults,
+        channel_names=channel_names, plate_layout=plate_layout,
+    )
+    if existing is not None:
+        return existing
+    # The resolved path is recorded: it is the one checked against the data roots (a symbolic link could be
+    # pointed elsewhere later) and the one duplicates are recognised by. A URI is normalised: no trailing slash.
+    directory = check_data_path(directory, "image_directory")
     with local_copy(directory, staging_root()) as images:
         grouping = group_fields(images, max_pixels=max_field_pixels())
         if not is_uri(directory):  # a copy's files are the platform's own downloads
@@ -124,6 +144,115 @@ def register_image_directory(
             "plate_layout": plate_layout,
         },
     )
+
+
+def _recorded_forms(directory: str | os.PathLike) -> set[str]:
+    """The texts an ``image_directory`` property recording ``directory`` may hold.
+
+    The resolved path is what registration records; the absolute path as given is what it recorded before it
+    resolved paths, and what a path is stored as when set by :meth:`~mantle_assets.entities.EntityStore.update`.
+    """
+    if is_uri(directory):
+        return {normalised_uri(os.fspath(directory))}
+    given = Path(directory).expanduser()
+    return {given.resolve().as_posix(), Path(os.path.abspath(given)).as_posix()}
+
+
+def registered_directories(
+    store: EntityStore, directories: Iterable[str | os.PathLike], *, include_archived: bool = False
+) -> dict[str | os.PathLike, Entity]:
+    """The entities already recording some directories, in one store query.
+
+    A directory counts as registered when an ``image_directory`` entity records
+    its resolved path (symbolic links followed, trailing slashes dropped) or,
+    for a URI, its normalised form.
+
+    Parameters
+    ----------
+    store : EntityStore
+        Where to look.
+    directories : iterable of path or str
+        Folders or URIs.
+    include_archived : bool
+        Whether archived entities count (by default an archived registration
+        is one retired on purpose, so the directory may be registered anew).
+
+    Returns
+    -------
+    dict
+        Each given directory that is registered -> its newest entity (a directory
+        registered again on purpose has several; the latest is the one meant).
+    """
+    forms = {directory: _recorded_forms(directory) for directory in directories}
+    found = store.find(
+        IMAGE_DIRECTORY, "image_directory", set().union(*forms.values()), include_archived=include_archived
+    )
+    by_text = {entity.properties["image_directory"]: entity for entity in found}  # ordered by id: newest last
+    registered = {}
+    for directory, texts in forms.items():
+        matches = [by_text[text] for text in texts if text in by_text]
+        if matches:
+            registered[directory] = max(matches, key=lambda entity: entity.entity_id)
+    return registered
+
+
+def existing_registration(
+    store: EntityStore,
+    directory: str | os.PathLike,
+    *,
+    experiment_name: str | None = None,
+    name: str | None = None,
+    segmentation_defaults: dict | None = None,
+    channel_names: Sequence[str] | None = None,
+    plate_layout: str | os.PathLike | None = None,
+) -> Entity | None:
+    """The unarchived entity already recording ``directory``, checked against the values a caller asks for.
+
+    Parameters
+    ----------
+    store : EntityStore
+        Where to look.
+    directory : path or str
+        The folder or URI about to be registered.
+    experiment_name, name, segmentation_defaults, channel_names, plate_layout : optional
+        The values the caller would register; ``None`` (not asked for) matches anything.
+
+    Returns
+    -------
+    Entity or None
+        The entity, or ``None`` when the directory is not registered.
+
+    Raises
+    ------
+    ValueError
+        One line naming the entity and each asked-for value that differs from
+        the recorded one: returning the entity would silently drop it.
+    """
+    entity = registered_directories(store, [directory]).get(directory)
+    if entity is None:
+        return None
+    recorded = entity.properties
+    asked = {
+        "experiment_name": (experiment_name, recorded.get("experiment_name")),
+        "name": (name, entity.name),
+        "segmentation_defaults": (segmentation_defaults, recorded.get("segmentation_defaults")),
+        "channel_names": (None if channel_names is None else list(channel_names), recorded.get("channel_names")),
+        "plate_layout": (
+            None if plate_layout is None else Path(plate_layout).expanduser().resolve().as_posix(),
+            recorded.get("plate_layout") and Path(recorded["plate_layout"]).resolve().as_posix(),
+        ),
+    }
+    differences = [
+        f"{key} {old!r}, not {new!r}" if old is not None else f"no {key}, not {new!r}"
+        for key, (new, old) in asked.items()
+        if new is not None and new != old
+    ]
+    if differences:
+        raise ValueError(
+            f"{directory} is already registered as {entity.entity_id} with {' and '.join(differences)}; "
+            "pass --again to register it anew with these"
+        )
+    return entity
 
 
 def check_plate_layout(plate_layout: str | os.PathLike, grouping: FieldGrouping) -> None:

@@ -251,7 +251,7 @@ def test_pixel_limit_is_per_channel_plane(tmp_path, mantle_home, monkeypatch):
     assert entity.properties["field_grouping"]["n_channels"] == 3
     monkeypatch.setenv("MANTLE_MAX_FIELD_PIXELS", "63")
     with pytest.raises(ImageDirectoryError, match=r"a\.tif: 8x8 = 64 pixels per channel exceeds the limit of 63"):
-        register_image_directory(EntityStore(), directory)
+        register_image_directory(EntityStore(), directory, again=True)
     assert [e.entity_id for e in EntityStore().list()] == [entity.entity_id]
 
 

@@ -80,6 +80,54 @@ def test_register_takes_a_uri(bbbc014_crops, s3, mantle_home):
     assert failed.stderr.strip() == "Error: image directory s3://lab/plates/nothing does not exist"
 
 
+def two_channel_plate(directory):
+    directory.mkdir()
+    for channel in (1, 2):
+        tifffile.imwrite(directory / f"Channel{channel}-01-A-01.tif", np.zeros((16, 16), np.uint8))
+    return directory
+
+
+def test_registering_a_registered_directory_prints_its_id_with_a_note(tmp_path, mantle_home):
+    plate = two_channel_plate(tmp_path / "plate")
+    link = tmp_path / "link"
+    link.symlink_to(plate)
+    assert mantle("register", str(plate), "--experiment", "TNF").stdout == "E000001\n"
+    for spelling in (str(plate), f"{plate}/", str(link)):
+        again = mantle("register", spelling, "--experiment", "TNF")
+        assert again.stdout == "E000001\n"
+        where = "" if spelling == str(plate) else f" (as {plate})"
+        assert again.stderr == (
+            f"note: {spelling} is already registered as E000001{where}; pass --again to register it anew\n")
+    other = mantle("register", str(link), "--experiment", "IL-1", "--channel-names", "p65,DNA", check=False)
+    assert (other.returncode, other.stdout) == (1, "")
+    assert other.stderr == (
+        f"Error: {link} is already registered as E000001 with experiment_name 'TNF', not 'IL-1' and no channel_names, "
+        "not ['p65', 'DNA']; pass --again to register it anew with these\n")
+    assert mantle("register", str(link), "--experiment", "IL-1", "--again").stdout == "E000002\n"
+    mantle("archive", "E000002")
+    mantle("archive", "E000001")
+    assert mantle("register", str(plate)).stdout == "E000003\n"
+    listed = json.loads(mantle("entities", "--archived", "--json").stdout)
+    assert [(e["entity_id"], e["archived"], e["properties"].get("experiment_name")) for e in listed] == [
+        ("E000001", True, "TNF"), ("E000002", True, "IL-1"), ("E000003", False, None)]
+
+
+def test_segmentation_options_are_read_like_the_inbox_sidecar(tmp_path, mantle_home):
+    entity_id = mantle("register", str(two_channel_plate(tmp_path / "plate"))).stdout.strip()
+    for value in ("abc", "true"):
+        refused = mantle("defaults", entity_id, "--diameter", value, check=False)
+        assert (refused.returncode, refused.stderr) == (
+            1, f"Error: diameter must be a number of pixels or None, got {value!r}\n")
+    refused = mantle("segment", entity_id, "--diameter", "abc", check=False)
+    assert refused.stderr == "Error: diameter must be a number of pixels or None, got 'abc'\n"
+    assert dagster_runs(mantle_home) == []
+    for value, recorded in (("12", "12"), ("none", "None")):
+        printed = json.loads(mantle("defaults", entity_id, "--diameter", value).stdout.split(": ", 1)[1])
+        assert printed["diameter"] == recorded
+        assert json.loads(mantle("show", entity_id, "--json").stdout)["properties"]["segmentation_defaults"] == {
+            "diameter": recorded}
+
+
 def test_models_json_lists_bundled_offline(bundled_model_name):
     listed = {m["name"]: m for m in json.loads(mantle("models", "--json").stdout)}
     assert listed[bundled_model_name]["offline"] is True

@@ -6,7 +6,7 @@ import tifffile
 
 from mantle_assets.entities import EntityStore
 from mantle_assets.imaging.fields import ImageDirectoryError
-from mantle_assets.registration import directory_fingerprint, register_image_directory
+from mantle_assets.registration import directory_fingerprint, register_image_directory, registered_directories
 from mantle_assets.settings import OutsideDataRootsError
 from mantle_assets.storage import remote_fingerprint
 
@@ -100,6 +100,88 @@ def test_a_layout_needs_fields_named_by_well(tmp_path):
         register_image_directory(EntityStore(), directory, plate_layout=layout)
 
 
+# --------------------------------------------------------------------------- registering a directory twice
+
+
+def test_the_resolved_path_is_recorded(plate, tmp_path):
+    link = tmp_path / "current plate"
+    link.symlink_to(plate)
+    entity = register_image_directory(EntityStore(), link, "x")
+    assert entity.properties["image_directory"] == plate.resolve().as_posix()
+    assert entity.name == "plate"
+
+
+@pytest.mark.parametrize("spelling", ["same", "trailing slash", "symlink", "relative", "registered by symlink"])
+def test_a_registered_directory_is_not_registered_again(plate, tmp_path, monkeypatch, spelling):
+    link = tmp_path / "link"
+    link.symlink_to(plate)
+    monkeypatch.chdir(tmp_path)
+    first_path, second_path = {
+        "same": (plate, plate),
+        "trailing slash": (plate, f"{plate}/"),
+        "symlink": (plate, link),
+        "relative": (plate, "plate"),
+        "registered by symlink": (link, plate),
+    }[spelling]
+    store = EntityStore()
+    first = register_image_directory(store, first_path, "x", channel_names=["NFkB", "DNA"])
+    second = register_image_directory(store, second_path, "x")
+    assert second == first == store.get(first.entity_id)  # the same entity, not changed
+    assert [e.entity_id for e in store.list()] == [first.entity_id]
+    assert registered_directories(store, [second_path, tmp_path]) == {second_path: first}
+
+
+def test_a_directory_recorded_before_paths_were_resolved_is_found_by_that_path(plate, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(plate)
+    store = EntityStore()
+    legacy = store.register("image_directory", "link", {"image_directory": link})  # the path as given, unresolved
+    assert register_image_directory(store, link) == legacy
+
+
+def test_again_registers_anew_and_the_newest_is_then_found(plate):
+    store = EntityStore()
+    first = register_image_directory(store, plate, "x")
+    second = register_image_directory(store, plate, "y", again=True)
+    assert second.entity_id != first.entity_id and second.properties["experiment_name"] == "y"
+    assert register_image_directory(store, plate) == second
+
+
+def test_an_archived_registration_does_not_count(plate):
+    store = EntityStore()
+    first = register_image_directory(store, plate, "x")
+    store.archive(first.entity_id)
+    second = register_image_directory(store, plate, "x")
+    assert second.entity_id != first.entity_id
+    assert registered_directories(store, [plate]) == {plate: second}
+    assert registered_directories(store, [plate], include_archived=True) == {plate: second}
+    store.archive(second.entity_id)
+    assert registered_directories(store, [plate]) == {}
+    assert registered_directories(store, [plate], include_archived=True) == {plate: store.get(second.entity_id)}
+
+
+def test_other_values_than_recorded_are_refused_in_one_line(plate, tmp_path):
+    layout = tmp_path / "layout.csv"
+    layout.write_text("well,dose,control\nA01,0,-1\nA02,10,1\n")
+    store = EntityStore()
+    first = register_image_directory(store, plate, "TNF", channel_names=["NFkB", "DNA"], plate_layout=layout)
+    # The values recorded, or none asked for: the existing entity.
+    assert register_image_directory(store, plate, "TNF", channel_names=["NFkB", "DNA"], plate_layout=layout) == first
+    assert register_image_directory(store, plate, name="plate") == first
+    with pytest.raises(ValueError) as error:
+        register_image_directory(store, plate, "IL-1", channel_names=["p65", "DNA"])
+    assert str(error.value) == (
+        f"{plate} is already registered as {first.entity_id} with experiment_name 'TNF', not 'IL-1' and "
+        "channel_names ['NFkB', 'DNA'], not ['p65', 'DNA']; pass --again to register it anew with these"
+    )
+    with pytest.raises(ValueError, match=f"with plate_layout '{layout}', not '{tmp_path / 'other.csv'}'; "):
+        register_image_directory(store, plate, plate_layout=tmp_path / "other.csv")
+    bare = register_image_directory(store, plate, again=True)
+    with pytest.raises(ValueError, match=f"as {bare.entity_id} with no segmentation_defaults, not {{'diameter'"):
+        register_image_directory(store, plate, segmentation_defaults={"diameter": "12"})
+    assert [e.entity_id for e in store.list()] == [first.entity_id, bare.entity_id]
+
+
 # --------------------------------------------------------------------------- directories on object storage
 
 
@@ -114,6 +196,15 @@ def test_a_uri_directory_is_checked_on_a_copy_and_recorded_as_the_uri(plate, s3,
     assert entity.properties["fingerprint"] == remote_fingerprint(uri)[1] == directory_fingerprint(uri)[1]
     assert EntityStore().get(entity.entity_id) == entity
     assert list((mantle_home / "staging").iterdir()) == []
+
+
+def test_a_registered_uri_is_not_registered_again(plate, s3):
+    uri = s3.put_directory(plate, "plates/plate")
+    store = EntityStore()
+    first = register_image_directory(store, uri, "remote")
+    assert register_image_directory(store, f"{uri}/") == first
+    assert register_image_directory(store, uri.replace("s3://", "S3://")) == first
+    assert register_image_directory(store, uri, again=True).entity_id != first.entity_id
 
 
 def test_a_bad_object_is_named_by_its_uri_and_nothing_recorded(plate, s3, mantle_home):

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -641,6 +641,51 @@ class EntityStore:
                 f"SELECT {_ENTITY_COLUMNS} FROM entity_records "
                 "WHERE (? IS NULL OR data_type = ?) AND (? OR NOT archived) ORDER BY entity_id",
                 [data_type, data_type, include_archived],
+            ).fetchall()
+        return [_entity_from_row(row) for row in rows]
+
+    def find(
+        self, data_type: str, prop: str, values: Iterable[str], *, include_archived: bool = False
+    ) -> list[Entity]:
+        """Read the entities of a data type whose property has one of some values, ordered by id.
+
+        One query, whatever the number of values, so that a caller checking many
+        candidates (every folder of an inbox) does not read the whole store.
+
+        Parameters
+        ----------
+        data_type : str
+            The data type.
+        prop : str
+            One of its properties.
+        values : iterable of str
+            Values to look for, compared with the property's stored text: paths
+            and URIs as the data type normalises them (see
+            :meth:`~mantle_assets.entities.types.DataType.validate`).
+        include_archived : bool
+            Whether archived entities count.
+
+        Returns
+        -------
+        list[Entity]
+            The matching entities; empty when ``values`` is.
+
+        Raises
+        ------
+        UnknownDataTypeError, PropertyValidationError
+            If the data type is unknown or has no such property.
+        """
+        spec = get_data_type(data_type)
+        if prop not in spec.properties:
+            known = ", ".join(sorted(spec.properties))
+            raise PropertyValidationError(f"{data_type}: unknown property {prop!r} (known: {known})")
+        with self._transaction() as connection:
+            rows = connection.execute(
+                f"SELECT {_ENTITY_COLUMNS} FROM entity_records "
+                "WHERE data_type = ? AND list_contains(CAST(? AS VARCHAR[]), json_extract_string(properties, ?)) "
+                "AND (? OR NOT archived) ORDER BY entity_id",
+                # A quoted JSON path: a property name is data, never part of the path syntax.
+                [data_type, [str(value) for value in values], "$." + json.dumps(prop), include_archived],
             ).fetchall()
         return [_entity_from_row(row) for row in rows]
 

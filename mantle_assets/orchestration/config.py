@@ -8,12 +8,19 @@ The asset resolves them at run time and records the values it used.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from dagster import Config
 from pydantic import Field
 
-from mantle_assets.imaging.segmentation import SegmentationSettings, check_channels, parse_diameter, resolve_channel
+from mantle_assets.imaging.segmentation import (
+    ParameterError,
+    SegmentationSettings,
+    check_channels,
+    parse_diameter,
+    resolve_channel,
+)
 
 DEFAULT_MODEL = "mantle-nuclei-v1"
 
@@ -120,3 +127,98 @@ def channel_numbers(entity, parameters: Mapping) -> dict:
         for name in ("nuclei_channel", "cytoplasm_channel")
         if parameters.get(name) is not None
     }
+
+
+def coerce_segmentation_parameters(values: Mapping, where: str = "") -> dict:
+    """Segmentation parameters given as text or as YAML/JSON values, turned into the types of SegmentationConfig.
+
+    The one reading of parameters that people write: ``mantle segment`` and ``mantle defaults`` options and
+    the inbox sidecar's ``segmentation_defaults`` go through it, so that they cannot read a value differently.
+    Only types are coerced here; ranges (a channel the images lack, a negative diameter) are checked when the
+    parameters are used (:meth:`SegmentationConfig.settings`, :func:`channel_numbers`).
+
+    Parameters
+    ----------
+    values : Mapping
+        Parameter name -> value. A ``None`` value leaves the parameter unset, except ``diameter``, whose
+        ``None`` (like ``"None"``) asks for the diameter to be estimated, as in Cellpose. Numbers may be
+        given as text (``"12"``); a channel given by name (``"DNA"``) is kept for :func:`channel_numbers`.
+    where : str
+        Where the values come from (e.g. ``".../experiment.yaml: segmentation_defaults"``), the start of
+        error messages.
+
+    Returns
+    -------
+    dict
+        The parameters that were given, typed: ``diameter`` as its text (``"12"``, ``"None"``), channels as
+        ``int`` or a name, ``min_size``/``batch_size`` as ``int``, thresholds as ``float``.
+
+    Raises
+    ------
+    ParameterError
+        One line naming ``where``, the parameter and the value: an unknown parameter, or a value of the
+        wrong type (a list, a boolean, text that is no number where a number is needed).
+
+    Examples
+    --------
+    >>> coerce_segmentation_parameters({"diameter": 12, "nuclei_channel": "2", "min_size": None})
+    {'diameter': '12', 'nuclei_channel': 2}
+    >>> coerce_segmentation_parameters({"diameter": None, "cytoplasm_channel": "DNA"})
+    {'diameter': 'None', 'cytoplasm_channel': 'DNA'}
+    """
+    prefix = f"{where}: " if where else ""
+
+    def refuse(name: str, value, expected: str) -> ParameterError:
+        return ParameterError(f"{prefix}{name} must be {expected}, got {value!r}")
+
+    def number(name: str, value, kind: type, expected: str):
+        # bool is an int subclass, but `diameter: yes` in YAML is a slip, not 1 pixel.
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise refuse(name, value, expected)
+        try:
+            parsed = float(value)
+        except ValueError:
+            raise refuse(name, value, expected) from None
+        if not math.isfinite(parsed):
+            raise refuse(name, value, expected)
+        if kind is int:
+            if not parsed.is_integer():
+                raise refuse(name, value, expected)
+            return int(parsed)
+        return parsed
+
+    coerced = {}
+    for name, value in values.items():
+        if name not in SegmentationConfig.model_fields:
+            known = ", ".join(SegmentationConfig.model_fields)
+            raise ParameterError(f"{prefix}unknown parameter {name!r} (known: {known})")
+        if name == "diameter":
+            if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+                coerced[name] = "None"
+                continue
+            number(name, value, float, "a number of pixels or None")  # refuses the type; the text is kept
+            coerced[name] = value.strip() if isinstance(value, str) else str(value)
+        elif value is None:
+            continue
+        elif name == "cellpose_model":
+            if not isinstance(value, str) or not value.strip():
+                raise refuse(name, value, "a model name or file")
+            coerced[name] = value
+        elif name in ("nuclei_channel", "cytoplasm_channel"):
+            if isinstance(value, str) and value.strip() and not _is_number(value):
+                coerced[name] = value.strip()  # a channel name: only the entity's channels can resolve it
+            else:
+                coerced[name] = number(name, value, int, "a channel number or name")
+        elif name in ("min_size", "batch_size"):
+            coerced[name] = number(name, value, int, "a whole number")
+        else:
+            coerced[name] = number(name, value, float, "a number")
+    return coerced
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

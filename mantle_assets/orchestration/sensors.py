@@ -2,7 +2,6 @@
 
 import json
 import time
-from pathlib import Path
 
 from dagster import (
     AssetRecordsFilter,
@@ -15,14 +14,14 @@ from dagster import (
 
 from mantle_assets.entities import Entity
 from mantle_assets.imaging.fields import ImageDirectoryError
-from mantle_assets.inbox import read_sidecar, scan_inbox
+from mantle_assets.inbox import inbox_folders, read_sidecar, scan_folder
 from mantle_assets.orchestration.assets import SEGMENTATION_PIPELINE, segmentation_masks
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.jobs import measurement_job, segmentation_job, segmentation_run_config
 from mantle_assets.orchestration.measurements import needs_measuring
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource, InboxResource
-from mantle_assets.registration import IMAGE_DIRECTORY, register_image_directory
+from mantle_assets.registration import IMAGE_DIRECTORY, register_image_directory, registered_directories
 
 
 def default_segmentation_config(entity: Entity) -> SegmentationConfig:
@@ -85,41 +84,39 @@ def inbox_sensor(
     if root is None or not root.is_dir():
         return SensorResult(skip_reason=f"no inbox folder ({root or 'MANTLE_INBOX is not set'})")
     store = entity_store.store()
-    registered = {
-        Path(e.properties["image_directory"]).resolve()
-        for e in store.list(IMAGE_DIRECTORY, include_archived=True)
-    }
+    folders = inbox_folders(root)
+    # Archived ones count too: archiving an inbox plate retires it, it does not ask for it to be registered anew.
+    registered = registered_directories(store, folders, include_archived=True)
     # Folders that failed, by signature: reported once, retried only after they change.
     failed: dict[str, str] = json.loads(context.cursor or "{}")
-    now, added = time.time(), []
-    for folder in scan_inbox(root):
-        key = str(folder.path.resolve())
-        if folder.path.resolve() in registered or failed.get(key) == folder.signature:
-            continue
-        if now - folder.last_change < inbox.quiet_seconds:
+    now, added, refused = time.time(), [], []
+    for path in folders:
+        if path in registered:
+            continue  # not scanned: a registered plate may stay in the inbox with thousands of files
+        folder = scan_folder(path)
+        key = str(path.resolve())
+        if failed.get(key) == folder.signature or now - folder.last_change < inbox.quiet_seconds:
             continue
         try:
-            sidecar = read_sidecar(folder.path)
-            defaults = sidecar.get("segmentation_defaults")
-            if defaults is not None:
-                SegmentationConfig(**defaults).settings()
+            sidecar = read_sidecar(path)
             entity = register_image_directory(
                 store,
-                folder.path,
-                sidecar.get("experiment_name") or folder.path.name,
-                segmentation_defaults=defaults,
+                path,
+                sidecar.get("experiment_name") or path.name,
+                segmentation_defaults=sidecar.get("segmentation_defaults"),
             )
         except (ImageDirectoryError, ValueError) as error:
-            context.log.warning(f"inbox folder not registered: {str(error).splitlines()[0]}")
+            reason = str(error).splitlines()[0]
+            context.log.warning(f"inbox folder not registered: {reason}")
+            refused.append(reason)
             failed[key] = folder.signature
             continue
         failed.pop(key, None)
         added.append(entity.entity_id)
-        context.log.info(f"registered {folder.path} as {entity.entity_id}")
-    return SensorResult(
-        cursor=json.dumps(failed, sort_keys=True),
-        skip_reason=None if added else "no new quiet inbox folders",
-    )
+        context.log.info(f"registered {path} as {entity.entity_id}")
+    # A refusal is logged and, when nothing was registered, shown as the tick's reason in the UI.
+    skip_reason = f"not registered: {'; '.join(refused)}" if refused else "no new quiet inbox folders"
+    return SensorResult(cursor=json.dumps(failed, sort_keys=True), skip_reason=None if added else skip_reason)
 
 
 # Materialization events read per tick; the cursor carries on from the last one.

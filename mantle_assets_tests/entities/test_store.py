@@ -256,6 +256,37 @@ def test_archive_hides_entity_from_list(store, images):
     assert (last.property, last.old_value, last.new_value, last.run_id) == ("archived", False, True, "cleanup")
 
 
+def test_find_returns_unarchived_entities_whose_property_has_one_of_the_values(store, tmp_path):
+    folders = {name: tmp_path / name for name in ("a", "b", "c", "it's; DROP TABLE entity_records")}
+    for folder in folders.values():
+        folder.mkdir()
+    ids = {name: store.register("image_directory", name, {"image_directory": folder, "experiment_name": "e"}).entity_id
+           for name, folder in folders.items()}
+    store.register("segmentation_mask_directory", "masks", _mask_properties(tmp_path / "m", ids["a"]))
+    wanted = [folders[name].as_posix() for name in ("c", "a", "it's; DROP TABLE entity_records")]
+
+    found = store.find("image_directory", "image_directory", [*wanted, (tmp_path / "absent").as_posix()])
+    assert [e.entity_id for e in found] == [ids["a"], ids["c"], ids["it's; DROP TABLE entity_records"]]
+    assert found[0] == store.get(ids["a"])
+    store.archive(ids["c"])
+    assert [e.name for e in store.find("image_directory", "image_directory", wanted)] == [
+        "a", "it's; DROP TABLE entity_records"]
+    assert [e.name for e in store.find("image_directory", "image_directory", wanted, include_archived=True)] == [
+        "a", "c", "it's; DROP TABLE entity_records"]
+    # Only the named property and data type: the masks' source_entity is not an image_directory value.
+    assert store.find("image_directory", "experiment_name", [ids["a"]]) == []
+    assert [e.name for e in store.find("segmentation_mask_directory", "source_entity", [ids["a"]])] == ["masks"]
+    assert store.find("image_directory", "image_directory", []) == []
+    assert len(store.list(include_archived=True)) == 5
+
+
+def test_find_refuses_an_unknown_property_or_data_type(store):
+    with pytest.raises(PropertyValidationError, match="image_directory: unknown property 'path'"):
+        store.find("image_directory", "path", ["/x"])
+    with pytest.raises(UnknownDataTypeError):
+        store.find("no_such_type", "image_directory", ["/x"])
+
+
 # -- lineage --------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -10,9 +11,10 @@ import tifffile
 from dagster import build_sensor_context
 
 from mantle_assets.entities import EntityStore
-from mantle_assets.inbox import read_sidecar
+from mantle_assets.inbox import read_sidecar, scan_folder
 from mantle_assets.orchestration.resources import EntityStoreResource, InboxResource
 from mantle_assets.orchestration.sensors import inbox_sensor
+from mantle_assets.registration import register_image_directory
 
 QUIET = 60.0
 
@@ -38,7 +40,7 @@ def copy_plate(inbox, name, *, age_seconds, sidecar=None, images=True):
 
 def age(folder, seconds):
     past = time.time() - seconds
-    for item in [*folder.iterdir(), folder]:
+    for item in [*folder.rglob("*"), folder]:
         os.utime(item, (past, past))
 
 
@@ -77,12 +79,125 @@ def test_sidecar_names_the_experiment_and_its_defaults(instance, inbox):
     assert by_name["plate-3"]["experiment_name"] == "plate-3"
 
 
+@pytest.mark.parametrize(
+    ("defaults", "expected"),
+    [
+        ("{diameter: 12}", {"diameter": "12"}),
+        ("{diameter: 12.5, min_size: '20'}", {"diameter": "12.5", "min_size": 20}),
+        ("{diameter: null}", {"diameter": "None"}),
+        ("{diameter: None}", {"diameter": "None"}),
+        ("{diameter: 'None'}", {"diameter": "None"}),
+        ("{nuclei_channel: '2', cytoplasm_channel: 2}", {"nuclei_channel": 2, "cytoplasm_channel": 2}),
+        ("{flow_threshold: '0.6', batch_size: null}", {"flow_threshold": 0.6}),
+    ],
+)
+def test_sidecar_values_are_read_as_the_cli_reads_them(instance, inbox, defaults, expected):
+    copy_plate(inbox, "plate", age_seconds=QUIET * 2, sidecar=f"segmentation_defaults: {defaults}\n")
+    tick(instance, inbox)
+    (entity,) = EntityStore().list("image_directory")
+    assert entity.properties["segmentation_defaults"] == expected
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "reason"),
+    [
+        ("segmentation_defaults: {diameter: abc}",
+         "segmentation_defaults: diameter must be a number of pixels or None, got 'abc'"),
+        ("segmentation_defaults: {diameter: yes}",
+         "segmentation_defaults: diameter must be a number of pixels or None, got True"),
+        ("segmentation_defaults: {diameter: -3}",
+         "segmentation_defaults: diameter must be a positive number of pixels, got '-3'"),
+        ("segmentation_defaults: {nuclei_channel: [1]}",
+         "segmentation_defaults: nuclei_channel must be a channel number or name, got [1]"),
+        ("segmentation_defaults: {min_size: 2.5}", "segmentation_defaults: min_size must be a whole number, got 2.5"),
+        ("segmentation_defaults: abc", "segmentation_defaults must be a mapping of parameters, got 'abc'"),
+        ("segmentation_defaults: {diameter: 12, diamter: 13}",
+         "segmentation_defaults: unknown parameter 'diamter' (known: cellpose_model, nuclei_channel, "
+         "cytoplasm_channel, diameter, flow_threshold, cellprob_threshold, min_size, batch_size)"),
+        ("experiment: TNF", "unknown key 'experiment' (known: experiment_name, segmentation_defaults)"),
+        ("experiment_name: [TNF]", "experiment_name must be text, got ['TNF']"),
+    ],
+)
+def test_a_bad_sidecar_value_skips_its_folder_only(instance, inbox, sidecar, reason):
+    bad = copy_plate(inbox, "plate-1", age_seconds=QUIET * 2, sidecar=sidecar)
+    good = copy_plate(inbox, "plate-2", age_seconds=QUIET * 2, sidecar="experiment_name: 2024-05-01\n")
+    first = tick(instance, inbox)
+    (entity,) = EntityStore().list("image_directory")
+    assert (entity.properties["image_directory"], entity.properties["experiment_name"]) == (str(good), "2024-05-01")
+    assert json.loads(first.cursor) == {str(bad.resolve()): scan_folder(bad).signature}
+    # Alone, the refusal is the tick's reason, one line naming the file, the field and the value.
+    shutil.rmtree(good)
+    alone = tick(instance, inbox)
+    assert alone.skip_reason.skip_message == f"not registered: {bad / 'experiment.yaml'}: {reason}"
+    assert tick(instance, inbox, alone.cursor).skip_reason.skip_message == "no new quiet inbox folders"
+
+
+def test_a_folder_still_being_copied_into_a_sub_folder_is_not_registered(instance, inbox):
+    plate = copy_plate(inbox, "plate", age_seconds=QUIET * 2)
+    # Not an image, so that whether the platform reads sub-folders does not matter here: only the quiet period.
+    (plate / "MetaData").mkdir()
+    (plate / "MetaData" / "plate.HTD").write_text('"HTSInfoFile", Version 1.0\n')
+    age(plate, QUIET * 2)
+    os.utime(plate / "MetaData" / "plate.HTD")  # the copy is still writing it: changed just now
+    first = tick(instance, inbox)
+    assert registered_paths() == []
+    age(plate, QUIET * 2)
+    tick(instance, inbox, first.cursor)
+    assert registered_paths() == [str(plate)]
+
+
+def test_the_signature_covers_sub_folders_but_not_hidden_files(inbox):
+    plate = copy_plate(inbox, "plate", age_seconds=QUIET * 2)
+    well = plate / "A01"
+    well.mkdir()
+    tifffile.imwrite(well / "field.tif", np.zeros((8, 8), np.uint8))
+    age(plate, QUIET * 2)
+    before = scan_folder(plate)
+    assert time.time() - before.last_change > QUIET
+
+    (well / ".DS_Store").write_bytes(b"finder")
+    (plate / ".snapshot").mkdir()
+    (plate / ".snapshot" / "field.tif").write_bytes(b"old copy")
+    age(plate / ".snapshot", QUIET * 2)
+    hidden = scan_folder(plate)
+    assert hidden.signature == before.signature
+    assert time.time() - hidden.last_change < QUIET  # a hidden file written counts as a change (rsync's temporaries)
+
+    age(plate, QUIET * 2)
+    tifffile.imwrite(well / "field.tif", np.ones((8, 8), np.uint8))
+    os.utime(well / "field.tif", (time.time() - QUIET * 2,) * 2)  # rewritten, dated back: the signature still moves
+    assert scan_folder(plate).signature != before.signature
+    (well / "second.tif").write_bytes(b"")
+    assert time.time() - scan_folder(plate).last_change < QUIET
+
+
+def test_a_dangling_link_does_not_keep_a_folder_unsettled(inbox):
+    plate = copy_plate(inbox, "plate", age_seconds=QUIET * 2)
+    (plate / "moved.tif").symlink_to(inbox / "gone.tif")
+    past = time.time() - QUIET * 2
+    os.utime(plate / "moved.tif", (past, past), follow_symlinks=False)
+    os.utime(plate, (past, past))
+    assert time.time() - scan_folder(plate).last_change > QUIET
+
+
 def test_never_registered_twice(instance, inbox):
     copy_plate(inbox, "plate-1", age_seconds=QUIET * 2)
     first = tick(instance, inbox)
     tick(instance, inbox, first.cursor)
     tick(instance, inbox)  # even with a lost cursor
     assert len(EntityStore().list("image_directory")) == 1
+
+
+def test_a_folder_registered_by_hand_or_archived_is_left_alone(instance, inbox, tmp_path):
+    by_hand = copy_plate(inbox, "plate-1", age_seconds=QUIET * 2)
+    archived = copy_plate(inbox, "plate-2", age_seconds=QUIET * 2)
+    store = EntityStore()
+    link = tmp_path / "link to plate-1"
+    link.symlink_to(by_hand)
+    register_image_directory(store, link, "by hand")
+    store.archive(register_image_directory(store, archived, "retired").entity_id)
+    assert tick(instance, inbox).skip_reason.skip_message == "no new quiet inbox folders"
+    assert len(store.list("image_directory", include_archived=True)) == 2
 
 
 def test_unreadable_folder_is_reported_once_and_retried_only_after_a_change(instance, inbox):
