@@ -81,7 +81,7 @@ def main() -> None:
         env = dict(os.environ, MANTLE_HOME=str(scratch / "home"))
         env.pop("DAGSTER_HOME", None)
         entity = subprocess.run([sys.executable, "-m", "mantle_assets.cli", "register", str(ours)],
-                                env=env, check=True, capture_output=True, text=True).stdout.strip()
+                                env=env, check=True, capture_output=True, text=True).stdout.split(":")[0]
         # A platform's MANTLE_HOME outlives its runs, and so does the numba cache in it: fill it
         # once, untimed, as the first run on a machine does (its cost is printed apart).
         warm_up_wall, _, _ = timed(

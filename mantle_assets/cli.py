@@ -95,22 +95,29 @@ def main() -> None:
               "they name the measurement columns.")
 @click.option("--plate-layout", type=click.Path(path_type=Path),
               help="CSV of the plate: well,dose,control[,treatment] (control -1/0/1) or BBBC014's layout.")
+@click.option("--pattern", "naming_pattern", metavar="REGEX",
+              help="For file names no instrument scheme reads: a regular expression with named groups well (or row "
+              "and column), field, channel, plane, timepoint, e.g. '(?P<well>[A-H]\\d+)-(?P<channel>GFP|DAPI)'.")
 @click.option("--again", is_flag=True, help="Register a new entity even if DIRECTORY is already registered.")
+@click.option("--json", "as_json", is_flag=True, help="Print the entity as JSON, with what was found under summary.")
 def register(
     directory: str, experiment_name: str | None, name: str | None, channel_names: str | None,
-    plate_layout: Path | None, again: bool,
+    plate_layout: Path | None, naming_pattern: str | None, again: bool, as_json: bool,
 ) -> None:
     """Register DIRECTORY of images as an image_directory entity and Dagster partition.
 
     DIRECTORY is a folder or a URI such as s3://lab/plate1 (see "Object storage"
-    in the README). Prints the new entity id, or the id of the unarchived entity that
-    already records DIRECTORY (the same folder, symbolic links followed, or the same URI)
-    with a note; asking then for other values than it records is an error.
+    in the README); its sub-folders are part of it. Prints the entity id and what was
+    found, e.g. "E000012: 2 fields x 2 channels (ch1, ch2), wells A01, A12, scheme
+    operetta", so that a wrong grouping shows before anything runs. A DIRECTORY that an
+    unarchived entity already records (the same folder, symbolic links followed, or the
+    same URI) prints that entity with a note; asking then for other values than it
+    records is an error.
     """
     from mantle_assets.registration import existing_registration
 
     names = None if channel_names is None else [n.strip() for n in channel_names.split(",")]
-    metadata = {"channel_names": names, "plate_layout": plate_layout}
+    metadata = {"channel_names": names, "plate_layout": plate_layout, "naming_pattern": naming_pattern}
     try:
         existing = None if again else existing_registration(
             _store(), directory, experiment_name=experiment_name, name=name, **metadata
@@ -122,15 +129,20 @@ def register(
         where = "" if recorded == directory else f" (as {recorded})"
         click.echo(f"note: {directory} is already registered as {existing.entity_id}{where}; "
                    "pass --again to register it anew", err=True)
-        click.echo(existing.entity_id)
-        return
-    entity = _register(directory, experiment_name, name, again=True, **metadata)
-    click.echo(entity.entity_id)
+    entity = existing or _register(directory, experiment_name, name, again=True, **metadata)
+    summary = (entity.properties.get("field_grouping") or {}).get("summary")
+    if as_json:
+        _echo_json(_entity_json(entity) | {"summary": summary, "already_registered": existing is not None})
+    else:
+        click.echo(f"{entity.entity_id}: {summary}" if summary else entity.entity_id)
 
 
 def _register(directory: str | Path, experiment_name: str | None, name: str | None, defaults: dict | None = None,
               **metadata):
-    """Register and add the partition; ``metadata``: ``channel_names``, ``plate_layout``, ``again``."""
+    """Register and add the partition.
+
+    ``metadata``: ``channel_names``, ``plate_layout``, ``naming_pattern``, ``again``.
+    """
     from mantle_assets.imaging.fields import ImageDirectoryError
     from mantle_assets.orchestration.partitions import image_directory_partitions
     from mantle_assets.registration import register_image_directory
@@ -237,7 +249,10 @@ def root_cause(failure) -> str:
         return "run failed"
     while error.cause is not None:
         error = error.cause
-    return error.message.strip().splitlines()[0]
+    line = error.message.strip().splitlines()[0]
+    # Dagster writes "package.module.ErrorClass: message"; the class is no news to a scientist.
+    qualified, _, message = line.partition(": ")
+    return message if message and qualified.rsplit(".", 1)[-1] == error.cls_name else line
 
 
 def _segment(entity_id: str, parameters: dict):

@@ -16,7 +16,7 @@ from mantle_assets.orchestration.config import SegmentationConfig, coerce_segmen
 
 SIDECAR_NAMES = ("experiment.yaml", "experiment.yml", "experiment.json")
 # What a sidecar may set; anything else is refused rather than ignored, so that a misspelt key is noticed.
-SIDECAR_KEYS = ("experiment_name", "segmentation_defaults")
+SIDECAR_KEYS = ("experiment_name", "segmentation_defaults", "channel_names", "plate_layout", "naming_pattern")
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,15 @@ def read_sidecar(folder: Path) -> dict:
     ``segmentation_defaults`` are read as ``mantle defaults`` reads its options
     (:func:`~mantle_assets.orchestration.config.coerce_segmentation_parameters`):
     ``diameter: 12`` is 12 pixels, ``diameter: null`` or ``None`` estimates it,
-    ``nuclei_channel: "2"`` is channel 2.
+    ``nuclei_channel: "2"`` is channel 2, ``nuclei_channel: DNA`` the channel
+    named so (by ``channel_names`` or the file names), resolved at registration.
 
     Returns
     -------
     dict
-        ``experiment_name`` (text) and ``segmentation_defaults`` (typed parameters), where the sidecar sets them.
+        ``experiment_name`` (text), ``segmentation_defaults`` (typed parameters), ``channel_names`` (list of
+        text), ``plate_layout`` (a path; relative ones are below the folder) and ``naming_pattern`` (text),
+        where the sidecar sets them: what ``mantle register`` takes as options.
 
     Raises
     ------
@@ -115,9 +118,24 @@ def _checked_sidecar(sidecar: Path, content: dict) -> dict:
         if not isinstance(defaults, dict):
             raise ValueError(f"{where} must be a mapping of parameters, got {defaults!r}")
         defaults = coerce_segmentation_parameters(defaults, where)
+        # Channels given by name are checked at registration, against the plate's channels.
+        numbers = {key: value for key, value in defaults.items() if not isinstance(value, str) or "channel" not in key}
         try:
-            SegmentationConfig(**defaults).settings()
+            SegmentationConfig(**numbers).settings()
         except ValueError as error:
             raise ValueError(f"{where}: {str(error).splitlines()[0]}") from None
         checked["segmentation_defaults"] = defaults
+    names = content.get("channel_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"{sidecar}: channel_names must be a list of names, got {names!r}")
+        checked["channel_names"] = names
+    for key in ("plate_layout", "naming_pattern"):
+        value = content.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{sidecar}: {key} must be text, got {value!r}")
+    if content.get("plate_layout") is not None:
+        checked["plate_layout"] = str(sidecar.parent / content["plate_layout"])
+    if content.get("naming_pattern") is not None:
+        checked["naming_pattern"] = content["naming_pattern"]
     return checked

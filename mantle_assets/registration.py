@@ -11,6 +11,7 @@ from mantle_assets.entities import Entity, EntityStore
 from mantle_assets.imaging.assay import read_plate_layout
 from mantle_assets.imaging.fields import FieldGrouping, group_fields, list_image_files
 from mantle_assets.imaging.measurements import check_channel_names
+from mantle_assets.imaging.segmentation import check_channels, numbered_channels
 from mantle_assets.settings import check_data_path, max_field_pixels, staging_root
 from mantle_assets.storage import is_uri, local_copy, normalised_uri, remote_fingerprint
 
@@ -64,6 +65,7 @@ def register_image_directory(
     segmentation_defaults: dict | None = None,
     channel_names: Sequence[str] | None = None,
     plate_layout: str | os.PathLike | None = None,
+    naming_pattern: str | None = None,
     again: bool = False,
 ) -> Entity:
     """Group a directory's images into fields and record it as an ``image_directory`` entity.
@@ -90,6 +92,11 @@ def register_image_directory(
     plate_layout : path, optional
         CSV of well -> treatment, dose, control flag; see
         :func:`~mantle_assets.imaging.assay.read_plate_layout`.
+    naming_pattern : str, optional
+        A regular expression with named groups (well, field, channel, plane,
+        timepoint) for file names no built-in naming scheme reads; see
+        :func:`~mantle_assets.imaging.fields.group_fields`. Recorded, and used
+        whenever the directory is read.
     again : bool
         Record a new entity even if the directory is already registered.
 
@@ -115,7 +122,7 @@ def register_image_directory(
     # Looked up before reading any image: registering a plate twice should not cost a second pass over it.
     existing = None if again else existing_registration(
         store, directory, experiment_name=experiment_name, name=name, segmentation_defaults=segmentation_defaults,
-        channel_names=channel_names, plate_layout=plate_layout,
+        channel_names=channel_names, plate_layout=plate_layout, naming_pattern=naming_pattern,
     )
     if existing is not None:
         return existing
@@ -123,13 +130,20 @@ def register_image_directory(
     # pointed elsewhere later) and the one duplicates are recognised by. A URI is normalised: no trailing slash.
     directory = check_data_path(directory, "image_directory")
     with local_copy(directory, staging_root()) as images:
-        grouping = group_fields(images, max_pixels=max_field_pixels())
+        grouping = group_fields(images, naming_pattern=naming_pattern, max_pixels=max_field_pixels())
         if not is_uri(directory):  # a copy's files are the platform's own downloads
             for field in grouping.fields:
                 for path in field.files:
                     check_data_path(path, "image file")
         if channel_names is not None:
             channel_names = check_channel_names(channel_names, grouping.n_channels)
+        if segmentation_defaults:
+            # Channels named in the defaults (an inbox sidecar's "nuclei_channel: DNA") become this plate's numbers.
+            segmentation_defaults = numbered_channels(segmentation_defaults, channel_names, grouping.channel_labels)
+            check_channels(
+                segmentation_defaults.get("nuclei_channel") or 0, segmentation_defaults.get("cytoplasm_channel") or 0,
+                grouping.n_channels,
+            )
         if plate_layout is not None:
             check_data_path(plate_layout, "plate_layout")
             check_plate_layout(plate_layout, grouping)
@@ -205,6 +219,7 @@ def existing_registration(
     segmentation_defaults: dict | None = None,
     channel_names: Sequence[str] | None = None,
     plate_layout: str | os.PathLike | None = None,
+    naming_pattern: str | None = None,
 ) -> Entity | None:
     """The unarchived entity already recording ``directory``, checked against the values a caller asks for.
 
@@ -214,7 +229,7 @@ def existing_registration(
         Where to look.
     directory : path or str
         The folder or URI about to be registered.
-    experiment_name, name, segmentation_defaults, channel_names, plate_layout : optional
+    experiment_name, name, segmentation_defaults, channel_names, plate_layout, naming_pattern : optional
         The values the caller would register; ``None`` (not asked for) matches anything.
 
     Returns
@@ -241,6 +256,7 @@ def existing_registration(
             None if plate_layout is None else Path(plate_layout).expanduser().resolve().as_posix(),
             recorded.get("plate_layout") and Path(recorded["plate_layout"]).resolve().as_posix(),
         ),
+        "naming_pattern": (naming_pattern, (recorded.get("field_grouping") or {}).get("naming_pattern")),
     }
     differences = [
         f"{key} {old!r}, not {new!r}" if old is not None else f"no {key}, not {new!r}"

@@ -26,13 +26,18 @@ def mantle(*args, check=True):
     return completed
 
 
+def register(*args) -> str:
+    """``mantle register``'s entity id: what its line starts with, before what was found."""
+    return mantle("register", *args).stdout.split(":")[0]
+
+
 def dagster_runs(mantle_home):
     with DagsterInstance.from_config(str(mantle_home / "dagster")) as instance:
         return instance.get_runs()
 
 
 def test_register_then_segment_round_trip(bbbc014_crops, bundled_model_name, mantle_home):
-    entity_id = mantle("register", str(bbbc014_crops), "--experiment", "dose ends").stdout.strip()
+    entity_id = register(str(bbbc014_crops), "--experiment", "dose ends")
     assert entity_id == "E000001"
     shown = json.loads(mantle("show", entity_id, "--json").stdout)
     grouping = shown["properties"]["field_grouping"]
@@ -52,7 +57,7 @@ def test_register_then_segment_round_trip(bbbc014_crops, bundled_model_name, man
 
 
 def test_unknown_model_exits_non_zero_and_records_nothing(bbbc014_crops, mantle_home):
-    entity_id = mantle("register", str(bbbc014_crops), "--experiment", "x").stdout.strip()
+    entity_id = register(str(bbbc014_crops), "--experiment", "x")
     failed = mantle("segment", entity_id, "--cellpose-model", "nosuchmodel", "--nuclei-channel", "2",
                     "--cytoplasm-channel", "2", "--diameter", "None", check=False)
     assert failed.returncode != 0
@@ -72,12 +77,15 @@ def test_register_refuses_a_directory_without_images(tmp_path, mantle_home):
 
 def test_register_takes_a_uri(bbbc014_crops, s3, mantle_home):
     uri = s3.put_directory(bbbc014_crops, "plates/crops")
-    entity_id = mantle("register", uri, "--experiment", "remote").stdout.strip()
+    entity_id = register(uri, "--experiment", "remote")
     shown = json.loads(mantle("show", entity_id, "--json").stdout)
     assert (shown["name"], shown["properties"]["image_directory"]) == ("crops", "s3://lab/plates/crops")
     failed = mantle("register", s3.uri("plates/nothing"), check=False)
     assert failed.returncode != 0
     assert failed.stderr.strip() == "Error: image directory s3://lab/plates/nothing does not exist"
+
+
+ONE_FIELD = "1 field x 2 channels (Channel1, Channel2), wells A01, scheme bbbc014"
 
 
 def two_channel_plate(directory):
@@ -91,10 +99,10 @@ def test_registering_a_registered_directory_prints_its_id_with_a_note(tmp_path, 
     plate = two_channel_plate(tmp_path / "plate")
     link = tmp_path / "link"
     link.symlink_to(plate)
-    assert mantle("register", str(plate), "--experiment", "TNF").stdout == "E000001\n"
+    assert mantle("register", str(plate), "--experiment", "TNF").stdout == f"E000001: {ONE_FIELD}\n"
     for spelling in (str(plate), f"{plate}/", str(link)):
         again = mantle("register", spelling, "--experiment", "TNF")
-        assert again.stdout == "E000001\n"
+        assert again.stdout == f"E000001: {ONE_FIELD}\n"
         where = "" if spelling == str(plate) else f" (as {plate})"
         assert again.stderr == (
             f"note: {spelling} is already registered as E000001{where}; pass --again to register it anew\n")
@@ -103,17 +111,17 @@ def test_registering_a_registered_directory_prints_its_id_with_a_note(tmp_path, 
     assert other.stderr == (
         f"Error: {link} is already registered as E000001 with experiment_name 'TNF', not 'IL-1' and no channel_names, "
         "not ['p65', 'DNA']; pass --again to register it anew with these\n")
-    assert mantle("register", str(link), "--experiment", "IL-1", "--again").stdout == "E000002\n"
+    assert mantle("register", str(link), "--experiment", "IL-1", "--again").stdout == f"E000002: {ONE_FIELD}\n"
     mantle("archive", "E000002")
     mantle("archive", "E000001")
-    assert mantle("register", str(plate)).stdout == "E000003\n"
+    assert mantle("register", str(plate)).stdout == f"E000003: {ONE_FIELD}\n"
     listed = json.loads(mantle("entities", "--archived", "--json").stdout)
     assert [(e["entity_id"], e["archived"], e["properties"].get("experiment_name")) for e in listed] == [
         ("E000001", True, "TNF"), ("E000002", True, "IL-1"), ("E000003", False, None)]
 
 
 def test_segmentation_options_are_read_like_the_inbox_sidecar(tmp_path, mantle_home):
-    entity_id = mantle("register", str(two_channel_plate(tmp_path / "plate"))).stdout.strip()
+    entity_id = register(str(two_channel_plate(tmp_path / "plate")))
     for value in ("abc", "true"):
         refused = mantle("defaults", entity_id, "--diameter", value, check=False)
         assert (refused.returncode, refused.stderr) == (
@@ -169,7 +177,7 @@ def test_demo_json_ends_with_the_plate_readout(tmp_path, bundled_model_name, man
 
 def test_whole_cell_request_to_the_nuclei_model_is_refused_before_a_run(bbbc014_crops, bundled_model_name,
                                                                         mantle_home):
-    entity_id = mantle("register", str(bbbc014_crops), "--channel-names", "NFkB,DNA").stdout.strip()
+    entity_id = register(str(bbbc014_crops), "--channel-names", "NFkB,DNA")
     shown = mantle("show", entity_id, "--json").stdout
     failed = mantle("segment", entity_id, "--cellpose-model", bundled_model_name, "--nuclei-channel", "DNA",
                     "--cytoplasm-channel", "NFkB", check=False)
@@ -190,7 +198,7 @@ def test_a_plate_without_objects_fails_and_records_nothing(tmp_path, bundled_mod
     for well in ("01-A-01", "02-A-02"):
         for channel in (1, 2):
             tifffile.imwrite(plate / f"Channel{channel}-{well}.tif", np.zeros((160, 160), np.uint16))
-    entity_id = mantle("register", str(plate), "--experiment", "blank").stdout.strip()
+    entity_id = register(str(plate), "--experiment", "blank")
 
     failed = mantle("segment", entity_id, "--cellpose-model", bundled_model_name, "--nuclei-channel", "2",
                     "--cytoplasm-channel", "2", check=False)
@@ -198,7 +206,7 @@ def test_a_plate_without_objects_fails_and_records_nothing(tmp_path, bundled_mod
     assert failed.returncode == 1
     (run,) = dagster_runs(mantle_home)
     assert failed.stderr.splitlines()[-1] == (
-        f"Error: segmentation_job run {run.run_id} failed: mantle_assets.orchestration.assets.NoObjectsError: "
+        f"Error: segmentation_job run {run.run_id} failed: "
         f"0 objects in all 2 fields with {bundled_model_name} (nuclei_channel=2, cytoplasm_channel=2, "
         "diameter=None): check the channel and diameter")
     assert [e["entity_id"] for e in json.loads(mantle("entities", "--json").stdout)] == [entity_id]
@@ -215,7 +223,7 @@ def test_channels_by_name_on_a_five_channel_plate(tmp_path, bundled_model_name, 
     plate = tmp_path / "cell painting"
     plate.mkdir()
     tifffile.imwrite(plate / "01-A-01.tif", np.stack([nfkb, *noise, dna]))
-    entity_id = mantle("register", str(plate), "--channel-names", "NFkB,ER,RNA,AGP,DNA").stdout.strip()
+    entity_id = register(str(plate), "--channel-names", "NFkB,ER,RNA,AGP,DNA")
 
     mantle("segment", entity_id, "--cellpose-model", bundled_model_name, "--nuclei-channel", "dna",
            "--cytoplasm-channel", "DNA", "--diameter", "12")
@@ -234,8 +242,8 @@ def test_defaults_by_channel_name_are_resolved_per_directory(tmp_path, mantle_ho
         for channel in (1, 2):
             (tmp_path / plate).mkdir(exist_ok=True)
             tifffile.imwrite(tmp_path / plate / f"Channel{channel}-01-A-01.tif", np.zeros((16, 16), np.uint8))
-        entity_ids.append(mantle("register", str(tmp_path / plate), "--experiment", "exp",
-                                 "--channel-names", names).stdout.strip())
+        entity_ids.append(register(str(tmp_path / plate), "--experiment", "exp",
+                                 "--channel-names", names))
 
     def recorded():
         return [json.loads(mantle("show", e, "--json").stdout)["properties"]["segmentation_defaults"]
@@ -255,3 +263,33 @@ def test_defaults_by_channel_name_are_resolved_per_directory(tmp_path, mantle_ho
     assert failed.stderr.splitlines() == [
         f"Error: {entity_ids[0]}: cytoplasm_channel=3 but the images have 2 channel(s)"]
     assert recorded() == [{"nuclei_channel": 2, "cytoplasm_channel": 2}, {"nuclei_channel": 1, "cytoplasm_channel": 1}]
+
+
+def test_register_says_what_it_found_and_takes_a_pattern(tmp_path, mantle_home):
+    operetta = tmp_path / "operetta"
+    operetta.mkdir()
+    for column in (1, 12):
+        for channel in (1, 2):
+            name = f"r01c{column:02d}f01p01-ch{channel}sk1fk1fl1.tiff"
+            tifffile.imwrite(operetta / name, np.zeros((16, 16), np.uint8))
+    assert mantle("register", str(operetta)).stdout == (
+        "E000001: 2 fields x 2 channels (ch1, ch2), wells A01, A12, plane p01, time point sk1, scheme operetta\n")
+
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    for channel in ("GFP", "Hoechst"):
+        tifffile.imwrite(lab / f"B7-{channel}.tif", np.zeros((16, 16), np.uint8))
+    refused = mantle("register", str(lab), check=False)
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
+    assert "B7-GFP and B7-Hoechst differ only by what looks like a channel" in refused.stderr
+    assert "--pattern" in refused.stderr
+
+    pattern = r"(?P<well>[A-H]\d+)-(?P<channel>\w+)"
+    shown = json.loads(mantle("register", str(lab), "--pattern", pattern, "--json").stdout)
+    assert shown["entity_id"] == "E000002" and not shown["already_registered"]
+    assert shown["summary"] == "1 field x 2 channels (GFP, Hoechst), wells B07, scheme pattern"
+    assert shown["properties"]["field_grouping"]["naming_pattern"] == pattern
+    segmented = mantle("segment", "E000002", "--nuclei-channel", "hoechst", "--cytoplasm-channel", "Hoechst",
+                       "--diameter", "12", check=False)
+    # Read with the recorded pattern at run time too: the blank field is segmented (and found empty).
+    assert "0 objects in the only field" in segmented.stderr.splitlines()[-1]

@@ -143,7 +143,7 @@ def ui(mantle_home, bbbc014_crops, tmp_path):
                  "-w", str(mantle_home / "dagster" / "workspace.yaml")],
                 cwd=workdir, capture_output=True, text=True, check=True, timeout=300,
             )
-        entity_id = mantle("register", str(bbbc014_crops), "--experiment", EXPERIMENT, cwd=workdir).strip()
+        entity_id = mantle("register", str(bbbc014_crops), "--experiment", EXPERIMENT, cwd=workdir).split(":")[0]
         # The experiment segments nuclei in the DNA channel (green); the UI's run must pick that up.
         mantle("defaults", "--experiment", EXPERIMENT, "--nuclei-channel", "2", "--cytoplasm-channel", "2",
                cwd=workdir)
@@ -274,7 +274,7 @@ def register_second_plate(crops: Path, directory: Path, workdir: Path) -> str:
     directory.mkdir()
     for image in crops.glob("*-12-A-12.tif"):
         shutil.copy(image, directory / image.name)
-    entity_id = mantle("register", str(directory), "--experiment", SECOND_EXPERIMENT, cwd=workdir).strip()
+    entity_id = mantle("register", str(directory), "--experiment", SECOND_EXPERIMENT, cwd=workdir).split(":")[0]
     mantle("defaults", "--experiment", SECOND_EXPERIMENT, "--nuclei-channel", "2", "--cytoplasm-channel", "2",
            "--diameter", "12", cwd=workdir)
     return entity_id

@@ -151,7 +151,10 @@ class FieldGrouping:
         return sorted({field.well for field in self.fields} - {None}, key=lambda well: (len(well), well))
 
     def describe(self) -> str:
-        """One line saying what was found, e.g. ``2 fields x 2 channels (ch1, ch2), wells A01, A12, scheme operetta``."""
+        """One line saying what was found.
+
+        E.g. ``2 fields x 2 channels (ch1, ch2), wells A01, A12, scheme operetta``.
+        """
         wells = self.wells
         if not wells:
             where = "no wells in the names"

@@ -148,7 +148,8 @@ SCHEMES: tuple[NamingScheme, ...] = (
     ),
     NamingScheme(
         "incell",
-        r"(?P<row>[A-P]{1,2}) - (?P<column>\d{1,2})\((?:fld (?P<field>\d+))?(?P<channel_part> ?wv (?P<channel>[^()]+?))?"
+        r"(?P<row>[A-P]{1,2}) - (?P<column>\d{1,2})\((?:fld (?P<field>\d+))?"
+        r"(?P<channel_part> ?wv (?P<channel>[^()]+?))?"
         r"(?P<plane> z \d+)?(?P<timepoint> time \d+[^()]*)?\)",
         "B - 03(fld 1 wv DAPI - DAPI)",
         "IN Cell Analyzer: <row> - <col>(fld <n> wv <excitation> - <emission>[ z <n>][ time <n> - <ms> ms])",

@@ -13,7 +13,7 @@ import math
 import numbers
 import pickle
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -155,6 +155,36 @@ def resolve_channel(
     raise ParameterError(
         f"{parameter}={value!r} names no channel; the channels are {_describe_channels(channel_names, channel_labels)}"
     )
+
+
+def numbered_channels(
+    parameters: Mapping, channel_names: Sequence[str] | None, channel_labels: Sequence[str]
+) -> dict:
+    """Segmentation parameters with ``nuclei_channel`` and ``cytoplasm_channel`` as numbers.
+
+    Parameters
+    ----------
+    parameters : mapping
+        Parameter name -> value; the channels may be numbers, numbers as text
+        or channel names (see :func:`resolve_channel`). Unset (None) ones stay unset.
+    channel_names, channel_labels : sequence of str
+        As for :func:`resolve_channel`.
+
+    Returns
+    -------
+    dict
+        A copy of ``parameters`` with the channels resolved.
+
+    Examples
+    --------
+    >>> numbered_channels({"nuclei_channel": "dapi", "diameter": "12"}, None, ["FITC", "DAPI"])
+    {'nuclei_channel': 2, 'diameter': '12'}
+    """
+    return dict(parameters) | {
+        name: resolve_channel(parameters[name], channel_names, channel_labels, name)
+        for name in ("nuclei_channel", "cytoplasm_channel")
+        if parameters.get(name) is not None
+    }
 
 
 def _describe_channels(channel_names: Sequence[str] | None, channel_labels: Sequence[str]) -> str:

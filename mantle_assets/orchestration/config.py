@@ -18,8 +18,8 @@ from mantle_assets.imaging.segmentation import (
     ParameterError,
     SegmentationSettings,
     check_channels,
+    numbered_channels,
     parse_diameter,
-    resolve_channel,
 )
 
 DEFAULT_MODEL = "mantle-nuclei-v1"
@@ -111,7 +111,7 @@ def channel_numbers(entity, parameters: Mapping) -> dict:
     ----------
     entity : Entity
         An image_directory entity: its ``channel_names``, then its field grouping's
-        ``channel_labels``, name the channels (see :func:`resolve_channel`).
+        ``channel_labels``, name the channels (see :func:`~mantle_assets.imaging.segmentation.resolve_channel`).
     parameters : mapping
         Segmentation parameters; ``nuclei_channel`` and ``cytoplasm_channel`` may be
         numbers, numbers as text, or channel names. Unset (None) ones stay unset.
@@ -122,11 +122,7 @@ def channel_numbers(entity, parameters: Mapping) -> dict:
         One line naming the parameter and the entity's channels.
     """
     labels = (entity.properties.get("field_grouping") or {}).get("channel_labels") or ()
-    return dict(parameters) | {
-        name: resolve_channel(parameters[name], entity.properties.get("channel_names"), labels, name)
-        for name in ("nuclei_channel", "cytoplasm_channel")
-        if parameters.get(name) is not None
-    }
+    return numbered_channels(parameters, entity.properties.get("channel_names"), labels)
 
 
 def coerce_segmentation_parameters(values: Mapping, where: str = "") -> dict:

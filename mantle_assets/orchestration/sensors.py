@@ -102,8 +102,8 @@ def inbox_sensor(
             entity = register_image_directory(
                 store,
                 path,
-                sidecar.get("experiment_name") or path.name,
-                segmentation_defaults=sidecar.get("segmentation_defaults"),
+                sidecar.pop("experiment_name", None) or path.name,
+                **sidecar,
             )
         except (ImageDirectoryError, ValueError) as error:
             reason = str(error).splitlines()[0]

@@ -217,6 +217,7 @@ def test_segmenting_the_dna_channel_finds_the_same_nuclei_under_every_layout(tmp
             grouping, segmenter, nuclei_channel=2, cytoplasm_channel=2,
             settings=SegmentationSettings(diameter=17.0), output_dir=output,
         )
-        counts[scheme] = {field.well: outcome.cells for field, outcome in zip(grouping.fields, result.fields)}
+        outcomes = zip(grouping.fields, result.fields, strict=True)
+        counts[scheme] = {field.well: outcome.cells for field, outcome in outcomes}
     assert all(cells >= 5 for cells in counts["bbbc014"].values()), counts
     assert all(per_well == counts["bbbc014"] for per_well in counts.values()), counts

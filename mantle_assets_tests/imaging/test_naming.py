@@ -51,7 +51,11 @@ def test_every_scheme_reads_its_own_example(scheme):
             "Plate1_C05_T0002F003L01A02Z04C03.tif",
             ("Plate1_C05_F003L01", "C03", "C05", "F003", "Z04", "T0002"),
         ),
-        ("cellomics", "MFGTMP_150303150001_H11f12d3.TIF", ("MFGTMP_150303150001_H11f12", "d3", "H11", "f12", None, None)),
+        (
+            "cellomics",
+            "MFGTMP_150303150001_H11f12d3.TIF",
+            ("MFGTMP_150303150001_H11f12", "d3", "H11", "f12", None, None),
+        ),
         ("incell", "B - 03(fld 2 wv UV - DAPI).tif", ("B - 03(fld 2)", "UV - DAPI", "B03", "2", None, None)),
         (
             "incell",

@@ -114,7 +114,8 @@ def test_sidecar_values_are_read_as_the_cli_reads_them(instance, inbox, defaults
         ("segmentation_defaults: {diameter: 12, diamter: 13}",
          "segmentation_defaults: unknown parameter 'diamter' (known: cellpose_model, nuclei_channel, "
          "cytoplasm_channel, diameter, flow_threshold, cellprob_threshold, min_size, batch_size)"),
-        ("experiment: TNF", "unknown key 'experiment' (known: experiment_name, segmentation_defaults)"),
+        ("experiment: TNF", "unknown key 'experiment' (known: experiment_name, segmentation_defaults, channel_names, "
+         "plate_layout, naming_pattern)"),
         ("experiment_name: [TNF]", "experiment_name must be text, got ['TNF']"),
     ],
 )
@@ -228,3 +229,34 @@ def test_no_inbox_configured_skips(instance, monkeypatch):
     context = build_sensor_context(
         instance=instance, resources={"entity_store": EntityStoreResource(), "inbox": InboxResource()})
     assert "MANTLE_INBOX is not set" in inbox_sensor(context).skip_reason.skip_message
+
+
+def test_a_sidecar_registers_as_mantle_register_does(instance, inbox):
+    folder = inbox / "lab plate"
+    folder.mkdir()
+    for channel in ("GFP", "Hoechst"):
+        tifffile.imwrite(folder / f"B07-{channel}.tif", np.zeros((8, 8), np.uint8))
+    (folder / "layout.csv").write_text("well,dose,control\nB07,1,0\n")
+    (folder / "experiment.yaml").write_text(
+        "naming_pattern: '(?P<well>[A-H]\\d+)-(?P<channel>\\w+)'\n"
+        "channel_names: [NFkB, DNA]\n"
+        "plate_layout: layout.csv\n"
+        "segmentation_defaults: {nuclei_channel: DNA, cytoplasm_channel: hoechst}\n"
+    )
+    age(folder, QUIET * 2)
+    tick(instance, inbox)
+    (entity,) = EntityStore().list("image_directory")
+    grouping = entity.properties["field_grouping"]
+    assert (grouping["scheme"], grouping["channel_labels"], grouping["wells"]) == (
+        "pattern", ["GFP", "Hoechst"], {"B07": "B07"})
+    assert entity.properties["channel_names"] == ["NFkB", "DNA"]
+    assert entity.properties["plate_layout"] == str(folder / "layout.csv")
+    # Named channels become this plate's numbers: DNA by channel_names, hoechst by the file names.
+    assert entity.properties["segmentation_defaults"] == {"nuclei_channel": 2, "cytoplasm_channel": 2}
+
+
+def test_a_sidecar_naming_a_channel_the_plate_lacks_skips_its_folder(instance, inbox):
+    copy_plate(inbox, "plate", age_seconds=QUIET * 2, sidecar="segmentation_defaults: {nuclei_channel: DAPI}\n")
+    result = tick(instance, inbox)
+    assert registered_paths() == []
+    assert "nuclei_channel='DAPI' names no channel" in result.skip_reason.skip_message
