@@ -182,9 +182,9 @@ def lineage_table(store: EntityStore, entity_id: str) -> MetadataValue:
 
 
 def without_file_lists(properties: dict) -> dict:
-    """An image directory's properties minus the per-field file lists, which can run to thousands."""
+    """An image directory's properties minus the per-field file lists and wells, which can run to thousands."""
     grouping = properties.get("field_grouping") or {}
-    return properties | {"field_grouping": {k: v for k, v in grouping.items() if k != "fields"}}
+    return properties | {"field_grouping": {k: v for k, v in grouping.items() if k not in ("fields", "wells")}}
 
 
 def summary_metadata(values: list[int]) -> dict:
