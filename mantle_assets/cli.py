@@ -29,12 +29,12 @@ class MantleGroup(click.Group):
     """Turns the platform's expected errors into one-line messages instead of tracebacks."""
 
     def invoke(self, ctx):
-        from mantle_assets.entities import EntityNotFoundError, SchemaVersionError, StoreBusyError
+        from mantle_assets.entities import EntityNotFoundError, StoreBusyError, StoreUnusableError
         from mantle_assets.entities.types import UnknownDataTypeError
 
         try:
             return super().invoke(ctx)
-        except (EntityNotFoundError, SchemaVersionError, StoreBusyError, UnknownDataTypeError) as error:
+        except (EntityNotFoundError, StoreBusyError, StoreUnusableError, UnknownDataTypeError) as error:
             raise MantleCommandError(str(error).splitlines()[0]) from None
 
 

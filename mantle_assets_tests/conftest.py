@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,40 @@ def mantle_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
     (home / "dagster").mkdir(parents=True)
     return home
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 4 MiB tmpfs mounted for the test, to fill with :func:`fill_disk`: a real full disk.
+
+    Mounting needs root (CI runs as root); the test is skipped only where the mount fails.
+    """
+    disk = tmp_path / "small disk"
+    disk.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(disk)],
+                                 capture_output=True, text=True, timeout=60)
+    except OSError as error:
+        pytest.skip(f"cannot mount a tmpfs to fill: {error}")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True, timeout=60)
+
+
+def fill_disk(disk: Path, leave: int = 0) -> Path:
+    """Write one file on ``disk`` until at most ``leave`` bytes are free; delete the file to free them."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as file:
+        try:
+            while (stats := os.statvfs(disk)).f_bavail * stats.f_frsize > leave:
+                file.write(b"\1" * 4096)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+    return filler
 
 
 @pytest.fixture

@@ -11,11 +11,14 @@ Beyond one machine the same store runs on any catalog DuckDB can ``ATTACH``
 (``MANTLE_ENTITY_STORE=ducklake:postgres:...``, ``md:mantle``, ...): those
 serialise concurrent writers themselves, so no file lock is taken, and a
 write conflict surfaces as :class:`StoreBusyError`, which pipeline steps retry.
+A store that no retry can mend (a full disk, a file that is not a Mantle store,
+a corrupted one) raises a :class:`StoreUnusableError` instead, naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -38,9 +41,13 @@ __all__ = [
     "EntityNotFoundError",
     "EntityStore",
     "LineageEdge",
+    "NotAStoreError",
     "PropertyChange",
     "SchemaVersionError",
     "StoreBusyError",
+    "StoreCorruptedError",
+    "StoreDiskFullError",
+    "StoreUnusableError",
     "default_database_path",
 ]
 
@@ -111,6 +118,20 @@ _CATALOG_ALIAS = "mantle_store"
 # "ducklake:...", "md:...", "postgres:...", "duckdb:...": DuckDB ATTACH strings, not file paths.
 _CATALOG_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+_-]+:")
 
+# Every DuckDB database file holds these bytes after its header's 8-byte checksum.
+_DUCKDB_MAGIC = b"DUCK"
+_DUCKDB_MAGIC_OFFSET = 8
+# DuckDB reports a failed write with the C library's words for the errno.
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_REASONS = tuple(os.strerror(number) for number in _DISK_FULL_ERRNOS)
+# DuckDB's DataCorruptionException ("Corrupt database file: ... checksum", "Corrupted ... segment",
+# "Corrupt WAL file") and its read of a file cut short.
+_CORRUPTION_MARKERS = ("corrupt", "could not read enough bytes")
+_NOT_DUCKDB_MARKER = "not a valid duckdb database file"
+# DuckDB quotes the file names in its messages; the markers are matched without them (a folder may be "corrupt").
+_QUOTED_NAME = re.compile(r'"[^"]*"')
+_WHAT_TO_DO_WITH_A_FOREIGN_FILE = "it was left unchanged: point MANTLE_ENTITY_STORE at another file, or move it away"
+
 
 def is_catalog_uri(database: str) -> bool:
     """Whether ``database`` names a catalog to ATTACH rather than a local DuckDB file.
@@ -157,8 +178,24 @@ class StoreBusyError(RuntimeError):
     """The database stayed locked by another process for longer than the lock timeout."""
 
 
-class SchemaVersionError(RuntimeError):
+class StoreUnusableError(RuntimeError):
+    """The database cannot be used as it is, and waiting will not change that: nothing retries it."""
+
+
+class SchemaVersionError(StoreUnusableError):
     """The database was written by a newer version of the store."""
+
+
+class StoreDiskFullError(StoreUnusableError):
+    """The disk holding the database has no space left; the transaction was rolled back."""
+
+
+class NotAStoreError(StoreUnusableError):
+    """The database is not a Mantle entity store: not a DuckDB file, or a DuckDB file of other tables."""
+
+
+class StoreCorruptedError(StoreUnusableError):
+    """DuckDB found the database damaged (failed checksums, a truncated file)."""
 
 
 @dataclass(frozen=True)
@@ -271,6 +308,14 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def _has_duckdb_header(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as file:
+        file.seek(_DUCKDB_MAGIC_OFFSET)
+        return file.read(len(_DUCKDB_MAGIC)) == _DUCKDB_MAGIC
+
+
 def _entity_from_row(row: tuple[Any, ...]) -> Entity:
     entity_id, data_type, name, properties, version, archived, created_at, updated_at = row
     return Entity(
@@ -355,9 +400,10 @@ class EntityStore:
 
         Commits when the block finishes, rolls back when it raises; the
         connection is closed before the lock is released so that the next
-        process can open the file.
+        process can open the file. DuckDB and OS errors that mean the store
+        is unusable, wherever they arise, become a :class:`StoreUnusableError`.
         """
-        with self._exclusive():
+        with self._unusable_store_errors(), self._exclusive():
             connection = self._connect()
             try:
                 connection.execute("BEGIN TRANSACTION")
@@ -374,9 +420,56 @@ class EntityStore:
                 try:
                     connection.execute("COMMIT")
                 except duckdb.TransactionException as error:
-                    raise StoreBusyError(f"write conflict on {self._database}: {_one_line(error)}") from None
+                    # A full disk fails the commit with the same exception type as a write conflict.
+                    raise self._busy_unless_unusable(error, "write conflict on") from None
             finally:
                 connection.close()
+
+    @contextlib.contextmanager
+    def _unusable_store_errors(self) -> Iterator[None]:
+        """Raise the :class:`StoreUnusableError` that a DuckDB or OS error stands for; others pass unchanged."""
+        try:
+            yield
+        except (duckdb.Error, OSError) as error:
+            unusable = self._unusable(error)
+            if unusable is None:
+                raise
+            raise unusable from None
+
+    def _unusable(self, error: BaseException) -> StoreUnusableError | None:
+        """The store error meant by ``error``, or ``None`` when it does not say the store is unusable."""
+        if isinstance(error, OSError):
+            words = ""
+            reason = os.strerror(error.errno) if error.errno in _DISK_FULL_ERRNOS else None
+        else:
+            words = _QUOTED_NAME.sub('""', str(error)).lower()
+            reason = next((reason for reason in _DISK_FULL_REASONS if reason.lower() in words), None)
+        if reason is not None:
+            return StoreDiskFullError(
+                f"the disk holding {self._database} is full ({reason}); nothing was written: "
+                "free some space, then run again"
+            )
+        if _NOT_DUCKDB_MARKER in words:
+            return self._not_duckdb()
+        if any(marker in words for marker in _CORRUPTION_MARKERS):
+            return StoreCorruptedError(
+                f"{self._database} is corrupted ({_one_line(error)}): restore it from a backup, "
+                "or move it away to start an empty store"
+            )
+        return None
+
+    def _busy_unless_unusable(self, error: duckdb.Error, what: str) -> Exception:
+        # Errors of a busy store and of an unusable one share DuckDB's exception types; only the text tells.
+        return self._unusable(error) or StoreBusyError(f"{what} {self._database}: {_one_line(error)}")
+
+    def _not_duckdb(self) -> NotAStoreError:
+        # A folder (a mistaken MANTLE_ENTITY_STORE) or an empty file holds nothing to lose: say so.
+        kind = ""
+        if isinstance(self._database, Path) and self._database.is_dir():
+            kind = " (it is a directory)"
+        elif isinstance(self._database, Path) and self._database.is_file() and not self._database.stat().st_size:
+            kind = " (it is empty)"
+        return NotAStoreError(f"{self._database} is not a DuckDB database{kind}; {_WHAT_TO_DO_WITH_A_FOREIGN_FILE}")
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -400,6 +493,11 @@ class EntityStore:
     def _connect(self) -> duckdb.DuckDBPyConnection:
         if self._lock is None:
             return self._attach()
+        creating = not os.path.lexists(self._database)
+        # DuckDB hands a file of a format it knows (SQLite) to an extension, which it would try to
+        # download, rather than refuse it; the header tells first.
+        if not creating and not _has_duckdb_header(self._database):
+            raise self._not_duckdb()
         # Processes that take our lock never collide here; this retry is for
         # others holding the file, such as someone's DuckDB CLI.
         deadline = time.monotonic() + self._lock_timeout
@@ -409,6 +507,9 @@ class EntityStore:
                 return duckdb.connect(str(self._database))
             except duckdb.IOException as error:
                 if not _is_foreign_lock_error(error):
+                    if creating:
+                        # Left behind (empty, on a full disk), it would read as "not a DuckDB database".
+                        self._database.unlink(missing_ok=True)
                     raise
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -428,13 +529,20 @@ class EntityStore:
             connection.execute(f"USE {_CATALOG_ALIAS}")
         except duckdb.Error as error:
             connection.close()
-            raise StoreBusyError(f"cannot attach entity store {self._database}: {_one_line(error)}") from None
+            raise self._busy_unless_unusable(error, "cannot attach entity store") from None
         return connection
 
     def _ensure_schema(self, connection: duckdb.DuckDBPyConnection) -> None:
+        """Check that the database is a Mantle store of a version this code reads; give an empty one the schema.
+
+        The ``schema_version`` table marks a Mantle store. A database without it
+        that holds tables, views or sequences belongs to someone else and is
+        refused untouched rather than filled with Mantle's tables beside its own.
+        """
+        # The current schema rather than "main": an attached PostgreSQL catalog's is "public".
         exists = connection.execute(
             "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-            "AND schema_name = 'main' AND table_name = 'schema_version'"
+            "AND schema_name = current_schema() AND table_name = 'schema_version'"
         ).fetchone()[0]
         if exists:
             row = connection.execute("SELECT max(version) FROM schema_version").fetchone()
@@ -446,10 +554,31 @@ class EntityStore:
                 )
             if version == SCHEMA_VERSION:
                 return
+        else:
+            self._refuse_foreign(connection)
         for statement in _SCHEMA_STATEMENTS:
             connection.execute(statement)
         connection.execute("DELETE FROM schema_version")
         connection.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+
+    def _refuse_foreign(self, connection: duckdb.DuckDBPyConnection) -> None:
+        """Raise :class:`NotAStoreError` if the database, which lacks Mantle's marker, holds anything."""
+        where = "WHERE database_name = current_database() AND schema_name = current_schema()"
+        names = [
+            name
+            for (name,) in connection.execute(
+                f"SELECT table_name FROM duckdb_tables() {where} "
+                f"UNION ALL SELECT view_name FROM duckdb_views() {where} AND NOT internal "
+                f"UNION ALL SELECT sequence_name FROM duckdb_sequences() {where} ORDER BY 1"
+            ).fetchall()
+        ]
+        if names:
+            # repr() and a cut keep a hostile name to one short line.
+            shown = ", ".join(repr(name[:40]) for name in names[:3]) + (", ..." if len(names) > 3 else "")
+            raise NotAStoreError(
+                f"{self._database} is a DuckDB database but not a Mantle entity store (it holds {shown} and no "
+                f"schema_version table); {_WHAT_TO_DO_WITH_A_FOREIGN_FILE}"
+            )
 
     # -- helpers that run inside a transaction ---------------------------------
 

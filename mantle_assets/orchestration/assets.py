@@ -22,7 +22,7 @@ from dagster import (
 from tqdm import tqdm
 
 from mantle_assets.atomic import output_directory, removed_on_failure
-from mantle_assets.entities import Entity, EntityStore, StoreBusyError
+from mantle_assets.entities import Entity, EntityStore, StoreBusyError, StoreUnusableError
 from mantle_assets.imaging.fields import FieldGrouping, ImageDirectoryError, group_fields
 from mantle_assets.imaging.pipeline import segment_directory
 from mantle_assets.imaging.segmentation import check_channels
@@ -274,6 +274,8 @@ def segmentation_masks(
             continue  # by an earlier attempt of this step, which a retry repeats
         try:
             metadata = segment_partition(context, entity_id, config, store, cellpose)
+        except StoreUnusableError:
+            raise  # no directory of the batch could be recorded: stop before segmenting the others
         except Exception as error:  # the batch goes on; the step fails at the end, naming it
             context.log.error(f"{entity_id}: {error}", exc_info=len(context.partition_keys) > 1)
             failures[entity_id] = error

@@ -1,4 +1,4 @@
-"""A step that finds the entity store busy is retried, and records its output once."""
+"""A step that finds the entity store busy is retried, and records its output once; an unusable store is not."""
 
 import threading
 import time
@@ -7,12 +7,13 @@ import filelock
 import pytest
 from dagster import DagsterEventType, EventRecordsFilter, materialize
 
+from mantle_assets.cli import root_cause
 from mantle_assets.entities import EntityStore
 from mantle_assets.orchestration.assets import segmentation_masks
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
 from mantle_assets.registration import register_image_directory
-from mantle_assets_tests.conftest import TWO_WELLS, register_crop_per_well
+from mantle_assets_tests.conftest import TWO_WELLS, fill_disk, register_crop_per_well
 
 pytestmark = pytest.mark.slow
 
@@ -116,3 +117,32 @@ def test_a_retried_range_skips_the_directories_it_already_materialized(tmp_path,
     for source in (first, second):
         (edge,) = store.children(source.entity_id)
         assert edge.run_id == result.run_id
+
+
+def test_a_full_disk_under_the_store_fails_a_batch_at_once(tmp_path, instance, bundled_model_name, small_disk,
+                                                           monkeypatch):
+    monkeypatch.setenv("MANTLE_ENTITY_STORE", str(small_disk / "mantle.duckdb"))
+    store = EntityStore()
+    first, second = register_crop_per_well(tmp_path, store, TWO_WELLS, "batch")
+    instance.add_dynamic_partitions(image_directory_partitions.name, [first.entity_id, second.entity_id])
+    filler = fill_disk(small_disk)
+
+    result = materialize(
+        [segmentation_masks],
+        instance=instance,
+        tags={"dagster/asset_partition_range_start": first.entity_id,
+              "dagster/asset_partition_range_end": second.entity_id},
+        resources={"entity_store": EntityStoreResource(), "cellpose": CellposeResource()},  # 300 s lock timeout
+        run_config={"ops": {"segmentation_masks": {"config": {
+            "cellpose_model": bundled_model_name, "diameter": "12"}}}},
+        raise_on_error=False,
+    )
+
+    assert not result.success
+    assert DagsterEventType.STEP_UP_FOR_RETRY not in [event.event_type for event in result.all_events]
+    # The first directory's own error, not a batch's list of both: the second was never segmented.
+    assert root_cause(result.failure_data_for_node("segmentation_masks")) == (
+        f"the disk holding {store.database} is full (No space left on device); nothing was "
+        "written: free some space, then run again")
+    filler.unlink()
+    assert store.list("segmentation_mask_directory") == []
