@@ -515,11 +515,16 @@ def ui(port: int) -> None:
               help="Network arithmetic (default auto: bfloat16 on CPUs with AMX).")
 def train(weights: tuple[str, ...], **options) -> None:
     """Train a Cellpose model (the trained_cellpose_model asset) and record it as an entity."""
+    from mantle_assets.models.training import check_model_name
     from mantle_assets.orchestration.training import TrainingConfig
 
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items() if v is not None}
     config["set_weights"] = {name: float(share) for name, _, share in (w.partition("=") for w in weights)}
     TrainingConfig(**config)
+    try:
+        check_model_name(config["model_name"], "--name")  # before a run exists, so that a bad name records none
+    except ValueError as error:
+        raise MantleCommandError(str(error)) from None
     result = _execute("training_job", "trained_cellpose_model", config, _instance())
     metadata = result.asset_materializations_for_node("trained_cellpose_model")[0].metadata
     click.echo(
@@ -538,7 +543,10 @@ def bundle(model_entity_id: str, name: str) -> None:
     model = _store().get(model_entity_id)
     if model.data_type != "cellpose_model":
         raise MantleCommandError(f"{model_entity_id} is a {model.data_type}, not a cellpose_model")
-    folder = bundle_model(Path(model.properties["model_file"]), name, dict(model.properties))
+    try:
+        folder = bundle_model(Path(model.properties["model_file"]), name, dict(model.properties))
+    except ValueError as error:
+        raise MantleCommandError(str(error)) from None
     click.echo(str(folder))
 
 

@@ -12,11 +12,31 @@ from pathlib import Path
 
 import yaml
 
+from mantle_assets.models.registry import check_model_file, names_a_file
 from mantle_assets.orchestration.config import SegmentationConfig, coerce_segmentation_parameters
+from mantle_assets.settings import check_data_path
 
 SIDECAR_NAMES = ("experiment.yaml", "experiment.yml", "experiment.json")
 # What a sidecar may set; anything else is refused rather than ignored, so that a misspelt key is noticed.
 SIDECAR_KEYS = ("experiment_name", "segmentation_defaults", "channel_names", "plate_layout", "naming_pattern")
+
+# A sidecar holds a few settings; a larger file is refused unread, so that the sensor never parses megabytes.
+MAX_SIDECAR_BYTES = 64 * 1024
+
+
+class _SidecarLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases.
+
+    An alias (``*name``) repeats the node its anchor names: nine nested lines of
+    aliases ("billion laughs") expand to 10**9 strings, which took the code
+    server to 17 GB in 20 s. Sidecars have no use for them.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            line = self.peek_event().start_mark.line + 1
+            raise yaml.YAMLError(f"YAML aliases (*name) are not allowed (line {line})")
+        return super().compose_node(parent, index)
 
 
 @dataclass(frozen=True)
@@ -81,20 +101,35 @@ def read_sidecar(folder: Path) -> dict:
     Raises
     ------
     ValueError
-        One line naming the file, and the key and value where one is wrong: not
-        a mapping of valid YAML/JSON, an unknown key, an experiment name that is
-        no text, segmentation defaults that are no mapping or hold an unknown
-        parameter or a bad value.
+        One line naming the file, and the key and value where one is wrong: a
+        sidecar that is a symbolic link out of the data roots (see
+        :func:`~mantle_assets.settings.check_data_path`) or larger than
+        ``MAX_SIDECAR_BYTES``, not a mapping of valid YAML/JSON, YAML with
+        aliases, nesting too deep to parse, an unknown key, an experiment name
+        that is no text, segmentation defaults that are no mapping or hold an
+        unknown parameter or a bad value, a ``cellpose_model`` file outside the
+        data roots or holding no Cellpose weights (see
+        :func:`~mantle_assets.models.registry.check_model_file`).
     """
     for name in SIDECAR_NAMES:
         sidecar = folder / name
         if sidecar.is_file():
             try:
-                text = sidecar.read_text()
-                content = json.loads(text) if name.endswith(".json") else yaml.safe_load(text)
+                check_data_path(sidecar, "sidecar")
+            except ValueError as error:
+                raise ValueError(f"{sidecar}: {error}") from None
+            with sidecar.open("rb") as stream:
+                data = stream.read(MAX_SIDECAR_BYTES + 1)
+            if len(data) > MAX_SIDECAR_BYTES:
+                raise ValueError(f"{sidecar}: larger than {MAX_SIDECAR_BYTES} bytes, the most a sidecar may hold")
+            try:
+                text = data.decode()
+                content = json.loads(text) if name.endswith(".json") else yaml.load(text, Loader=_SidecarLoader)
             except (ValueError, yaml.YAMLError) as error:
                 raise ValueError(f"{sidecar}: not valid {name.rsplit('.', 1)[1].upper()}: "
                                  f"{str(error).splitlines()[0]}") from None
+            except RecursionError:  # [[[[...: both parsers recurse once per level
+                raise ValueError(f"{sidecar}: not valid {name.rsplit('.', 1)[1].upper()}: nested too deeply") from None
             if not isinstance(content, dict):
                 raise ValueError(f"{sidecar}: expected a mapping of settings")
             return _checked_sidecar(sidecar, content)
@@ -124,6 +159,12 @@ def _checked_sidecar(sidecar: Path, content: dict) -> dict:
             SegmentationConfig(**numbers).settings()
         except ValueError as error:
             raise ValueError(f"{where}: {str(error).splitlines()[0]}") from None
+        # Model names are checked when a run resolves them (listing Cellpose's takes importing it); files now.
+        if names_a_file(defaults.get("cellpose_model")):
+            try:
+                check_model_file(defaults["cellpose_model"])
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
         checked["segmentation_defaults"] = defaults
     names = content.get("channel_names")
     if names is not None:

@@ -18,6 +18,25 @@ from mantle_assets.storage import is_uri, local_copy, normalised_uri, remote_fin
 IMAGE_DIRECTORY = "image_directory"
 
 
+def check_image_files(directory: Path) -> None:
+    """Refuse a local image directory holding an image file outside the data roots, before any file is read.
+
+    Registration checks this, and so does every run that reads the images (see
+    :func:`~mantle_assets.orchestration.assets.staged_image_directory`): a file
+    can be replaced by a symbolic link to a file outside the roots after
+    registration.
+
+    Raises
+    ------
+    OutsideDataRootsError
+        One line naming the file (see :func:`~mantle_assets.settings.check_data_path`).
+    ImageDirectoryError
+        If the directory cannot be listed (see :func:`~mantle_assets.imaging.fields.list_image_files`).
+    """
+    for path in list_image_files(directory):
+        check_data_path(path, "image file")
+
+
 def directory_fingerprint(directory: str | os.PathLike) -> tuple[int, str]:
     """Count the image files of a directory and fingerprint them.
 
@@ -130,11 +149,9 @@ def register_image_directory(
     # pointed elsewhere later) and the one duplicates are recognised by. A URI is normalised: no trailing slash.
     directory = check_data_path(directory, "image_directory")
     with local_copy(directory, staging_root()) as images:
-        grouping = group_fields(images, naming_pattern=naming_pattern, max_pixels=max_field_pixels())
         if not is_uri(directory):  # a copy's files are the platform's own downloads
-            for field in grouping.fields:
-                for path in field.files:
-                    check_data_path(path, "image file")
+            check_image_files(images)
+        grouping = group_fields(images, naming_pattern=naming_pattern, max_pixels=max_field_pixels())
         if channel_names is not None:
             channel_names = check_channel_names(channel_names, grouping.n_channels)
         if segmentation_defaults:

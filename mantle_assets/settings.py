@@ -156,7 +156,7 @@ def check_data_path(path: str | os.PathLike, what: str) -> Path | str:
             raise OutsideDataRootsError(f"{what} {resolved} is outside the data roots (MANTLE_DATA_ROOTS={listed})")
     elif any(resolved.is_relative_to(system) for system in SYSTEM_DIRECTORIES):
         raise OutsideDataRootsError(
-            f"{what} {resolved} is a system directory; set MANTLE_DATA_ROOTS to the folders that hold your data"
+            f"{what} {resolved} is in a system directory; set MANTLE_DATA_ROOTS to the folders that hold your data"
         )
     return resolved
 

@@ -316,9 +316,11 @@ def test_whole_cell_request_to_cellpose_nuclei(registered, mantle_home, tmp_path
     assert message.startswith("cellpose_model 'nuclei' segments nuclei in one channel, but cytoplasm_channel=1")
 
 
-def test_a_model_file_of_unknown_kind_may_be_asked_for_whole_cells(registered, tmp_path):
+def test_a_model_file_of_unknown_kind_may_be_asked_for_whole_cells(registered, tmp_path, bundled_model_name):
+    from mantle_assets.models.registry import resolve_model
+
     weights = tmp_path / "my model"
-    weights.write_bytes(b"weights")
+    shutil.copyfile(resolve_model(bundled_model_name).path, weights)
     config = SegmentationConfig(cellpose_model=str(weights), nuclei_channel=2, cytoplasm_channel=1)
     _, _, _, spec = prepare_segmentation(EntityStore(), registered, config)
     assert spec.kind == "file"
@@ -422,7 +424,7 @@ def test_good_plate_prepares(registered, plate, mantle_home):
 def test_system_directory_is_refused(mantle_home, monkeypatch):
     monkeypatch.delenv("MANTLE_DATA_ROOTS", raising=False)
     message = refused_registration(mantle_home, Path("/etc"), OutsideDataRootsError)
-    assert message.startswith("image_directory /etc is a system directory")
+    assert message.startswith("image_directory /etc is in a system directory")
 
 
 def test_image_linked_from_outside_the_data_roots_is_refused(tmp_path, mantle_home, monkeypatch):

@@ -10,7 +10,7 @@ from mantle_assets.settings import OutsideDataRootsError, check_data_path, data_
 
 def test_without_roots_system_directories_are_refused(monkeypatch):
     monkeypatch.delenv("MANTLE_DATA_ROOTS", raising=False)
-    with pytest.raises(OutsideDataRootsError, match=r"image_directory /etc is a system directory"):
+    with pytest.raises(OutsideDataRootsError, match=r"image_directory /etc is in a system directory"):
         check_data_path("/etc", "image_directory")
 
 

@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,11 @@ _PROPERTY_KINDS: frozenset[str] = frozenset(
 ENTITY_ID_PATTERN = re.compile(r"E\d{6,}")
 
 _REPR_LIMIT = 80
+# reprlib stops at these sizes while it writes, so that describing a value of 10**9 items (what a YAML alias
+# bomb expands to, shared nine levels deep) costs no more than describing a small one.
+_BOUNDED_REPR = reprlib.Repr()
+_BOUNDED_REPR.maxlevel = 3
+_BOUNDED_REPR.maxstring = _BOUNDED_REPR.maxother = _BOUNDED_REPR.maxlong = _REPR_LIMIT
 
 
 class PropertyValidationError(ValueError):
@@ -55,7 +61,7 @@ class UnknownDataTypeError(ValueError):
 
 def _short_repr(value: Any) -> str:
     # Messages must stay on one line and readable, whatever the caller passed.
-    text = " ".join(repr(value).split())
+    text = " ".join(_BOUNDED_REPR.repr(value).split())
     if len(text) > _REPR_LIMIT:
         text = text[: _REPR_LIMIT - 3] + "..."
     return text

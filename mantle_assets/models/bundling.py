@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from mantle_assets.models.registry import BUNDLED_DIR, BUNDLED_METADATA, ONE_NUCLEAR_CHANNEL
+from mantle_assets.models.training import check_model_name
 
 # Kept in float32: the scale parameters are read as numbers, and tiny.
 FULL_PRECISION_KEYS = ("diam_mean", "diam_labels")
@@ -47,8 +48,13 @@ def bundle_model(weights: Path, name: str, metadata: dict, *, bundled_dir: Path 
     -------
     Path
         The model folder.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a simple name (see :func:`~mantle_assets.models.training.check_model_name`).
     """
-    folder = bundled_dir / name
+    folder = bundled_dir / check_model_name(name, "name")
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / name
     export_half_precision(weights, target)

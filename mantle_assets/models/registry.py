@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from mantle_assets.imaging.cellpose_import import import_cellpose
 from mantle_assets.imaging.segmentation import ParameterError
+from mantle_assets.settings import OutsideDataRootsError, check_data_path, mantle_home
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 BUNDLED_METADATA = "model.json"
@@ -23,6 +25,13 @@ BUNDLED_METADATA = "model.json"
 ONE_NUCLEAR_CHANNEL = "one_nuclear_channel"
 # Cellpose's built-ins trained that way; the others take a cytoplasm and a nuclear channel.
 ONE_NUCLEAR_CHANNEL_BUILTINS = frozenset({"nuclei"})
+# A Cellpose 3 network's weights take 26 MB in float32; a file (or zip member total) ten times that is not one,
+# and is not read to find out.
+MAX_WEIGHTS_BYTES = 256 * 1024 * 1024
+# torch.save's zip archive (PyTorch >= 1.6) and its older format, a pickle of protocol 2.
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80\x02")
+# Tensors every Cellpose 3 network (cellpose.resnet_torch.CPnet) has: its first convolution and its output.
+CELLPOSE_WEIGHT_KEYS = ("downsample.down.res_down_0.conv.conv_0.0.weight", "output.2.weight")
 
 
 class ModelResolutionError(ValueError):
@@ -176,7 +185,8 @@ def resolve_model(name_or_path: str, *, download: bool = True) -> ModelSpec:
     Raises
     ------
     ModelResolutionError
-        For an unknown name, or built-in weights neither cached nor downloadable.
+        For an unknown name, built-in weights neither cached nor downloadable, or a
+        file refused by :func:`check_model_file`.
     """
     name = name_or_path.strip()
     for spec in bundled_specs():
@@ -194,12 +204,103 @@ def resolve_model(name_or_path: str, *, download: bool = True) -> ModelSpec:
         )
     path = Path(os.path.expanduser(name))
     if path.is_file():
-        return ModelSpec(str(path.resolve()), "file", path.resolve(), True)
+        path = check_model_file(path)
+        return ModelSpec(str(path), "file", path, True)
     raise ModelResolutionError(
         f"unknown cellpose_model '{name}': use a bundled model "
         f"({', '.join(s.name for s in bundled_specs()) or 'none'}), a Cellpose built-in "
         f"({', '.join(builtin_model_names())}) or the path of a model file"
     )
+
+
+def names_a_file(cellpose_model: str | None) -> bool:
+    """Whether a ``cellpose_model`` value can only be a file: model names hold no ``/`` and start with no ``~``."""
+    return cellpose_model is not None and ("/" in cellpose_model or cellpose_model.startswith("~"))
+
+
+def platform_model_directories() -> list[Path]:
+    """Where the platform's own weights lie: bundled models, Cellpose's cache, models trained here."""
+    return [BUNDLED_DIR.resolve(), cellpose_model_dir().resolve(), (mantle_home() / "models").resolve()]
+
+
+def check_model_file(path: str | os.PathLike) -> Path:
+    """Refuse a model file outside the data roots, or one that holds no Cellpose weights.
+
+    A model file is confined like registered paths (see
+    :func:`~mantle_assets.settings.check_data_path`: symbolic links and ``..``
+    resolved), except in :func:`platform_model_directories`. Its content is
+    checked before anything else reads it (see :func:`check_cellpose_weights`).
+
+    Parameters
+    ----------
+    path : path
+        The ``cellpose_model`` file, as given (``~`` expanded, relative to the working directory).
+
+    Returns
+    -------
+    Path
+        The resolved path.
+
+    Raises
+    ------
+    ModelResolutionError
+        One line naming the file.
+    """
+    resolved = Path(path).expanduser().resolve()
+    try:
+        check_data_path(resolved, "cellpose_model")
+    except OutsideDataRootsError as error:
+        # Asked for only now: listing Cellpose's cache imports Cellpose.
+        if not any(resolved.is_relative_to(folder) for folder in platform_model_directories()):
+            raise ModelResolutionError(str(error)) from None
+    check_cellpose_weights(resolved)
+    return resolved
+
+
+def check_cellpose_weights(path: Path) -> None:
+    """Refuse a file that is not a Cellpose 3 network's weights, without echoing what it holds.
+
+    Any file may be given as a model: its size is checked (and a zip archive's
+    unpacked size) against ``MAX_WEIGHTS_BYTES``, its first bytes against
+    torch's two file formats, and only then is it loaded, with
+    ``torch.load(weights_only=True)`` (which unpickles tensors and containers
+    only), to find the tensors of a Cellpose 3 network in it. The file is read
+    whole, as Cellpose reads it next.
+
+    Raises
+    ------
+    ModelResolutionError
+        One line naming the file and what is wrong; torch's own messages are
+        left out, since they may quote the file's bytes.
+    """
+    import torch
+
+    def refused(reason: str) -> ModelResolutionError:
+        return ModelResolutionError(f"cellpose_model {path} is not a Cellpose model file: {reason}")
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as stream:
+            magic = stream.read(4)
+        if size > MAX_WEIGHTS_BYTES:
+            raise refused(f"{size} bytes, more than MAX_WEIGHTS_BYTES ({MAX_WEIGHTS_BYTES})")
+        if not magic.startswith(TORCH_FILE_MAGIC):
+            raise refused("not a PyTorch file")
+        if magic == TORCH_FILE_MAGIC[0]:
+            with zipfile.ZipFile(path) as archive:
+                unpacked = sum(member.file_size for member in archive.infolist())
+            if unpacked > MAX_WEIGHTS_BYTES:
+                raise refused(f"unpacks to {unpacked} bytes, more than MAX_WEIGHTS_BYTES ({MAX_WEIGHTS_BYTES})")
+    except OSError as error:
+        raise refused(error.strerror or type(error).__name__) from None
+    except zipfile.BadZipFile:
+        raise refused("a damaged zip archive") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unpickling, zip and torch errors alike
+        raise refused(f"torch.load(weights_only=True) failed ({type(error).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(state.get(key), torch.Tensor) for key in CELLPOSE_WEIGHT_KEYS):
+        raise refused("no Cellpose 3 network in it")
 
 
 def _download_builtin(spec: ModelSpec) -> ModelSpec:

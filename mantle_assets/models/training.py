@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,12 @@ import numpy as np
 from mantle_assets.imaging.cellpose_import import import_cellpose
 from mantle_assets.imaging.io import MAX_FIELD_PIXELS, read_image, read_label_image
 from mantle_assets.imaging.precision import run_network_in
+from mantle_assets.settings import check_data_path
 
 AP_THRESHOLDS = (0.5, 0.75, 0.9)
+# A model's name becomes a folder and a file name ($MANTLE_HOME/models/<name>/, bundled/<name>/<name>): a simple
+# name, never a path. The first character may not be "." or "-", so that it is neither ".." nor an option.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Objects below this area (px) are "small" for small_object_recall: BBBC039's micronuclei.
 SMALL_OBJECT_AREA = 60
 
@@ -33,6 +38,22 @@ class AnnotatedSet:
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def check_model_name(name: str, what: str = "model_name") -> str:
+    """Refuse a model name that is not a simple name: 1-100 letters, digits, ``.``, ``_``, ``-``, no ``/``.
+
+    Raises
+    ------
+    ValueError
+        One line naming the parameter and the value.
+    """
+    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"{what} must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit, "
+            f"got {name!r}"
+        )
+    return name
 
 
 def find_annotated_pairs(directory: str | os.PathLike) -> list[tuple[Path, Path]]:
@@ -102,6 +123,9 @@ def load_annotated_set(directory: str | os.PathLike, *, max_pixels: int = MAX_FI
 
     Raises
     ------
+    OutsideDataRootsError
+        If the directory, an image or a mask lies outside the data roots (see
+        :func:`~mantle_assets.settings.check_data_path`; symbolic links followed).
     ValueError
         One line naming the file: an image or mask the reader refuses (an
         :class:`~mantle_assets.imaging.io.ImageReadError`: unreadable,
@@ -109,7 +133,9 @@ def load_annotated_set(directory: str | os.PathLike, *, max_pixels: int = MAX_FI
         mask of another shape than its image.
     """
     names, images, masks = [], [], []
-    for image_path, mask_path in find_annotated_pairs(directory):
+    for image_path, mask_path in find_annotated_pairs(check_data_path(directory, "annotated directory")):
+        check_data_path(image_path, "annotated image")
+        check_data_path(mask_path, "annotated mask")
         image = read_image(image_path, max_pixels=max_pixels).pixels[0]
         mask = read_label_image(mask_path, max_pixels=max_pixels)
         if mask.shape != image.shape:

@@ -31,8 +31,15 @@ from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
 from mantle_assets.orchestration.retries import retried_while_store_busy
-from mantle_assets.registration import IMAGE_DIRECTORY, directory_fingerprint
-from mantle_assets.settings import mask_root, max_field_pixels, plates_per_run, staging_root
+from mantle_assets.registration import IMAGE_DIRECTORY, check_image_files, directory_fingerprint
+from mantle_assets.settings import (
+    OutsideDataRootsError,
+    check_data_path,
+    mask_root,
+    max_field_pixels,
+    plates_per_run,
+    staging_root,
+)
 from mantle_assets.storage import is_uri, local_copy
 
 SEGMENTATION_PIPELINE = "cellpose-segmentation"
@@ -88,10 +95,15 @@ def staged_image_directory(source: Entity, prefix: str = "") -> Iterator[tuple[F
     name), removed when the block ends. The fingerprint is taken before the
     images are read: images changed meanwhile make the outputs stale, never
     wrongly current. The names are read with the naming pattern given at
-    registration, if any.
+    registration, if any. The directory and its files are checked against the
+    data roots again, before any file is read: a file replaced by a symbolic
+    link out of the roots since registration is refused.
 
     Raises
     ------
+    OutsideDataRootsError
+        One line naming the entity and the directory or file outside the data
+        roots (see :func:`~mantle_assets.settings.check_data_path`).
     ImageDirectoryError
         One line naming the entity and the directory or file; also when the
         names no longer read with the naming scheme found at registration
@@ -101,13 +113,18 @@ def staged_image_directory(source: Entity, prefix: str = "") -> Iterator[tuple[F
     registered = source.properties.get("field_grouping") or {}
     with contextlib.ExitStack() as stack:
         try:
+            check_data_path(directory, "image_directory")
             _, fingerprint = directory_fingerprint(directory)
             images = stack.enter_context(local_copy(directory, staging_root(), prefix))
+            if not is_uri(directory):  # a copy's files are the platform's own downloads
+                check_image_files(images)
             grouping = group_fields(
                 images, naming_pattern=registered.get("naming_pattern"), max_pixels=max_field_pixels()
             )
         except ImageDirectoryError as error:
             raise ImageDirectoryError(f"{source.entity_id}: {error}") from None
+        except OutsideDataRootsError as error:
+            raise OutsideDataRootsError(f"{source.entity_id}: {error}") from None
         if registered.get("scheme") not in (None, grouping.scheme):
             raise ImageDirectoryError(
                 f"{source.entity_id}: {directory} was registered with naming scheme {registered['scheme']} but its "

@@ -47,7 +47,7 @@ from mantle_assets.orchestration.assets import (
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.orchestration.retries import retried_while_store_busy
-from mantle_assets.settings import mantle_home, max_field_pixels, staging_root
+from mantle_assets.settings import check_data_path, mantle_home, max_field_pixels, staging_root
 from mantle_assets.storage import local_copy
 
 MEASUREMENT_PIPELINE = "cell-measurements"
@@ -291,7 +291,8 @@ def read_out_partition(context: AssetExecutionContext, config: AssayConfig, stor
     masks = store.get(measured.properties["mask_entity"])
     value_column = readout_column(config.readout_channel, measured.properties["channel_names"], masks)
     layout_file = source.properties.get("plate_layout")
-    layout = read_plate_layout(layout_file) if layout_file else None
+    # Checked again now: the file may have been replaced by a link out of the data roots since registration.
+    layout = read_plate_layout(check_data_path(layout_file, "plate_layout")) if layout_file else None
     readout = plate_readout(
         read_parquet(measured.properties["measurement_file"]),
         value_column=value_column,

@@ -10,6 +10,7 @@ from mantle_assets.entities import EntityStore
 from mantle_assets.imaging.segmentation import CellposeSegmenter
 from mantle_assets.models.training import (
     TrainingParameters,
+    check_model_name,
     evaluate_segmenter,
     load_annotated_set,
     parse_named_path,
@@ -83,6 +84,8 @@ def annotated_entity(store: EntityStore, name: str, directory: Path, annotated) 
 def trained_cellpose_model(
     context: AssetExecutionContext, config: TrainingConfig, entity_store: EntityStoreResource
 ) -> MaterializeResult:
+    # The name becomes folders under $MANTLE_HOME/models, created before training starts.
+    check_model_name(config.model_name)
     store = entity_store.store()
     named = [parse_named_path(text) for text in config.train_directories]
     max_pixels = max_field_pixels()

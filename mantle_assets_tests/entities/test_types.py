@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,20 @@ def test_long_values_are_shortened_in_messages():
         get_data_type("annotated_image_directory").validate({"n_images": "a\n" * 200}, partial=True)
     assert "\n" not in str(error.value)
     assert len(str(error.value)) < 200
+
+
+def test_huge_values_are_described_without_writing_them_out():
+    # What a YAML alias bomb reads as: 10**30 strings in lists shared 30 levels deep. Its repr would never end.
+    bomb = ["lol"]
+    for _ in range(30):
+        bomb = [bomb] * 10
+    started = time.perf_counter()
+    for value in (bomb, {"x": bomb}, "a" * 10**8):
+        with pytest.raises(PropertyValidationError) as error:
+            get_data_type("annotated_image_directory").validate({"n_images": value}, partial=True)
+        assert "\n" not in str(error.value) and len(str(error.value)) < 200
+    assert time.perf_counter() - started < 1
+    assert "got str 'aaaaaaaaaa" in str(error.value)
 
 
 def test_a_new_type_is_one_entry(tmp_path):

@@ -1,6 +1,11 @@
 import json
+import os
+import pickle
+import shutil
+import zipfile
 
 import pytest
+import torch
 from cellpose import models as cellpose_models
 
 from mantle_assets.imaging.segmentation import ParameterError
@@ -24,6 +29,14 @@ def empty_cellpose_cache(tmp_path, monkeypatch):
     cache.mkdir()
     monkeypatch.setattr(cellpose_models, "MODEL_DIR", cache)
     return cache
+
+
+@pytest.fixture
+def model_file(tmp_path, bundled_model_name):
+    """A copy of the bundled model's weights, as a user's model file."""
+    weights = tmp_path / "my model"
+    shutil.copyfile(resolve_model(bundled_model_name).path, weights)
+    return weights
 
 
 def test_unknown_name_is_refused_listing_the_choices(empty_cellpose_cache):
@@ -60,11 +73,9 @@ def test_builtin_without_download_permission(empty_cellpose_cache):
         resolve_model("cyto3", download=False)
 
 
-def test_a_model_file_path_resolves_to_itself(tmp_path, empty_cellpose_cache):
-    weights = tmp_path / "my model"
-    weights.write_bytes(b"weights")
-    spec = resolve_model(str(weights))
-    assert (spec.kind, spec.offline, spec.path) == ("file", True, weights)
+def test_a_model_file_path_resolves_to_itself(model_file, empty_cellpose_cache):
+    spec = resolve_model(str(model_file))
+    assert (spec.kind, spec.offline, spec.path) == ("file", True, model_file)
 
 
 def test_bundled_models_are_listed_offline_with_their_files():
@@ -83,14 +94,12 @@ def test_available_models_cover_bundled_and_every_builtin(empty_cellpose_cache):
     assert not any("transformer" in name for name in names)
 
 
-def test_nuclei_only_models_are_known_by_the_registry(empty_cellpose_cache, tmp_path):
+def test_nuclei_only_models_are_known_by_the_registry(empty_cellpose_cache, model_file):
     (bundled,) = [s for s in bundled_specs() if s.name == "mantle-nuclei-v1"]
     assert bundled.one_nuclear_channel and bundled.to_json()["one_nuclear_channel"] is True
     assert builtin_spec("nuclei").one_nuclear_channel
     assert not builtin_spec("cyto3").one_nuclear_channel
-    weights = tmp_path / "my model"
-    weights.write_bytes(b"weights")
-    assert not resolve_model(str(weights)).one_nuclear_channel  # of unknown kind: not refused
+    assert not resolve_model(str(model_file)).one_nuclear_channel  # of unknown kind: not refused
 
 
 def test_a_nuclei_only_model_refuses_a_whole_cell_request(bundled_model_name):
@@ -107,11 +116,9 @@ def test_a_nuclei_only_model_refuses_a_whole_cell_request(bundled_model_name):
         spec.check_channels(0, 3)
 
 
-def test_whole_cell_models_and_model_files_take_two_channels(empty_cellpose_cache, tmp_path):
+def test_whole_cell_models_and_model_files_take_two_channels(empty_cellpose_cache, model_file):
     builtin_spec("cyto3").check_channels(2, 1)
-    weights = tmp_path / "my model"
-    weights.write_bytes(b"weights")
-    resolve_model(str(weights)).check_channels(2, 1)
+    resolve_model(str(model_file)).check_channels(2, 1)
 
 
 def test_a_bundled_model_is_recorded_as_trained_on_one_nuclear_channel(bundled_model_name, tmp_path, monkeypatch):
@@ -122,3 +129,96 @@ def test_a_bundled_model_is_recorded_as_trained_on_one_nuclear_channel(bundled_m
     monkeypatch.setattr(registry, "BUNDLED_DIR", tmp_path)
     (spec,) = bundled_specs()
     assert (spec.name, spec.one_nuclear_channel) == ("rebundled", True)
+
+
+class _RunsCode:
+    """Pickles into a call of os.system, which unpickling would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def _write_not_weights(kind, path):
+    if kind == "text":
+        path.write_text("root:SECRET-HASH:19000:0:99999:7:::\n")
+    elif kind == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes.txt", "SECRET-HASH")
+    elif kind == "other tensors":
+        torch.save({"weight": torch.zeros(3)}, path)
+    elif kind == "code":
+        path.write_bytes(pickle.dumps(_RunsCode(path.with_name("ran")), protocol=2))
+    elif kind == "truncated":
+        path.write_bytes(resolve_model("mantle-nuclei-v1").path.read_bytes()[:100_000])
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("text", "not a PyTorch file"),
+        ("zip", "torch.load(weights_only=True) failed (RuntimeError)"),
+        ("other tensors", "no Cellpose 3 network in it"),
+        ("code", "torch.load(weights_only=True) failed (UnpicklingError)"),
+        ("truncated", "a damaged zip archive"),
+    ],
+)
+def test_a_model_file_without_cellpose_weights_is_refused_without_quoting_it(tmp_path, kind, reason):
+    weights = tmp_path / "model.pt"
+    _write_not_weights(kind, weights)
+    with pytest.raises(ModelResolutionError) as error:
+        resolve_model(str(weights))
+    assert str(error.value) == f"cellpose_model {weights} is not a Cellpose model file: {reason}"
+    assert not (tmp_path / "ran").exists()  # the pickle's os.system call was not run
+
+
+@pytest.mark.parametrize("system_file", ["/etc/shadow", "/etc/passwd"])
+def test_a_system_file_is_refused_as_a_model(system_file, monkeypatch):
+    if not os.path.isfile(system_file):
+        pytest.skip(f"no {system_file} here")
+    monkeypatch.delenv("MANTLE_DATA_ROOTS", raising=False)
+    with pytest.raises(ModelResolutionError) as error:
+        resolve_model(system_file)
+    assert str(error.value) == (
+        f"cellpose_model {system_file} is in a system directory; set MANTLE_DATA_ROOTS to the folders that hold "
+        "your data")
+
+
+def test_a_model_file_larger_than_any_cellpose_network_is_not_read(model_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "MAX_WEIGHTS_BYTES", 1 << 20)
+    size = model_file.stat().st_size
+    with pytest.raises(ModelResolutionError, match=rf"{size} bytes, more than MAX_WEIGHTS_BYTES \(1048576\)$"):
+        resolve_model(str(model_file))
+    # A small archive that unpacks to more than that: counted from the archive's directory, not unpacked.
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data/0", bytes(2 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(ModelResolutionError, match=r"unpacks to 2097152 bytes, more than MAX_WEIGHTS_BYTES"):
+        resolve_model(str(bomb))
+
+
+def test_model_files_are_confined_to_the_data_roots(tmp_path, model_file, empty_cellpose_cache, monkeypatch):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("MANTLE_DATA_ROOTS", str(data))
+    outside = elsewhere / "model"
+    shutil.copyfile(model_file, outside)
+    (data / "link").symlink_to(outside)
+    for given in (outside, data / ".." / "elsewhere" / "model", data / "link", model_file):
+        with pytest.raises(ModelResolutionError) as error:
+            resolve_model(str(given))
+        assert str(error.value) == (
+            f"cellpose_model {given.resolve()} is outside the data roots (MANTLE_DATA_ROOTS={data})")
+    shutil.copyfile(model_file, data / "model")
+    assert resolve_model(str(data / "model")).path == data / "model"
+    # The platform's own folders: bundled models, Cellpose's cache, models trained here.
+    trained = registry.mantle_home() / "models" / "mine" / "run" / "models" / "mine"
+    trained.parent.mkdir(parents=True)
+    for own in (resolve_model("mantle-nuclei-v1").path, empty_cellpose_cache / "lab model", trained):
+        if not own.exists():
+            shutil.copyfile(model_file, own)
+        assert resolve_model(str(own)).kind == "file"

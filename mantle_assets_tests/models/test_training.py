@@ -3,10 +3,16 @@ import re
 import numpy as np
 import pytest
 import tifffile
+from click.testing import CliRunner
 
+from mantle_assets.cli import main, root_cause
+from mantle_assets.definitions import defs
+from mantle_assets.entities import EntityStore
+from mantle_assets.models.bundling import bundle_model
 from mantle_assets.models.training import (
     TrainingParameters,
     average_precision,
+    check_model_name,
     find_annotated_pairs,
     initial_weights,
     load_annotated_set,
@@ -14,6 +20,7 @@ from mantle_assets.models.training import (
     sampling_probabilities,
     small_object_recall,
 )
+from mantle_assets.settings import OutsideDataRootsError
 
 
 def squares(offset=0):
@@ -140,3 +147,92 @@ def test_training_continues_from_a_bundled_model(bundled_model_name):
 def test_initial_model_at_another_scale_is_refused(bundled_model_name):
     with pytest.raises(ValueError, match="diam_mean=30 but initial_model"):
         initial_weights(TrainingParameters(initial_model=bundled_model_name, diam_mean=30.0))
+
+
+BAD_MODEL_NAMES = ["/tmp/x/a/b", "a/b", "..", "../escape", ".hidden", "-rf", "", "na me", "a" * 101, "a\\b"]
+
+
+@pytest.mark.parametrize("name", ["mantle-nuclei", "lab_v1.2", "A" * 100])
+def test_a_simple_model_name_is_accepted(name):
+    assert check_model_name(name) == name
+
+
+@pytest.mark.parametrize("name", BAD_MODEL_NAMES)
+def test_a_model_name_that_is_no_simple_name_is_refused(name):
+    with pytest.raises(ValueError) as error:
+        check_model_name(name)
+    message = str(error.value)
+    assert message.startswith("model_name must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or "
+                              "digit, got ")
+    assert message.endswith(f"got {name!r}")
+
+
+def annotated_set(directory):
+    directory.mkdir(parents=True)
+    annotated_pair(directory, np.zeros((64, 64), np.uint8), squares().astype(np.uint16))
+    return directory
+
+
+def test_annotated_directories_outside_the_data_roots_are_refused(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    inside, outside = annotated_set(data / "inside"), annotated_set(tmp_path / "outside")
+    monkeypatch.setenv("MANTLE_DATA_ROOTS", str(data))
+    assert load_annotated_set(inside).names == ["a"]
+    for given in (outside, data / ".." / "outside"):
+        with pytest.raises(OutsideDataRootsError) as error:
+            load_annotated_set(given)
+        assert str(error.value) == (
+            f"annotated directory {outside} is outside the data roots (MANTLE_DATA_ROOTS={data})")
+    # A file linked out of the roots, in a directory inside them.
+    (inside / "masks" / "a.tif").unlink()
+    (inside / "masks" / "a.tif").symlink_to(outside / "masks" / "a.tif")
+    with pytest.raises(OutsideDataRootsError, match=rf"^annotated mask {re.escape(str(outside))}/masks/a.tif is "):
+        load_annotated_set(inside)
+
+
+def run_training(instance, **config):
+    return defs.resolve_job_def("training_job").execute_in_process(
+        run_config={"ops": {"trained_cellpose_model": {"config": config}}}, instance=instance, raise_on_error=False
+    )
+
+
+def test_the_training_asset_refuses_a_model_name_that_is_a_path(tmp_path, instance, mantle_home):
+    train = annotated_set(tmp_path / "train")
+    target = tmp_path / "x" / "a" / "b"
+    result = run_training(instance, train_directories=[f"t={train}"], validation_directory=str(train),
+                          model_name=str(target))
+    assert not result.success
+    assert root_cause(result.failure_data_for_node("trained_cellpose_model")) == (
+        f"model_name must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit, got "
+        f"'{target}'")
+    assert not (tmp_path / "x").exists() and not (mantle_home / "models").exists()
+
+
+def test_the_training_asset_refuses_directories_outside_the_data_roots(tmp_path, instance, monkeypatch):
+    data = tmp_path / "data"
+    inside, outside = annotated_set(data / "train"), annotated_set(tmp_path / "elsewhere")
+    monkeypatch.setenv("MANTLE_DATA_ROOTS", str(data))
+    result = run_training(instance, train_directories=[f"t={inside}"], validation_directory=str(outside))
+    assert root_cause(result.failure_data_for_node("trained_cellpose_model")) == (
+        f"annotated directory {outside} is outside the data roots (MANTLE_DATA_ROOTS={data})")
+    assert EntityStore().list() == []
+
+
+@pytest.mark.parametrize("name", ["/tmp/x/a/b", "../escape"])
+def test_mantle_train_refuses_a_model_name_that_is_a_path_before_any_run(tmp_path, mantle_home, name):
+    train = annotated_set(tmp_path / "train")
+    result = CliRunner().invoke(main, ["train", "--train", f"t={train}", "--val", str(train), "--name", name])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: --name must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit, "
+        f"got '{name}'\n")
+    assert not (mantle_home / "dagster" / "history").exists()  # no run was recorded
+
+
+def test_a_bundle_name_that_is_a_path_is_refused(tmp_path, bundled_model_name):
+    from mantle_assets.models.registry import resolve_model
+
+    with pytest.raises(ValueError, match=r"^name must be 1-100 letters"):
+        bundle_model(resolve_model(bundled_model_name).path, "../../escape", {"diam_mean": 17.0},
+                     bundled_dir=tmp_path / "bundled")
+    assert not (tmp_path / "bundled").exists() and not (tmp_path / "escape").exists()
