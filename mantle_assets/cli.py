@@ -250,9 +250,11 @@ def root_cause(failure) -> str:
     while error.cause is not None:
         error = error.cause
     line = error.message.strip().splitlines()[0]
-    # Dagster writes "package.module.ErrorClass: message"; the class is no news to a scientist.
+    # Dagster writes "package.module.ErrorClass: message"; the platform's own error classes are no news to a
+    # scientist (their messages say what is wrong), while "KeyError: 'x'" needs its class to make sense.
     qualified, _, message = line.partition(": ")
-    return message if message and qualified.rsplit(".", 1)[-1] == error.cls_name else line
+    own = qualified.startswith("mantle_assets.") and qualified.endswith(f".{error.cls_name}")
+    return message if message and own else line
 
 
 def _segment(entity_id: str, parameters: dict):
