@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -480,24 +479,26 @@ def ui(port: int) -> None:
     """Start Dagster's webserver and daemon on 127.0.0.1 against Mantle's state.
 
     Runs launched in the UI, by `mantle segment` and by the daemon's sensors and schedule share
-    $DAGSTER_HOME, and every step reads and writes the same $MANTLE_HOME.
+    $DAGSTER_HOME, and every step reads and writes the same $MANTLE_HOME. Requests for another
+    Host than 127.0.0.1, localhost or [::1] (or $MANTLE_UI_ALLOWED_HOSTS), from another site's
+    pages, and GraphQL mutations in the URL are refused (403).
     """
-    from mantle_assets.orchestration.instance import write_instance_settings
+    from mantle_assets.webserver import DaemonExitedError, allowed_hosts, serve
 
+    try:
+        hosts = allowed_hosts(port)
+    except ValueError as error:
+        raise MantleCommandError(str(error)) from None
     home = dagster_home()
-    write_instance_settings(home)
     workspace = home / "workspace.yaml"
+    instance = _instance()
     workspace.write_text(WORKSPACE)
     click.echo(f"Dagster UI on http://127.0.0.1:{port} (DAGSTER_HOME={home}, MANTLE_HOME={mantle_home()})")
     sys.stdout.flush()
-    # dagster dev stops its webserver and daemon with SIGINT, which a shell's background job (`mantle ui &`)
-    # would otherwise pass on ignored.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    # dagster dev replaces this process, so signals (Ctrl-C, a service manager's SIGTERM) reach it directly.
-    os.execv(
-        sys.executable,
-        [sys.executable, "-m", "dagster", "dev", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)],
-    )
+    try:
+        serve(instance, workspace, port, hosts)
+    except DaemonExitedError as error:
+        raise MantleCommandError(str(error)) from None
 
 
 @main.command()

@@ -16,25 +16,21 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus
 
 from mantle_assets.entities import EntityStore
+from mantle_assets_tests.ui_server import running_ui
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 EXPERIMENT = "ui-plate"
 SECOND_EXPERIMENT = "ui-plate-fixed-diameter"
-SERVER_START_SECONDS = 240
 RUN_SECONDS = 600  # a cold start of Cellpose on a busy CI machine, with room to spare
 UI_TIMEOUT_MS = 120_000
 
@@ -66,31 +62,10 @@ def artifacts(tmp_path) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def mantle(*arguments: str, cwd: Path) -> str:
     """Run the installed ``mantle`` command like a person would, in the test's MANTLE_HOME."""
     command = [str(Path(sys.executable).with_name("mantle")), *arguments]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=True, timeout=300).stdout
-
-
-def wait_until_serving(server: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_SECONDS
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mantle ui exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/server_info", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"mantle ui did not serve {url} within {SERVER_START_SECONDS} s:\n{log.read_text()[-3000:]}")
 
 
 def wait_visible(locator, timeout_ms: int = 10_000) -> bool:
@@ -103,21 +78,6 @@ def wait_visible(locator, timeout_ms: int = 10_000) -> bool:
     return True
 
 
-def stop_process_group(server: subprocess.Popen) -> None:
-    """SIGTERM to `mantle ui` (dagster dev stops its webserver, daemon and code servers), then SIGKILL
-    to whatever is left in its process group."""
-    server.terminate()
-    try:
-        server.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    server.wait(timeout=30)
-
-
 @pytest.fixture
 def ui(mantle_home, bbbc014_crops, tmp_path):
     """`mantle ui` on a free port, with the crops registered as one image_directory partition.
@@ -125,18 +85,9 @@ def ui(mantle_home, bbbc014_crops, tmp_path):
     The new-image-directory and measurement sensors are stopped first (as a person can, in the UI
     or with `dagster sensor stop`), so that the only runs are the ones the browser launches.
     """
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     workdir = tmp_path / "workdir"
     workdir.mkdir()
-    log = tmp_path / "mantle-ui.log"
-    with log.open("w") as output:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mantle")), "ui", "--port", str(port)],
-            cwd=workdir, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        wait_until_serving(server, url, log)
+    with running_ui(workdir, tmp_path / "mantle-ui.log") as (url, _):
         for sensor in ("new_image_directory_sensor", "segmented_directory_sensor"):
             subprocess.run(
                 [sys.executable, "-m", "dagster", "sensor", "stop", sensor,
@@ -148,9 +99,6 @@ def ui(mantle_home, bbbc014_crops, tmp_path):
         mantle("defaults", "--experiment", EXPERIMENT, "--nuclei-channel", "2", "--cytoplasm-channel", "2",
                cwd=workdir)
         yield url, entity_id, workdir
-    finally:
-        stop_process_group(server)
-        print(f"mantle ui log: {log}")
 
 
 def test_launch_a_partition_then_a_backfill_from_the_ui(ui, sync_playwright, artifacts, bbbc014_crops, tmp_path):
