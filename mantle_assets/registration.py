@@ -12,7 +12,7 @@ from mantle_assets.imaging.assay import read_plate_layout
 from mantle_assets.imaging.fields import FieldGrouping, group_fields, list_image_files
 from mantle_assets.imaging.measurements import check_channel_names
 from mantle_assets.imaging.segmentation import check_channels, numbered_channels
-from mantle_assets.settings import check_data_path, max_field_pixels, staging_root
+from mantle_assets.settings import check_data_path, max_field_pixels, max_image_bytes, staging_root
 from mantle_assets.storage import is_uri, local_copy, normalised_uri, remote_fingerprint
 
 IMAGE_DIRECTORY = "image_directory"
@@ -151,7 +151,9 @@ def register_image_directory(
     with local_copy(directory, staging_root()) as images:
         if not is_uri(directory):  # a copy's files are the platform's own downloads
             check_image_files(images)
-        grouping = group_fields(images, naming_pattern=naming_pattern, max_pixels=max_field_pixels())
+        grouping = group_fields(
+            images, naming_pattern=naming_pattern, max_pixels=max_field_pixels(), max_bytes=max_image_bytes()
+        )
         if channel_names is not None:
             channel_names = check_channel_names(channel_names, grouping.n_channels)
         if segmentation_defaults:
@@ -186,7 +188,8 @@ def _recorded_forms(directory: str | os.PathLike) -> set[str]:
     if is_uri(directory):
         return {normalised_uri(os.fspath(directory))}
     given = Path(directory).expanduser()
-    return {given.resolve().as_posix(), Path(os.path.abspath(given)).as_posix()}
+    # realpath, not Path.resolve(), which raises RuntimeError on a symbolic link loop (see check_data_path).
+    return {Path(os.path.realpath(given)).as_posix(), Path(os.path.abspath(given)).as_posix()}
 
 
 def registered_directories(

@@ -99,6 +99,42 @@ def max_field_pixels() -> int:
     return limit
 
 
+MAX_IMAGE_BYTES_ENV = "MANTLE_MAX_IMAGE_BYTES"
+
+
+def max_image_bytes() -> int:
+    """The memory one field may take to read and segment: ``$MANTLE_MAX_IMAGE_BYTES``, else half the machine's.
+
+    The machine's memory is the smaller of its physical memory and the memory
+    limit of its cgroup (a container's or pod's limit), and half of it is left
+    to the rest (Dagster, other steps, the page cache). The image reader
+    refuses a file whose pixels alone would exceed it
+    (:mod:`mantle_assets.imaging.io`), segmentation a field that Cellpose,
+    at the diameter asked for, would need more for
+    (:func:`mantle_assets.imaging.segmentation.check_cellpose_memory`).
+
+    Raises
+    ------
+    ValueError
+        One line naming the variable when it is set to anything but a
+        positive integer (bytes).
+    """
+    return positive_integer_setting(MAX_IMAGE_BYTES_ENV, machine_memory() // 2)
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process can have: physical memory, or its cgroup's limit where that is lower."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # v2, v1
+        try:
+            limit = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():  # "max" (v2) is no limit; v1 writes a huge number for none, which min() ignores
+            memory = min(memory, int(limit))
+    return memory
+
+
 # Never image data: registering them would only expose the machine's own files.
 SYSTEM_DIRECTORIES = ("/etc", "/proc", "/sys", "/dev", "/boot", "/bin", "/sbin", "/lib", "/usr", "/var", "/run")
 
@@ -150,7 +186,9 @@ def check_data_path(path: str | os.PathLike, what: str) -> Path | str:
         if roots and not _under_uri_root(uri, roots):
             raise OutsideDataRootsError(f"{what} {uri} is outside the data roots (MANTLE_DATA_ROOTS={listed})")
         return uri
-    resolved = Path(path).expanduser().resolve()
+    # Not Path.resolve(): Python 3.11's raises RuntimeError on a symbolic link loop, a traceback for the user;
+    # realpath leaves a loop as it is, and reading it then fails with one line naming it.
+    resolved = Path(os.path.realpath(Path(path).expanduser()))
     if roots:
         if not any(isinstance(root, Path) and resolved.is_relative_to(root) for root in roots):
             raise OutsideDataRootsError(f"{what} {resolved} is outside the data roots (MANTLE_DATA_ROOTS={listed})")

@@ -9,6 +9,8 @@ to list its built-in names.
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -228,16 +230,16 @@ def test_default_pixel_limit_is_documented():
 def test_image_over_the_pixel_limit_is_refused(tmp_path, mantle_home, monkeypatch, suffix):
     directory = tmp_path / "big"
     directory.mkdir()
-    tifffile.imwrite(directory / "small.tif", np.zeros((7, 9), np.uint8))  # 63 pixels: allowed
+    tifffile.imwrite(directory / "small.tif", np.zeros((8, 9), np.uint8))  # 72 pixels: allowed
     big = directory / f"big{suffix}"
     if suffix == ".tif":
-        tifffile.imwrite(big, np.zeros((8, 8), np.uint16))
+        tifffile.imwrite(big, np.zeros((9, 9), np.uint16))
     else:
-        Image.fromarray(np.zeros((8, 8), np.uint8)).save(big)
-    monkeypatch.setenv("MANTLE_MAX_FIELD_PIXELS", "63")
+        Image.fromarray(np.zeros((9, 9), np.uint8)).save(big)
+    monkeypatch.setenv("MANTLE_MAX_FIELD_PIXELS", "72")
     message = refused_registration(mantle_home, directory)
     assert message == (
-        f"{big}: 8x8 = 64 pixels per channel exceeds the limit of 63 (MANTLE_MAX_FIELD_PIXELS); "
+        f"{big}: 9x9 = 81 pixels per channel exceeds the limit of 72 (MANTLE_MAX_FIELD_PIXELS); "
         "split the image into tiles"
     )
 
@@ -266,6 +268,135 @@ def test_bad_pixel_limit_setting(mantle_home, plate, monkeypatch, value):
     monkeypatch.setenv("MANTLE_MAX_FIELD_PIXELS", value)
     message = refused_registration(mantle_home, plate, ValueError)  # a bad setting, not a bad image
     assert message == f"MANTLE_MAX_FIELD_PIXELS must be a positive whole number, got {value!r}"
+
+
+def test_image_over_the_memory_budget_is_refused_from_its_header(tmp_path, mantle_home, monkeypatch):
+    # A 4096 x 4096 zlib TIFF of zeros is 53 KB on disk and inside the pixel limit; decoded it is 32 MiB, and
+    # reading and preparing it 160 MiB. (16384 x 16384, 277 KB, drove a run to 20.6 GiB.)
+    directory = tmp_path / "bomb"
+    directory.mkdir()
+    bomb = directory / "zeros.tif"
+    tifffile.imwrite(bomb, np.zeros((4096, 4096), np.uint16), compression="zlib")
+    assert bomb.stat().st_size < 100_000
+    monkeypatch.setenv("MANTLE_MAX_IMAGE_BYTES", str(100 * 2**20))
+    message = refused_registration(mantle_home, directory)
+    assert message == (
+        f"{bomb}: 4096x4096 x 1 channel(s) of uint16 takes 128.0 MiB to read and prepare, more than the memory "
+        "budget of 100.0 MiB (MANTLE_MAX_IMAGE_BYTES); split the image into tiles"
+    )
+    monkeypatch.setenv("MANTLE_MAX_IMAGE_BYTES", str(128 * 2**20))
+    register_image_directory(EntityStore(), directory)
+
+
+def test_memory_budget_defaults_to_half_the_machine(monkeypatch):
+    from mantle_assets.settings import machine_memory, max_image_bytes
+
+    monkeypatch.delenv("MANTLE_MAX_IMAGE_BYTES", raising=False)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < machine_memory() <= physical
+    assert max_image_bytes() == machine_memory() // 2
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "lots", "1.5"])
+def test_bad_memory_budget_setting(mantle_home, plate, monkeypatch, value):
+    monkeypatch.setenv("MANTLE_MAX_IMAGE_BYTES", value)
+    message = refused_registration(mantle_home, plate, ValueError)
+    assert message == f"MANTLE_MAX_IMAGE_BYTES must be a positive integer, not {value!r}"
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 40), (40, 1), (7, 40), (40, 7)])
+def test_image_too_small_for_cellpose(tmp_path, mantle_home, shape):
+    directory = write_plate(tmp_path / "plate")
+    tiny = directory / "tiny.tif"
+    tifffile.imwrite(tiny, np.ones(shape, np.uint8))
+    for path in directory.glob("Channel*"):
+        path.unlink()
+    message = refused_registration(mantle_home, directory)
+    assert message == f"{tiny}: a {shape[0]}x{shape[1]} image; images must be at least 8 pixels a side"
+
+
+def test_file_name_too_long_for_its_mask_is_refused_at_registration(tmp_path, mantle_home):
+    directory = tmp_path / "long"
+    directory.mkdir()
+    name = "a" * 246 + ".tif"  # a valid file name (250 bytes), but <field>_cp_masks.tif would be 259
+    tifffile.imwrite(directory / name, np.ones(SHAPE, np.uint8))
+    message = refused_registration(mantle_home, directory)
+    assert message.startswith(f"{directory}: {name} gives field {'a' * 40}..., whose mask file name")
+    assert message.endswith("would be 259 bytes, over the 255 file systems allow; shorten the file name")
+
+
+def test_folder_and_file_names_too_long_together(tmp_path, mantle_home):
+    # Each name is short enough, but a sub-folder's name becomes part of its files' field names.
+    directory = tmp_path / "long"
+    folder = directory / ("w" * 125)
+    folder.mkdir(parents=True)
+    tifffile.imwrite(folder / ("f" * 125 + ".tif"), np.ones(SHAPE, np.uint8))
+    message = refused_registration(mantle_home, directory)
+    assert message.startswith(f"{directory}: {'w' * 125}/{'f' * 125}.tif gives field {'w' * 40}...")
+    assert "would be 264 bytes" in message
+
+
+def test_symbolic_link_loop_as_the_directory(tmp_path, mantle_home):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    message = refused_registration(mantle_home, loop)
+    assert message == f"image directory {loop}: a symbolic link loop"
+
+
+def link_loop(directory: Path) -> None:
+    (directory / "a.tif").symlink_to(directory / "b.tif")
+    (directory / "b.tif").symlink_to(directory / "a.tif")
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (link_loop, "a symbolic link loop"),
+        (lambda directory: (directory / "a.tif").symlink_to(directory / "gone.tif"), "a symbolic link to nothing"),
+        (lambda directory: os.mkfifo(directory / "a.tif"), "not a regular file"),
+    ],
+    ids=["loop", "dangling", "fifo"],
+)
+def test_image_file_that_cannot_be_opened_is_named_not_left_out(mantle_home, plate, make, reason):
+    # These were left out of the grouping without a word: a missing field.
+    make(plate)
+    message = refused_registration(mantle_home, plate)
+    assert message == f"cannot read image {plate / 'a.tif'}: {reason}"
+
+
+def test_non_finite_pixels_are_refused_when_measured(tmp_path, mantle_home):
+    from mantle_assets.imaging.fields import group_fields
+    from mantle_assets.imaging.io import write_label_image
+    from mantle_assets.imaging.measurements import measure_directory
+
+    directory = tmp_path / "float plate"
+    directory.mkdir()
+    pixels = np.ones(SHAPE, np.float32)
+    pixels[3, 3] = np.nan
+    tifffile.imwrite(directory / "01-A-01.tif", pixels)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    write_label_image(masks / "01-A-01_cp_masks.tif", np.ones(SHAPE, np.uint16))
+    register_image_directory(EntityStore(), directory)  # headers only: admitted
+    grouping = group_fields(directory)
+    with pytest.raises(ImageDirectoryError) as info:
+        measure_directory(grouping, masks, ["DNA"])
+    assert str(info.value) == (
+        f"{directory / '01-A-01.tif'}: 1 of 256 pixel values are NaN or infinite; replace them (e.g. with 0) "
+        "before registering the images"
+    )
+
+
+def test_text_file_named_tif_is_refused_without_quoting_it(tmp_path, mantle_home):
+    # tifffile's message was "not a TIFF file: header=b'root'", the start of the file linked to.
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    directory = tmp_path / "plate"
+    directory.mkdir()
+    tifffile.imwrite(directory / "good.tif", np.ones(SHAPE, np.uint8))
+    (directory / "x.tif").symlink_to(secret)
+    message = refused_registration(mantle_home, directory)
+    assert message == f"cannot read image {directory / 'x.tif'}: not a TIFF file"
 
 
 # --------------------------------------------------------------------------- parameters
@@ -331,6 +462,33 @@ def test_bad_diameter(registered, mantle_home, diameter):
     message = refused_preparation(registered, SegmentationConfig(diameter=diameter), mantle_home, ParameterError)
     assert message.startswith("diameter must be ")
     assert repr(diameter) in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("batch_size", 0, "a whole number >= 1 (tiles per network pass)"),
+        ("batch_size", -3, "a whole number >= 1 (tiles per network pass)"),
+        ("flow_threshold", math.nan, "a finite number >= 0 (0 turns the flow check off)"),
+        ("flow_threshold", math.inf, "a finite number >= 0 (0 turns the flow check off)"),
+        ("flow_threshold", -0.1, "a finite number >= 0 (0 turns the flow check off)"),
+        ("cellprob_threshold", math.nan, "a finite number"),
+        ("cellprob_threshold", -math.inf, "a finite number"),
+        ("min_size", -1, "a whole number >= 0 (0 keeps every object)"),
+    ],
+)
+def test_impossible_cellpose_option(registered, mantle_home, name, value, expected):
+    # Each ran a whole segmentation before: batch_size -3 gave 0 objects, NaN thresholds failed at recording.
+    message = refused_preparation(registered, SegmentationConfig(**{name: value}), mantle_home, ParameterError)
+    assert message == f"{name} must be {expected}, got {value!r}"
+
+
+def test_impossible_cellpose_option_from_the_command_line(registered, mantle_home):
+    from mantle_assets.orchestration.config import coerce_segmentation_parameters
+
+    given = coerce_segmentation_parameters({"batch_size": "-3"})
+    message = refused_preparation(registered, SegmentationConfig(**given), mantle_home, ParameterError)
+    assert message == "batch_size must be a whole number >= 1 (tiles per network pass), got -3"
 
 
 def test_unknown_model_name():

@@ -28,7 +28,12 @@ Decisions worth knowing
   channel sets is refused, and names that give several z-planes or time
   points are refused as a stack, not flattened.
 * Sub-folders are part of the directory (a plate with a folder per well or
-  time point is one image directory); symbolic links to folders are refused.
+  time point is one image directory); symbolic links to folders are refused,
+  and so are image files that cannot be opened (a symbolic link loop or one
+  that leads nowhere): none is left out without a word.
+* A field whose mask file name (``<field>_cp_masks.tif``) would be longer than
+  the 255 bytes file systems allow is refused at grouping, not when its masks
+  are written.
 * Channels of one field stored in different pixel types are promoted with
   :func:`numpy.result_type` (uint8 + uint16 gives uint16, anything + float32
   gives float32, all exact).
@@ -37,7 +42,9 @@ Decisions worth knowing
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -68,12 +75,16 @@ __all__ = [
     "Field",
     "FieldGrouping",
     "ImageDirectoryError",
+    "MASK_SUFFIX",
     "group_fields",
     "list_image_files",
     "read_field",
 ]
 
 _NO_IMAGES = "no images in {}: expected TIFF, PNG, JPEG or BMP files"
+
+MASK_SUFFIX = "_cp_masks.tif"  # a field's mask file is <field>_cp_masks.tif, as Cellpose names it
+NAME_MAX = 255  # bytes in a file name: ext4, XFS, Btrfs, ZFS, APFS, NTFS (in UTF-16 units)
 
 
 # One error class for directories and the files in them, so that every ``except ImageDirectoryError``
@@ -226,12 +237,19 @@ def list_image_files(directory: str | os.PathLike) -> list[Path]:
     Raises
     ------
     ImageDirectoryError
-        If the directory does not exist or is not a directory, or a sub-folder
-        is a symbolic link (not followed: it could lead anywhere, even back up).
+        If the directory does not exist, is not a directory or a symbolic link
+        loop, a folder in it cannot be listed, a sub-folder is a symbolic link
+        (not followed: it could lead anywhere, even back up), or an image file
+        cannot be opened (a symbolic link loop, a link to nothing, not a
+        regular file).
     """
     path = _check_directory(directory)
+
+    def unlistable(error: OSError):
+        raise ImageDirectoryError(f"cannot list {error.filename}: {error.strerror or error}")
+
     found = []
-    for root, folders, files in os.walk(path):
+    for root, folders, files in os.walk(path, onerror=unlistable):
         for folder in folders:
             if not folder.startswith(".") and os.path.islink(os.path.join(root, folder)):
                 raise ImageDirectoryError(
@@ -239,17 +257,36 @@ def list_image_files(directory: str | os.PathLike) -> list[Path]:
                     f"copy the images in or register the folder it points to"
                 )
         folders[:] = sorted(folder for folder in folders if not folder.startswith("."))
-        found.extend(
-            Path(root, name) for name in files
-            if not name.startswith(".") and is_image_file(name) and os.path.isfile(os.path.join(root, name))
-        )
+        images = [Path(root, name) for name in files if not name.startswith(".") and is_image_file(name)]
+        for image in images:
+            _check_openable(image)
+        found.extend(images)
     return sorted(found, key=lambda p: p.relative_to(path).as_posix())
+
+
+def _check_openable(path: Path) -> None:
+    """Refuse an image file that cannot be opened; left out, it would be a missing field."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:  # os.walk listed the name, so ENOENT is a link to nothing; ELOOP: a -> b -> a
+        reason = "a symbolic link to nothing" if error.errno == errno.ENOENT else _reason(error)
+        raise ImageDirectoryError(f"cannot read image {path}: {reason}") from None
+    if not stat.S_ISREG(mode):
+        raise ImageDirectoryError(f"cannot read image {path}: not a regular file")
+
+
+def _reason(error: OSError) -> str:
+    return "a symbolic link loop" if error.errno == errno.ELOOP else error.strerror or str(error)
 
 
 def _check_directory(directory: str | os.PathLike) -> Path:
     path = Path(directory)
-    if not path.exists():
-        raise ImageDirectoryError(f"image directory {path} does not exist")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise ImageDirectoryError(f"image directory {path} does not exist") from None
+    except OSError as error:
+        raise ImageDirectoryError(f"image directory {path}: {_reason(error)}") from None
     if not path.is_dir():
         raise ImageDirectoryError(f"{path} is not a directory")
     return path
@@ -264,7 +301,11 @@ _PATTERN_HINT = (
 
 
 def group_fields(
-    directory: str | os.PathLike, *, naming_pattern: str | None = None, max_pixels: int = MAX_FIELD_PIXELS
+    directory: str | os.PathLike,
+    *,
+    naming_pattern: str | None = None,
+    max_pixels: int = MAX_FIELD_PIXELS,
+    max_bytes: int | None = None,
 ) -> FieldGrouping:
     """Group the image files of a directory into fields of view.
 
@@ -284,6 +325,9 @@ def group_fields(
         file must match.
     max_pixels : int
         The most pixels one channel plane of a file may have.
+    max_bytes : int, optional
+        The most memory reading one file may take
+        (:func:`~mantle_assets.imaging.io.read_image_header`); None: no budget.
 
     Returns
     -------
@@ -298,17 +342,18 @@ def group_fields(
         time-like token (``d0``/``d1``, ``ch1``/``ch2``, ``z01``/``z02``);
         the names give several z-planes or time points (a stack is refused,
         not flattened); a field lacks a channel the others have, or has two
-        files of one; a file is unreadable, empty, truncated (TIFF), of an
-        unsupported pixel type, a 3-D stack, larger than ``max_pixels`` per
-        channel, or does not match its field's shape or the other fields'
-        channel count.
+        files of one; a field's mask file name would be too long; a file is
+        unreadable, empty, truncated (TIFF), of an unsupported pixel type, a
+        3-D stack, smaller than 8 or larger than ``max_pixels`` pixels per
+        channel, over ``max_bytes``, or does not match its field's shape or
+        the other fields' channel count.
 
     Examples
     --------
     >>> import tempfile, numpy as np, tifffile
     >>> d = Path(tempfile.mkdtemp())
     >>> for c in (1, 2):
-    ...     tifffile.imwrite(d / f"r01c02f01p01-ch{c}sk1fk1fl1.tiff", np.full((4, 5), c, np.uint8))
+    ...     tifffile.imwrite(d / f"r01c02f01p01-ch{c}sk1fk1fl1.tiff", np.full((8, 9), c, np.uint8))
     >>> grouping = group_fields(d)
     >>> grouping.describe()
     '1 field x 2 channels (ch1, ch2), wells A02, plane p01, time point sk1, scheme operetta'
@@ -321,7 +366,17 @@ def group_fields(
         raise ImageDirectoryError(_NO_IMAGES.format(path))
     relative = [PurePosixPath(f.relative_to(path).as_posix()) for f in files]
     scheme, parsed = _parse_names(path, relative, naming_pattern)
-    return _group(path, scheme, naming_pattern, [(path / name, parsed[name]) for name in parsed], max_pixels)
+    files = [(path / name, parsed[name]) for name in parsed]
+    grouping = _group(path, scheme, naming_pattern, files, {"max_pixels": max_pixels, "max_bytes": max_bytes})
+    for field in grouping.fields:
+        mask_name = os.fsencode(f"{field.name}{MASK_SUFFIX}")
+        if len(mask_name) > NAME_MAX:
+            raise ImageDirectoryError(
+                f"{path}: {_below(path, field.files[0])} gives field {field.name[:40]}..., whose mask file name "
+                f"<field>{MASK_SUFFIX} would be {len(mask_name)} bytes, over the {NAME_MAX} file systems allow; "
+                f"shorten the file name"
+            )
+    return grouping
 
 
 def _parse_names(
@@ -365,12 +420,13 @@ def _parse_names(
 
 
 def _group(
-    directory: Path, scheme: str, naming_pattern: str | None, files: list[tuple[Path, ParsedName]], max_pixels: int
+    directory: Path, scheme: str, naming_pattern: str | None, files: list[tuple[Path, ParsedName]], limits: dict
 ) -> FieldGrouping:
+    """The fields; ``limits``: ``max_pixels``, ``max_bytes`` for :func:`~mantle_assets.imaging.io.read_image_header`."""
     plane, timepoint = (_one_value(directory, files, kind) for kind in ("plane", "timepoint"))
     with_channel = [(path, name) for path, name in files if name.channel is not None]
     if not with_channel:
-        fields, labels = _whole_file_fields(directory, files, max_pixels)
+        fields, labels = _whole_file_fields(directory, files, limits)
     elif len(with_channel) < len(files):
         named = with_channel[0]
         unnamed = next((path, name) for path, name in files if name.channel is None)
@@ -379,7 +435,7 @@ def _group(
             f"names {named[1].channel} (scheme {scheme}); {_PATTERN_HINT}"
         )
     else:
-        fields, labels = _per_channel_fields(directory, scheme, with_channel, max_pixels)
+        fields, labels = _per_channel_fields(directory, scheme, with_channel, limits)
     return FieldGrouping(directory, scheme, fields, labels, naming_pattern, plane, timepoint)
 
 
@@ -404,7 +460,7 @@ def _one_value(directory: Path, files: list[tuple[Path, ParsedName]], kind: str)
 
 
 def _per_channel_fields(
-    directory: Path, scheme: str, files: list[tuple[Path, ParsedName]], max_pixels: int
+    directory: Path, scheme: str, files: list[tuple[Path, ParsedName]], limits: dict
 ) -> tuple[tuple[Field, ...], tuple[str, ...]]:
     by_field: dict[str, dict[str, Path]] = {}
     names: dict[str, ParsedName] = {}
@@ -430,7 +486,7 @@ def _per_channel_fields(
     fields = []
     for field in sorted(by_field, key=natural_key):
         paths = tuple(by_field[field][label] for label in labels)
-        infos = [read_image_header(p, max_pixels=max_pixels) for p in paths]
+        infos = [read_image_header(p, **limits) for p in paths]
         for info in infos:
             if info.n_channels not in (1, 3):
                 raise ImageDirectoryError(
@@ -443,7 +499,7 @@ def _per_channel_fields(
 
 
 def _whole_file_fields(
-    directory: Path, files: list[tuple[Path, ParsedName]], max_pixels: int
+    directory: Path, files: list[tuple[Path, ParsedName]], limits: dict
 ) -> tuple[tuple[Field, ...], tuple[str, ...]]:
     by_field: dict[str, tuple[Path, ParsedName]] = {}
     for path, name in files:
@@ -457,7 +513,7 @@ def _whole_file_fields(
     fields = []
     for field in sorted(by_field, key=natural_key):
         path, name = by_field[field]
-        info = read_image_header(path, max_pixels=max_pixels)
+        info = read_image_header(path, **limits)
         if first is None:
             first = info
         elif info.n_channels != first.n_channels:
@@ -486,7 +542,7 @@ def _check_same_shape(name: str, infos: list[ImageInfo]) -> None:
 # --------------------------------------------------------------------------- reading
 
 
-def read_field(field: Field, *, max_pixels: int = MAX_FIELD_PIXELS) -> np.ndarray:
+def read_field(field: Field, *, max_pixels: int = MAX_FIELD_PIXELS, max_bytes: int | None = None) -> np.ndarray:
     """Read a field of view as a ``(C, Y, X)`` array.
 
     Parameters
@@ -495,6 +551,9 @@ def read_field(field: Field, *, max_pixels: int = MAX_FIELD_PIXELS) -> np.ndarra
         A field from :func:`group_fields`.
     max_pixels : int
         The most pixels one channel plane of a file may have.
+    max_bytes : int, optional
+        The most memory reading one file may take
+        (:func:`~mantle_assets.imaging.io.read_image`); None: no budget.
 
     Returns
     -------
@@ -508,15 +567,16 @@ def read_field(field: Field, *, max_pixels: int = MAX_FIELD_PIXELS) -> np.ndarra
     ------
     ImageDirectoryError
         If a file is unreadable, of an unsupported layout or pixel type, larger
-        than ``max_pixels`` per channel, a per-channel file is a true colour
-        image, or the channels differ in shape.
+        than ``max_pixels`` per channel or ``max_bytes``, has NaN or infinite
+        pixels, a per-channel file is a true colour image, or the channels
+        differ in shape.
     """
     if not field.files:
         raise ImageDirectoryError(f"field {field.name} has no files")
     if len(field.files) == 1:
-        info = read_image(field.files[0], max_pixels=max_pixels)
+        info = read_image(field.files[0], max_pixels=max_pixels, max_bytes=max_bytes)
         return np.ascontiguousarray(info.pixels)
-    infos = [read_image(path, max_pixels=max_pixels) for path in field.files]
+    infos = [read_image(path, max_pixels=max_pixels, max_bytes=max_bytes) for path in field.files]
     _check_same_shape(field.name, infos)
     dtype = np.result_type(*(info.dtype for info in infos))
     out = np.empty((len(infos),) + infos[0].shape, dtype=dtype)

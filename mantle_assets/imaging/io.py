@@ -38,9 +38,30 @@ Decisions worth knowing
   (flows, cell probability) at once. Split larger images into tiles before
   registering them. (Pillow refuses PNG, JPEG and BMP files above its own
   decompression-bomb limit, about 179 M pixels.)
+* Images that would not fit in memory are refused from their header too,
+  when the caller gives a budget (``max_bytes``; the platform's is
+  :func:`mantle_assets.settings.max_image_bytes`, half the machine's memory
+  unless ``MANTLE_MAX_IMAGE_BYTES`` is set): the pixel count alone admits a
+  16384 x 16384 TIFF of zeros that zlib packs into 277 KB. A file is charged
+  ``Y * X * C * (2 * itemsize + 4)`` bytes: the decoder's array and the
+  ``(C, Y, X)`` copy made from it, and the float32 copy segmentation works on
+  (:func:`~mantle_assets.imaging.segmentation.select_channels`; measurements
+  take one float64 channel at a time, less). What Cellpose needs on top
+  depends on the diameter and is checked by
+  :func:`~mantle_assets.imaging.segmentation.check_cellpose_memory`.
+* Images smaller than ``MIN_SIDE`` = 8 pixels a side are refused: Cellpose 3
+  squeezes axes of length 1 and takes a short axis for channels, so such
+  fields gave wrong-shaped masks or errors deep inside it (tried: 1x1, 1x40,
+  5x7, 7x40; 8x8 and larger segment).
+* Floating-point images with NaN or infinite pixels are refused when their
+  pixels are decoded (the header cannot say): Cellpose's normalisation turns
+  a single NaN into a field of NaN, which segments as 0 objects without an
+  error.
 * A TIFF whose pixel data or pages (IFDs) lie past the end of the file (a
   truncated copy) is refused from its header; truncated PNG and JPEG files
   are only found when their pixels are read.
+* Decoder messages are cut to one line and their quotes of the file's bytes
+  (``header=b'root'`` for a text file named ``x.tif``) are dropped.
 """
 
 from __future__ import annotations
@@ -60,9 +81,11 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "LABEL_DTYPES",
     "MAX_FIELD_PIXELS",
+    "MIN_SIDE",
     "TIFF_SUFFIXES",
     "ImageInfo",
     "ImageReadError",
+    "format_bytes",
     "format_shape",
     "is_image_file",
     "read_image",
@@ -76,6 +99,7 @@ IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png", ".jpg", ".jpeg", ".bmp")
 
 MAX_CHANNELS = 8
 MAX_FIELD_PIXELS = 2**28  # per channel plane; see the module notes
+MIN_SIDE = 8  # pixels; see the module notes
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 LABEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
 
@@ -121,7 +145,7 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def read_image_header(path: str | os.PathLike, *, max_pixels: int) -> ImageInfo:
+def read_image_header(path: str | os.PathLike, *, max_pixels: int, max_bytes: int | None = None) -> ImageInfo:
     """Check one TIFF, PNG, JPEG or BMP file from its header, without decoding its pixels.
 
     Parameters
@@ -130,6 +154,9 @@ def read_image_header(path: str | os.PathLike, *, max_pixels: int) -> ImageInfo:
         The image file.
     max_pixels : int
         The most pixels one channel plane may have (see the module notes).
+    max_bytes : int, optional
+        The most memory reading and preparing the file may take (see the
+        module notes); None: no budget.
 
     Returns
     -------
@@ -140,13 +167,14 @@ def read_image_header(path: str | os.PathLike, *, max_pixels: int) -> ImageInfo:
     ------
     ImageReadError
         If the file is missing, empty, not an image, truncated (TIFF), of an
-        unsupported pixel type or layout (a 3-D stack), or has more than
-        ``max_pixels`` pixels per channel.
+        unsupported pixel type or layout (a 3-D stack), smaller than
+        ``MIN_SIDE`` pixels a side, has more than ``max_pixels`` pixels per
+        channel or would take more than ``max_bytes``.
     """
-    return _open_image(Path(path), decode=False, max_pixels=max_pixels, labels=False)
+    return _open_image(Path(path), _Reading(decode=False, max_pixels=max_pixels, max_bytes=max_bytes, labels=False))
 
 
-def read_image(path: str | os.PathLike, *, max_pixels: int) -> ImageInfo:
+def read_image(path: str | os.PathLike, *, max_pixels: int, max_bytes: int | None = None) -> ImageInfo:
     """Read one TIFF, PNG, JPEG or BMP file, checked as :func:`read_image_header` checks it.
 
     Parameters
@@ -155,6 +183,8 @@ def read_image(path: str | os.PathLike, *, max_pixels: int) -> ImageInfo:
         The image file.
     max_pixels : int
         The most pixels one channel plane may have (see the module notes).
+    max_bytes : int, optional
+        As for :func:`read_image_header`.
 
     Returns
     -------
@@ -166,21 +196,22 @@ def read_image(path: str | os.PathLike, *, max_pixels: int) -> ImageInfo:
     ------
     ImageReadError
         As :func:`read_image_header`, or if the pixels cannot be decoded
-        (a truncated PNG or JPEG) or do not match the header.
+        (a truncated PNG or JPEG), do not match the header, or are float
+        and not all finite (NaN, infinity).
 
     Examples
     --------
     >>> import tempfile, tifffile
     >>> path = Path(tempfile.mkdtemp()) / "rgb.tif"
-    >>> tifffile.imwrite(path, np.zeros((4, 5, 3), np.uint8), photometric="rgb")
+    >>> tifffile.imwrite(path, np.zeros((8, 9, 3), np.uint8), photometric="rgb")
     >>> info = read_image(path, max_pixels=MAX_FIELD_PIXELS)
     >>> info.shape, info.n_channels, info.pixels.shape
-    ((4, 5), 3, (3, 4, 5))
+    ((8, 9), 3, (3, 8, 9))
     """
-    return _open_image(Path(path), decode=True, max_pixels=max_pixels, labels=False)
+    return _open_image(Path(path), _Reading(decode=True, max_pixels=max_pixels, max_bytes=max_bytes, labels=False))
 
 
-def read_label_image(path: str | os.PathLike, *, max_pixels: int) -> np.ndarray:
+def read_label_image(path: str | os.PathLike, *, max_pixels: int, max_bytes: int | None = None) -> np.ndarray:
     """Read a label image (a mask: 0 = background, 1, 2, ... = objects) with the reader's checks.
 
     Parameters
@@ -189,6 +220,8 @@ def read_label_image(path: str | os.PathLike, *, max_pixels: int) -> np.ndarray:
         The label image, e.g. as :func:`write_label_image` writes it.
     max_pixels : int
         The most pixels the image may have (see the module notes).
+    max_bytes : int, optional
+        As for :func:`read_image_header`.
 
     Returns
     -------
@@ -205,12 +238,14 @@ def read_label_image(path: str | os.PathLike, *, max_pixels: int) -> np.ndarray:
     --------
     >>> import tempfile
     >>> path = Path(tempfile.mkdtemp()) / "m_cp_masks.tif"
-    >>> write_label_image(path, np.array([[0, 1], [70000, 1]]))
-    >>> read_label_image(path, max_pixels=MAX_FIELD_PIXELS)
+    >>> labels = np.zeros((8, 8), int)
+    >>> labels[:2, :2] = [[0, 1], [70000, 1]]
+    >>> write_label_image(path, labels)
+    >>> read_label_image(path, max_pixels=MAX_FIELD_PIXELS)[:2, :2]
     array([[    0,     1],
            [70000,     1]], dtype=uint32)
     """
-    info = _open_image(Path(path), decode=True, max_pixels=max_pixels, labels=True)
+    info = _open_image(Path(path), _Reading(decode=True, max_pixels=max_pixels, max_bytes=max_bytes, labels=True))
     if info.n_channels != 1:
         raise ImageReadError(f"{info.path}: holds {info.n_channels} channels; a label image has one")
     if info.lossy:
@@ -235,6 +270,21 @@ def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> None:
     tifffile.imwrite(path, labels.astype(dtype), compression="zlib")
 
 
+def format_bytes(size: float) -> str:
+    """A memory size as messages write it, in binary units.
+
+    Examples
+    --------
+    >>> format_bytes(277_000), format_bytes(20.6 * 2**30)
+    ('270.5 KiB', '20.6 GiB')
+    """
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+
+
 def format_shape(shape: tuple[int, ...]) -> str:
     """A shape as messages write it.
 
@@ -249,7 +299,7 @@ def format_shape(shape: tuple[int, ...]) -> str:
 # --------------------------------------------------------------------------- decoding
 
 
-def _open_image(path: Path, *, decode: bool, max_pixels: int, labels: bool) -> ImageInfo:
+def _open_image(path: Path, reading: _Reading) -> ImageInfo:
     """Read one file's header (and pixels if ``decode``) into an ``ImageInfo``.
 
     Header and pixel reading share this code so that a directory's grouping
@@ -263,12 +313,27 @@ def _open_image(path: Path, *, decode: bool, max_pixels: int, labels: bool) -> I
         raise ImageReadError(f"cannot read image {path}: the file is empty")
     opener = _open_tiff if path.suffix.lower() in TIFF_SUFFIXES else _open_pil
     try:
-        return opener(path, _Reading(decode, max_pixels, labels))
+        return opener(path, reading)
     except ImageReadError:
         raise
     except Exception as error:  # noqa: BLE001 - any decoder failure means an unreadable file
-        message = " ".join(str(error).split()) or type(error).__name__
-        raise ImageReadError(f"cannot read image {path}: {message}") from None
+        raise ImageReadError(f"cannot read image {path}: {_decoder_message(error)}") from None
+
+
+# A bytes literal a decoder quotes from the file, with what names it: ": header=b'root'".
+_QUOTED_BYTES = re.compile(r"""[:,]?\s*(\w+=)?b(['"]).*?(?<!\\)\2""")
+
+
+def _decoder_message(error: Exception) -> str:
+    """A decoder's error as one printable line, without the file's bytes it quotes.
+
+    Examples
+    --------
+    >>> _decoder_message(ValueError("not a TIFF file: header=b'root'"))
+    'not a TIFF file'
+    """
+    message = " ".join(_QUOTED_BYTES.sub("", str(error)).split())
+    return "".join(c if c.isprintable() else "?" for c in message) or type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -277,6 +342,7 @@ class _Reading:
 
     decode: bool
     max_pixels: int
+    max_bytes: int | None
     labels: bool
 
     @property
@@ -332,12 +398,12 @@ def _read_tiff(tifffile, path: Path, reading: _Reading, chain: _BrokenPageChain)
         _check_dtype(path, dtype, reading.dtypes)
         shape, axes = _squeeze_leading(shape, axes)
         layout = _layout(path, shape, axes)
-        _check_plane_size(path, _plane_shape(shape, layout), reading.max_pixels)
+        _check_size(path, _plane_shape(shape, layout), layout[1], dtype, reading)
         _check_complete(path, series, tif.filehandle.size)
         pixels = None
         if reading.decode:
             data = np.asarray(series.asarray()).reshape(shape)
-            pixels = _to_cyx(data.astype(dtype, copy=False), layout)
+            pixels = _check_finite(path, _to_cyx(data.astype(dtype, copy=False), layout))
     return _finish(path, shape, layout, dtype, has_alpha, lossy=False, pixels=pixels)
 
 
@@ -384,11 +450,11 @@ def _open_pil(path: Path, reading: _Reading) -> ImageInfo:
         _check_dtype(path, dtype, reading.dtypes)
         shape = (image.size[1], image.size[0])
         layout = ("last", stored) if stored > 1 else ("grey", 1)
-        _check_plane_size(path, shape, reading.max_pixels)
+        _check_size(path, shape, stored, dtype, reading)
         pixels = None
         if reading.decode:
             data = np.asarray(image.convert(convert) if convert else image)
-            pixels = _to_cyx(data.astype(_native(data.dtype), copy=False), layout)
+            pixels = _check_finite(path, _to_cyx(data.astype(_native(data.dtype), copy=False), layout))
         lossy = image.format == "JPEG"
     return _finish(path, shape, layout, dtype, has_alpha, lossy=lossy, pixels=pixels)
 
@@ -431,14 +497,38 @@ def _plane_shape(shape: tuple[int, ...], layout: tuple[str, int]) -> tuple[int, 
     return tuple(shape) if kind == "grey" else tuple(shape[:2]) if kind == "last" else tuple(shape[1:])
 
 
-def _check_plane_size(path: Path, yx: tuple[int, ...], max_pixels: int) -> None:
+def _check_size(path: Path, yx: tuple[int, ...], channels: int, dtype: np.dtype, reading: _Reading) -> None:
+    """Refuse, from the header, a plane too small for Cellpose or too large for the limits (module notes).
+
+    ``channels`` are those stored, alpha included: the decoder makes them all.
+    """
+    if min(yx) < MIN_SIDE:
+        raise ImageReadError(f"{path}: a {format_shape(yx)} image; images must be at least {MIN_SIDE} pixels a side")
     pixels = math.prod(yx)
-    if pixels > max_pixels:
-        # The message names the setting the platform takes the limit from (mantle_assets.settings).
+    # The messages name the settings the platform takes the limits from (mantle_assets.settings).
+    if pixels > reading.max_pixels:
         raise ImageReadError(
-            f"{path}: {format_shape(yx)} = {pixels} pixels per channel exceeds the limit of {max_pixels} "
+            f"{path}: {format_shape(yx)} = {pixels} pixels per channel exceeds the limit of {reading.max_pixels} "
             f"(MANTLE_MAX_FIELD_PIXELS); split the image into tiles"
         )
+    needed = pixels * channels * (2 * dtype.itemsize + 4)
+    if reading.max_bytes is not None and needed > reading.max_bytes:
+        raise ImageReadError(
+            f"{path}: {format_shape(yx)} x {channels} channel(s) of {dtype} takes {format_bytes(needed)} to read and "
+            f"prepare, more than the memory budget of {format_bytes(reading.max_bytes)} (MANTLE_MAX_IMAGE_BYTES); "
+            f"split the image into tiles"
+        )
+
+
+def _check_finite(path: Path, pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype.kind == "f":
+        bad = pixels.size - np.count_nonzero(np.isfinite(pixels))
+        if bad:
+            raise ImageReadError(
+                f"{path}: {bad} of {pixels.size} pixel values are NaN or infinite; replace them (e.g. with 0) "
+                f"before registering the images"
+            )
+    return pixels
 
 
 def _check_complete(path: Path, series, file_size: int) -> None:

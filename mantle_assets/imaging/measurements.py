@@ -231,6 +231,7 @@ def measure_directory(
     *,
     ring_width: int = 5,
     max_pixels: int = MAX_FIELD_PIXELS,
+    max_bytes: int | None = None,
     on_field: Callable[[str, int], None] | None = None,
 ) -> pd.DataFrame:
     """Measure every field of a segmented image directory (see :func:`measure_objects`).
@@ -250,6 +251,8 @@ def measure_directory(
         The most pixels one channel plane of a field or mask may have; the
         masks are read with the same checks as the images
         (:func:`~mantle_assets.imaging.io.read_label_image`).
+    max_bytes : int, optional
+        The most memory reading one field's file or mask may take; None: no budget.
     on_field : callable, optional
         Called with the field name and its number of objects after each field.
 
@@ -272,8 +275,8 @@ def measure_directory(
         mask_path = Path(mask_directory) / f"{field.name}{MASK_SUFFIX}"
         if not mask_path.is_file():
             raise ValueError(f"{mask_path}: no mask for field {field.name}")
-        labels = read_label_image(mask_path, max_pixels=max_pixels)
-        stack = read_field(field, max_pixels=max_pixels)
+        labels = read_label_image(mask_path, max_pixels=max_pixels, max_bytes=max_bytes)
+        stack = read_field(field, max_pixels=max_pixels, max_bytes=max_bytes)
         if labels.shape != stack.shape[1:]:
             raise ValueError(f"{mask_path}: mask shape {labels.shape} differs from field shape {stack.shape[1:]}")
         table = measure_objects(labels, dict(zip(names, stack, strict=True)), ring_width=ring_width)

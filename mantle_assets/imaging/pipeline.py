@@ -9,17 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from mantle_assets.imaging.fields import FieldGrouping, read_field
-from mantle_assets.imaging.io import MAX_FIELD_PIXELS, write_label_image
+from mantle_assets.imaging.fields import MASK_SUFFIX, FieldGrouping, read_field
+from mantle_assets.imaging.io import MAX_FIELD_PIXELS, read_image_header, write_label_image
 from mantle_assets.imaging.preview import outline_overlay, png_bytes
 from mantle_assets.imaging.segmentation import (
     CellposeSegmenter,
     SegmentationSettings,
+    check_cellpose_memory,
     check_channels,
     select_channels,
 )
-
-MASK_SUFFIX = "_cp_masks.tif"
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,7 @@ def segment_directory(
     settings: SegmentationSettings,
     output_dir: Path,
     max_pixels: int = MAX_FIELD_PIXELS,
+    max_bytes: int | None = None,
     on_field: Callable[[FieldOutcome], None] | None = None,
 ) -> DirectorySegmentation:
     """Segment each field and write ``<field>_cp_masks.tif`` into ``output_dir``.
@@ -76,6 +76,11 @@ def segment_directory(
         An existing, empty directory.
     max_pixels : int
         The most pixels one channel plane of a field may have (see :func:`read_field`).
+    max_bytes : int, optional
+        The memory one field may take, to read (:func:`read_field`) and to
+        segment at the diameter asked for
+        (:func:`~mantle_assets.imaging.segmentation.check_cellpose_memory`);
+        None: no budget.
     on_field : callable, optional
         Called after each field (progress reporting).
 
@@ -84,14 +89,30 @@ def segment_directory(
     DirectorySegmentation
         Per-field counts and timings, and a PNG preview of the first field:
         mask outlines over the nuclei channel (or the segmented channel).
+
+    Raises
+    ------
+    ParameterError
+        Before any field is segmented, if a field needs more than
+        ``max_bytes`` at the diameter given (or, with ``diameter=None``, at
+        the model's own, where the estimate starts); an estimated diameter
+        is checked when it is known.
+    ImageDirectoryError
+        If a file cannot be read (:func:`read_field`).
     """
     check_channels(nuclei_channel, cytoplasm_channel, grouping.n_channels)
+    if max_bytes is not None:
+        # Every field is checked from its header first: a field Cellpose cannot hold fails the run before any work.
+        for field in grouping.fields:
+            shape = read_image_header(field.files[0], max_pixels=max_pixels, max_bytes=max_bytes).shape
+            diameter, source = (settings.diameter, "given") if settings.diameter else (segmenter.diam_mean, "model")
+            check_cellpose_memory(field.name, shape, diameter, segmenter.diam_mean, max_bytes, source=source)
     outcomes, preview = [], b""
     for index, field in enumerate(grouping.fields):
         start = time.perf_counter()
-        stack = read_field(field, max_pixels=max_pixels)
+        stack = read_field(field, max_pixels=max_pixels, max_bytes=max_bytes)
         image = select_channels(stack, nuclei_channel, cytoplasm_channel)
-        result = segmenter.segment(image, settings)
+        result = segmenter.segment(image, settings, max_bytes=max_bytes, field=field.name)
         write_label_image(output_dir / f"{field.name}{MASK_SUFFIX}", result.masks)
         outcome = FieldOutcome(
             field.name, int(result.masks.max()), result.diameter, time.perf_counter() - start

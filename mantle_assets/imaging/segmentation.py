@@ -21,6 +21,7 @@ from typing import TypeVar
 import numpy as np
 
 from mantle_assets.imaging.cellpose_import import import_cellpose
+from mantle_assets.imaging.io import format_bytes, format_shape
 from mantle_assets.imaging.precision import run_network_in
 
 MIN_ESTIMATED_DIAMETER = 5.0
@@ -222,6 +223,106 @@ def select_channels(stack: np.ndarray, nuclei_channel: int, cytoplasm_channel: i
     return np.stack([target, stack[nuclei_channel - 1]])
 
 
+# Host memory (numpy arrays, with a GPU too) Cellpose 3.1.1 holds while it segments one 2-D field. The network runs
+# on the field rescaled by diam_mean / diameter: CellposeModel.eval -> _run_net -> core.run_net keeps, per pixel of
+# the rescaled field (float32, 2 input and 3 output channels, 224-pixel tiles overlapping by 10 % a side, ~1.44 tile
+# pixels per pixel), the resized and padded input (8 + 8 B), the tiles and their batch (IMG, IMGa: 2 x 11.5 B), the
+# output tiles (ya: 17 B), the averaged output and its float64 weights (average_tiles: 12 + 8 B) and the output
+# (yf: 12 B), not all at once: up to ~80 B. The output is resized back to the field, and dynamics.compute_masks
+# works at the field's size (flows, foreground indices, final positions, histogram), after run_net's arrays are
+# freed. Measured (peak RSS above the loaded model, mantle-nuclei-v1 on the CPU of a 2-core box; BBBC014 DNA tiled):
+# 1024^2 at scale 1: 494 MiB, 2048^2 at scale 1: 734 MiB (3271 objects; zeros: 801 MiB), 1024^2 at scale 2:
+# 701 MiB. Hence 69 B per rescaled pixel, 11 B per field pixel, and ~0.4 GiB for a batch of 8 tiles through the
+# network, which depends on neither and, with a GPU, lives on the GPU. At a scale below 1 the masks, at the field's
+# size, take what the network would have at scale 1 (80 B a pixel) at most: the field counts as rescaled then.
+CELLPOSE_BYTES_PER_RESCALED_PIXEL = 70
+CELLPOSE_BYTES_PER_FIELD_PIXEL = 12
+
+
+def cellpose_memory(shape: tuple[int, int], scale: float) -> int:
+    """Host memory Cellpose takes to segment a field, in bytes (see the factors above).
+
+    Parameters
+    ----------
+    shape : (int, int)
+        ``(Y, X)`` of the field.
+    scale : float
+        Cellpose's rescaling, ``diam_mean / diameter``.
+
+    Examples
+    --------
+    >>> format_bytes(cellpose_memory((256, 256), 17 / 0.3))
+    '13.7 GiB'
+    """
+    pixels = shape[0] * shape[1]
+    return int(pixels * (CELLPOSE_BYTES_PER_FIELD_PIXEL + CELLPOSE_BYTES_PER_RESCALED_PIXEL * max(scale, 1) ** 2))
+
+
+def check_cellpose_memory(
+    field: str, shape: tuple[int, int], diameter: float, diam_mean: float, max_bytes: int, *, source: str = "given"
+) -> None:
+    """Refuse a diameter at which Cellpose would need more memory than ``max_bytes`` for a field.
+
+    Cellpose rescales a field by ``diam_mean / diameter`` before its network
+    sees it, so a small diameter makes a small field huge (0.3 pixels: a
+    256 x 256 field becomes 14507 x 14507).
+
+    Parameters
+    ----------
+    field : str
+        The field's name, for the message.
+    shape : (int, int)
+        ``(Y, X)`` of the field.
+    diameter : float
+        The diameter it is segmented at, in pixels.
+    diam_mean : float
+        The model's own object diameter.
+    max_bytes : int
+        The memory budget.
+    source : {"given", "model", "estimated"}
+        Where ``diameter`` comes from, for the message: the ``diameter``
+        parameter, or with ``diameter=None`` the model's own (where the
+        estimate starts) or the estimate.
+
+    Raises
+    ------
+    ParameterError
+        One line naming ``diameter``, the field, its size, the memory needed
+        and the budget, and the smallest diameter that fits, if any.
+
+    Examples
+    --------
+    >>> try:
+    ...     check_cellpose_memory("A01", (256, 256), 0.3, 17.0, 8 * 2**30)
+    ... except ParameterError as error:
+    ...     print(error)  # doctest: +NORMALIZE_WHITESPACE
+    diameter=0.3 px: Cellpose would rescale field A01 (256x256) by 56.7 to 14506x14506 and need about 13.7 GiB,
+    more than the memory budget of 8.0 GiB (MANTLE_MAX_IMAGE_BYTES); the smallest diameter that fits is 0.4 px
+    """
+    scale = diam_mean / diameter
+    needed = cellpose_memory(shape, scale)
+    if needed <= max_bytes:
+        return
+    pixels = shape[0] * shape[1]
+    # The largest scale**2 that fits; below 1 none does, since a smaller scale saves nothing (see the factors).
+    room = (max_bytes / pixels - CELLPOSE_BYTES_PER_FIELD_PIXEL) / CELLPOSE_BYTES_PER_RESCALED_PIXEL
+    advice = (
+        f"the smallest diameter that fits is {math.ceil(10 * diam_mean / math.sqrt(room)) / 10:g} px"
+        if room >= 1 else "split the image into tiles"
+    )
+    given = {
+        "given": f"diameter={diameter:g} px:",
+        "model": f"diameter=None: estimating it from the model's {diameter:g} px,",
+        "estimated": f"diameter=None: at the estimated {diameter:.1f} px,",
+    }[source]
+    rescaled = format_shape(tuple(int(side * scale) for side in shape))
+    raise ParameterError(
+        f"{given} Cellpose would rescale field {field} ({format_shape(shape)}) by {scale:.1f} to {rescaled} and "
+        f"need about {format_bytes(needed)}, more than the memory budget of {format_bytes(max_bytes)} "
+        f"(MANTLE_MAX_IMAGE_BYTES); {advice}"
+    )
+
+
 def with_smaller_batches_on_oom(run: Callable[[int], T], batch_size: int) -> T:
     """Call ``run(batch_size)``, halving the batch size whenever the GPU runs out of memory.
 
@@ -311,13 +412,55 @@ def load_size_parameters(path: str | Path) -> dict:
 
 @dataclass(frozen=True)
 class SegmentationSettings:
-    """Cellpose evaluation options besides the channels (Cellpose's defaults)."""
+    """Cellpose evaluation options besides the channels (Cellpose's defaults).
+
+    Values Cellpose would run with but that make no sense are refused when the
+    settings are made, before any work: each would otherwise cost a whole
+    segmentation and give 0 objects (``batch_size`` < 1) or fail only when the
+    results are recorded (NaN thresholds).
+
+    Raises
+    ------
+    ParameterError
+        One line naming the parameter: ``diameter`` not a positive number or
+        None, ``flow_threshold`` not a finite number >= 0 (0 turns Cellpose's
+        flow check off), ``cellprob_threshold`` not finite, ``min_size`` not a
+        whole number >= 0 (0 keeps every object), ``batch_size`` not a whole
+        number >= 1.
+
+    Examples
+    --------
+    >>> try:
+    ...     SegmentationSettings(batch_size=-3)
+    ... except ParameterError as error:
+    ...     print(error)
+    batch_size must be a whole number >= 1 (tiles per network pass), got -3
+    """
 
     diameter: float | None = None
     flow_threshold: float = 0.4
     cellprob_threshold: float = 0.0
     min_size: int = 15
     batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.diameter is not None:
+            parse_diameter(self.diameter)
+        _check_number("flow_threshold", self.flow_threshold, 0, "a finite number >= 0 (0 turns the flow check off)")
+        _check_number("cellprob_threshold", self.cellprob_threshold, -math.inf, "a finite number")
+        _check_whole("min_size", self.min_size, 0, "a whole number >= 0 (0 keeps every object)")
+        _check_whole("batch_size", self.batch_size, 1, "a whole number >= 1 (tiles per network pass)")
+
+
+def _check_number(name: str, value, smallest: float, expected: str) -> None:
+    # bool is a Real, but a threshold of True is a slip.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < smallest:
+        raise ParameterError(f"{name} must be {expected}, got {value!r}")
+
+
+def _check_whole(name: str, value, smallest: int, expected: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < smallest:
+        raise ParameterError(f"{name} must be {expected}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -423,7 +566,14 @@ class CellposeSegmenter:
             return self.diam_mean
         return max(float(diameters(masks)[0]), MIN_ESTIMATED_DIAMETER)
 
-    def segment(self, image: np.ndarray, settings: SegmentationSettings = SegmentationSettings()) -> SegmentationResult:
+    def segment(
+        self,
+        image: np.ndarray,
+        settings: SegmentationSettings = SegmentationSettings(),
+        *,
+        max_bytes: int | None = None,
+        field: str = "",
+    ) -> SegmentationResult:
         """Segment one image prepared by :func:`select_channels`.
 
         Parameters
@@ -432,12 +582,25 @@ class CellposeSegmenter:
             ``(Y, X)`` or ``(2, Y, X)``.
         settings : SegmentationSettings
             ``diameter=None`` estimates the diameter of this image first.
+        max_bytes : int, optional
+            The memory budget (:func:`check_cellpose_memory`), checked at the
+            diameter used before Cellpose segments; None: no budget.
+        field : str
+            The field's name, for the budget's message.
 
         Returns
         -------
         SegmentationResult
             Label image (0 = background), the diameter used and whether it was estimated.
+
+        Raises
+        ------
+        ParameterError
+            If the diameter, given or estimated, needs more than ``max_bytes``.
         """
         estimated = settings.diameter is None
         diameter = self.estimate_diameter(image, settings) if estimated else settings.diameter
+        if max_bytes is not None:
+            source = "estimated" if estimated else "given"
+            check_cellpose_memory(field, image.shape[-2:], diameter, self.diam_mean, max_bytes, source=source)
         return SegmentationResult(self._eval(image, diameter, settings), diameter, estimated)

@@ -37,6 +37,7 @@ from mantle_assets.settings import (
     check_data_path,
     mask_root,
     max_field_pixels,
+    max_image_bytes,
     plates_per_run,
     staging_root,
 )
@@ -119,7 +120,10 @@ def staged_image_directory(source: Entity, prefix: str = "") -> Iterator[tuple[F
             if not is_uri(directory):  # a copy's files are the platform's own downloads
                 check_image_files(images)
             grouping = group_fields(
-                images, naming_pattern=registered.get("naming_pattern"), max_pixels=max_field_pixels()
+                images,
+                naming_pattern=registered.get("naming_pattern"),
+                max_pixels=max_field_pixels(),
+                max_bytes=max_image_bytes(),
             )
         except ImageDirectoryError as error:
             raise ImageDirectoryError(f"{source.entity_id}: {error}") from None
@@ -339,6 +343,7 @@ def segment_partition(
                 settings=settings,
                 output_dir=partial,
                 max_pixels=max_field_pixels(),
+                max_bytes=max_image_bytes(),
                 on_field=log_field,
             )
             # Raised inside the block, so the masks never leave their partial folder: an empty result

@@ -47,7 +47,7 @@ from mantle_assets.orchestration.assets import (
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.orchestration.retries import retried_while_store_busy
-from mantle_assets.settings import check_data_path, mantle_home, max_field_pixels, staging_root
+from mantle_assets.settings import check_data_path, mantle_home, max_field_pixels, max_image_bytes, staging_root
 from mantle_assets.storage import local_copy
 
 MEASUREMENT_PIPELINE = "cell-measurements"
@@ -165,6 +165,7 @@ def measure_partition(
             names,
             ring_width=config.ring_width,
             max_pixels=max_field_pixels(),
+            max_bytes=max_image_bytes(),
             on_field=lambda field, count: context.log.info(f"{field}: {count} objects measured"),
         )
         write_parquet(table, partial / MEASUREMENT_FILE)

@@ -19,7 +19,7 @@ from mantle_assets.imaging.io import (
     write_label_image,
 )
 
-SHAPE = (6, 7)  # (Y, X), deliberately non-square to catch transposes
+SHAPE = (8, 9)  # (Y, X), deliberately non-square to catch transposes; 8 is the smallest side read
 LIMIT = MAX_FIELD_PIXELS
 
 
@@ -237,11 +237,11 @@ def test_error_messages_are_one_line(tmp_path):
 def test_pixel_limit_is_checked_from_the_header(tmp_path, suffix):
     path = tmp_path / f"big{suffix}"
     Image.fromarray(ramp()).save(path)
-    assert read_image_header(path, max_pixels=42).shape == SHAPE
+    assert read_image_header(path, max_pixels=72).shape == SHAPE
     with pytest.raises(ImageReadError) as info:
-        read_image_header(path, max_pixels=41)
+        read_image_header(path, max_pixels=71)
     assert str(info.value) == (
-        f"{path}: 6x7 = 42 pixels per channel exceeds the limit of 41 (MANTLE_MAX_FIELD_PIXELS); "
+        f"{path}: 8x9 = 72 pixels per channel exceeds the limit of 71 (MANTLE_MAX_FIELD_PIXELS); "
         "split the image into tiles"
     )
 
@@ -253,18 +253,69 @@ def test_pixel_limit_is_per_channel_plane(tmp_path):
         read_image(path, max_pixels=63)
 
 
+@pytest.mark.parametrize("suffix", [".tif", ".png"])
+def test_memory_budget_is_checked_from_the_header(tmp_path, suffix):
+    # Charged: the decoder's array, the (C, Y, X) copy and a float32 copy, per stored channel (alpha included).
+    path = tmp_path / f"rgba{suffix}"
+    Image.fromarray(np.zeros((64, 64, 4), np.uint8), "RGBA").save(path)
+    needed = 64 * 64 * 4 * (2 * 1 + 4)
+    assert read_image_header(path, max_pixels=LIMIT, max_bytes=needed).n_channels == 3
+    with pytest.raises(ImageReadError) as info:
+        read_image_header(path, max_pixels=LIMIT, max_bytes=needed - 1)
+    assert str(info.value) == (
+        f"{path}: 64x64 x 4 channel(s) of uint8 takes 96.0 KiB to read and prepare, more than the memory budget "
+        "of 96.0 KiB (MANTLE_MAX_IMAGE_BYTES); split the image into tiles"
+    )
+
+
+def test_memory_budget_applies_to_label_images(tmp_path):
+    path = tmp_path / "m_cp_masks.tif"
+    write_label_image(path, np.full((64, 64), 70000))  # uint32
+    with pytest.raises(ImageReadError, match=r"64x64 x 1 channel\(s\) of uint32 takes 48\.0 KiB"):
+        read_label_image(path, max_pixels=LIMIT, max_bytes=64 * 64 * 12 - 1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_are_refused_when_decoded(tmp_path, bad):
+    data = ramp(dtype=np.float32, shape=(2, *SHAPE))
+    data[1, 2:4, 3] = bad
+    path = write_tif(tmp_path / "f.tif", data, photometric="minisblack")
+    assert read_image_header(path, max_pixels=LIMIT).n_channels == 2  # the header cannot tell
+    with pytest.raises(ImageReadError) as info:
+        read_image(path, max_pixels=LIMIT)
+    assert str(info.value) == (
+        f"{path}: 2 of 144 pixel values are NaN or infinite; replace them (e.g. with 0) before registering the images"
+    )
+
+
+def test_smallest_side_is_eight_pixels(tmp_path):
+    assert read_image(write_tif(tmp_path / "ok.tif", ramp(shape=(8, 8))), max_pixels=LIMIT).shape == (8, 8)
+    path = write_tif(tmp_path / "thin.tif", ramp(shape=(7, 300)))
+    with pytest.raises(ImageReadError) as info:
+        read_image_header(path, max_pixels=LIMIT)
+    assert str(info.value) == f"{path}: a 7x300 image; images must be at least 8 pixels a side"
+
+
+def test_decoder_messages_do_not_quote_the_file(tmp_path):
+    path = tmp_path / "x.tif"
+    path.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n\x1b[31m")
+    with pytest.raises(ImageReadError) as info:
+        read_image(path, max_pixels=LIMIT)
+    assert str(info.value) == f"cannot read image {path}: not a TIFF file"
+
+
 # --------------------------------------------------------------------------- label images
 
 
 @pytest.mark.parametrize("top_label, dtype", [(65535, np.uint16), (65536, np.uint32)])
 def test_label_images_widen_to_uint32_only_when_needed(tmp_path, top_label, dtype):
-    labels = np.zeros((4, 4), np.int64)
+    labels = np.zeros((8, 8), np.int64)
     labels[1, 1] = top_label
     labels[2, 2] = 7
     write_label_image(tmp_path / "m.tif", labels)
     assert tifffile.imread(tmp_path / "m.tif").dtype == dtype
     read = read_label_image(tmp_path / "m.tif", max_pixels=LIMIT)
-    assert read.dtype == dtype and read.shape == (4, 4)
+    assert read.dtype == dtype and read.shape == (8, 8)
     np.testing.assert_array_equal(read, labels)
 
 

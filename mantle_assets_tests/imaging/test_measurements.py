@@ -161,8 +161,8 @@ def test_a_missing_or_misshapen_mask_is_named(segmented_directory):
     (masks / "13-B-01_cp_masks.tif").unlink()
     with pytest.raises(ValueError, match="13-B-01_cp_masks.tif: no mask for field 13-B-01"):
         measure_directory(grouping, masks, ["NFkB", "DNA"])
-    tifffile.imwrite(masks / "13-B-01_cp_masks.tif", np.zeros((5, 5), np.uint16))
-    with pytest.raises(ValueError, match=r"13-B-01_cp_masks.tif: mask shape \(5, 5\) differs"):
+    tifffile.imwrite(masks / "13-B-01_cp_masks.tif", np.zeros((9, 9), np.uint16))
+    with pytest.raises(ValueError, match=r"13-B-01_cp_masks.tif: mask shape \(9, 9\) differs"):
         measure_directory(grouping, masks, ["NFkB", "DNA"])
     with pytest.raises(ValueError, match="channel_names: 1 name"):
         measure_directory(grouping, masks, ["NFkB"])

@@ -42,8 +42,8 @@ def test_images_and_masks_folders_are_paired(tmp_path):
 
 
 def test_cellpose_masks_naming_is_paired(tmp_path):
-    tifffile.imwrite(tmp_path / "cells.tif", np.ones((4, 4), np.uint8))
-    tifffile.imwrite(tmp_path / "cells_masks.tif", squares()[:4, :4].astype(np.uint16))
+    tifffile.imwrite(tmp_path / "cells.tif", np.ones((8, 8), np.uint8))
+    tifffile.imwrite(tmp_path / "cells_masks.tif", squares()[:8, :8].astype(np.uint16))
     annotated = load_annotated_set(tmp_path)
     assert annotated.names == ["cells"]
     assert annotated.images[0].dtype == np.float32
