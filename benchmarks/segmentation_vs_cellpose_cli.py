@@ -85,7 +85,7 @@ def main() -> None:
         # A platform's MANTLE_HOME outlives its runs, and so does the numba cache in it: fill it
         # once, untimed, as the first run on a machine does (its cost is printed apart).
         warm_up_wall, _, _ = timed(
-            [sys.executable, "-c", "from mantle_assets.imaging.cellpose_import import import_cellpose as i; i()"],
+            [sys.executable, "-c", "from mantle_assets.models.cellpose_import import import_cellpose as i; i()"],
             env, scratch / "warm-up.log")
 
         our_wall, our_rss, out = timed(

@@ -20,7 +20,6 @@ from typing import TypeVar
 
 import numpy as np
 
-from mantle_assets.imaging.cellpose_import import import_cellpose
 from mantle_assets.imaging.io import format_bytes, format_shape
 from mantle_assets.imaging.precision import run_network_in
 
@@ -484,6 +483,13 @@ class CellposeSegmenter:
         Use the GPU; default: whenever torch sees one.
     precision : {"auto", "float32", "bfloat16"}
         The network's arithmetic (:func:`mantle_assets.imaging.precision.run_network_in`).
+
+    Notes
+    -----
+    A process that imports Cellpose through
+    :func:`mantle_assets.models.cellpose_import.import_cellpose` first (the
+    platform's resources do) loads Cellpose's numba code from a cache instead
+    of compiling it.
     """
 
     def __init__(
@@ -495,7 +501,6 @@ class CellposeSegmenter:
         precision: str = "auto",
     ):
         import torch
-        import_cellpose()
         from cellpose import models
 
         use_gpu = torch.cuda.is_available() if gpu is None else gpu

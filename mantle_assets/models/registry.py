@@ -15,8 +15,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mantle_assets.imaging.cellpose_import import import_cellpose
 from mantle_assets.imaging.segmentation import ParameterError
+from mantle_assets.models.cellpose_import import import_cellpose
 from mantle_assets.settings import OutsideDataRootsError, check_data_path, mantle_home
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mantle_assets.imaging.cellpose_import import import_cellpose
 from mantle_assets.imaging.io import MAX_FIELD_PIXELS, read_image, read_label_image
 from mantle_assets.imaging.precision import run_network_in
+from mantle_assets.models.cellpose_import import import_cellpose
 from mantle_assets.settings import check_data_path
 
 AP_THRESHOLDS = (0.5, 0.75, 0.9)

@@ -11,6 +11,7 @@ from pydantic import PrivateAttr
 
 from mantle_assets.entities import EntityStore
 from mantle_assets.imaging.segmentation import CellposeSegmenter
+from mantle_assets.models.cellpose_import import import_cellpose
 from mantle_assets.models.registry import ModelSpec
 
 
@@ -43,6 +44,7 @@ class CellposeResource(ConfigurableResource):
     def segmenter(self, spec: ModelSpec) -> CellposeSegmenter:
         if spec.path not in self._loaded:
             start = time.perf_counter()
+            import_cellpose()
             segmenter = CellposeSegmenter(
                 spec.path,
                 builtin_name=spec.name if spec.kind == "builtin" else None,

@@ -7,7 +7,7 @@ import sys
 # from numba's on-disk cache.
 CACHE_USE = """
 import json
-from mantle_assets.imaging.cellpose_import import import_cellpose
+from mantle_assets.models.cellpose_import import import_cellpose
 import_cellpose()
 import cellpose.dynamics
 stats = cellpose.dynamics._extend_centers.stats
