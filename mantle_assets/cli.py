@@ -249,11 +249,13 @@ def root_cause(failure) -> str:
     while error.cause is not None:
         error = error.cause
     line = error.message.strip().splitlines()[0]
-    # Dagster writes "package.module.ErrorClass: message"; the platform's own error classes are no news to a
-    # scientist (their messages say what is wrong), while "KeyError: 'x'" needs its class to make sense.
+    # Dagster writes "package.module.ErrorClass: message". The platform refuses with ValueErrors and errors of
+    # its own whose messages say what is wrong; "KeyError: 'x'" or "ConnectionError: ..." need their class.
     qualified, _, message = line.partition(": ")
-    own = qualified.startswith("mantle_assets.") and qualified.endswith(f".{error.cls_name}")
-    return message if message and own else line
+    refusal = qualified == "ValueError" or (
+        qualified.startswith("mantle_assets.") and qualified.endswith(f".{error.cls_name}")
+    )
+    return message if message and refusal else line
 
 
 def _segment(entity_id: str, parameters: dict):
