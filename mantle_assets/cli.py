@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -81,6 +83,10 @@ def main() -> None:
     (default $MANTLE_HOME/dagster), shared by the CLI and `mantle ui`.
     """
     _prepare_environment()
+    # SIGTERM stops a command as Ctrl-C does (KeyboardInterrupt), so that its clean-up code runs; within a
+    # Dagster run, Dagster treats both alike. A handler of a program calling this one is left alone.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     # Dagster flags beta and preview APIs on import; users of the CLI cannot act on that.
     warnings.filterwarnings("ignore", message=".*currently in (beta|preview)")
 
@@ -221,12 +227,19 @@ def _execute(job_name: str, asset_name: str, config: dict, instance, partition_k
     """Run an asset job in this process, recorded in the shared Dagster instance.
 
     Runs of killed CLI processes are failed first, so that their pool slots and partial outputs are freed.
+    SIGINT or SIGTERM, while the run waits for a pool slot or while a step runs, stops the step (its partial
+    outputs removed, its slot freed) and fails the run.
     """
+    from dagster import DagsterEventType
+    from dagster._core.events import RunFailureReason
+
     from mantle_assets.definitions import defs
+    from mantle_assets.orchestration.concurrency import sleep_while_waiting_for_slots
     from mantle_assets.orchestration.recovery import fail_abandoned_runs, process_run_tags
 
     for run_id in fail_abandoned_runs(instance):
         click.echo(f"run {run_id} was abandoned by a killed process: marked failed", err=True)
+    sleep_while_waiting_for_slots()
     result = defs.resolve_job_def(job_name).execute_in_process(
         run_config={"ops": {asset_name: {"config": config}}},
         instance=instance,
@@ -234,6 +247,11 @@ def _execute(job_name: str, asset_name: str, config: dict, instance, partition_k
         tags=process_run_tags(),
         raise_on_error=False,
     )
+    run_failure = next((e for e in result.all_events if e.event_type == DagsterEventType.RUN_FAILURE), None)
+    if run_failure and run_failure.job_failure_data.failure_reason == RunFailureReason.UNEXPECTED_TERMINATION:
+        raise MantleCommandError(
+            f"{job_name} run {result.run_id} interrupted (SIGINT or SIGTERM): stopped and marked failed"
+        )
     if not result.success:
         # The first failed step of the run, which may be a later asset than ``asset_name``.
         failure = next((event.step_failure_data for event in result.get_step_failure_events()), None)
