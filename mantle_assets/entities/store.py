@@ -23,7 +23,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -932,6 +932,7 @@ class EntityStore:
         run_id: str,
         parameters: Mapping,
         measurements: Any = None,
+        before_writing: Callable[[], None] | None = None,
     ) -> Entity:
         """Record what a pipeline run made from some parent entities, in one transaction.
 
@@ -963,6 +964,11 @@ class EntityStore:
             ``well`` and numeric measurements), stored in the same transaction
             in the ``cell_measurements`` table, one row per (output, field,
             label, measurement), replacing the output's earlier rows.
+        before_writing : callable, optional
+            Called with no argument inside the transaction, under the store's
+            lock, before anything is written; an exception from it ends the
+            record with nothing written. For checks that must be as late as
+            possible, such as whether the run is still wanted.
 
         Returns
         -------
@@ -995,6 +1001,8 @@ class EntityStore:
             ) from None
 
         with self._transaction() as connection:
+            if before_writing is not None:
+                before_writing()
             for parent_id in unique_parents:
                 self._fetch(connection, parent_id)
             child_id = self._find_child(connection, unique_parents, pipeline, data_type, name)

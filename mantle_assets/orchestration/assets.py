@@ -29,6 +29,7 @@ from mantle_assets.imaging.segmentation import check_channels
 from mantle_assets.models.registry import resolve_model
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.recovery import RunEndedError, check_run_not_ended
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
 from mantle_assets.orchestration.retries import retried_while_store_busy
 from mantle_assets.registration import IMAGE_DIRECTORY, check_image_files, directory_fingerprint
@@ -295,7 +296,7 @@ def segmentation_masks(
             continue  # by an earlier attempt of this step, which a retry repeats
         try:
             metadata = segment_partition(context, entity_id, config, store, cellpose)
-        except StoreUnusableError:
+        except (StoreUnusableError, RunEndedError):
             raise  # no directory of the batch could be recorded: stop before segmenting the others
         except Exception as error:  # the batch goes on; the step fails at the end, naming it
             context.log.error(f"{entity_id}: {error}", exc_info=len(context.partition_keys) > 1)
@@ -389,6 +390,7 @@ def segment_partition(
             pipeline=SEGMENTATION_PIPELINE,
             run_id=run_id,
             parameters={**config.parameters(), **properties["extra_parameters"]},
+            before_writing=lambda: check_run_not_ended(context.instance, run_id),
         )
 
     preview = base64.b64encode(result.preview_png).decode()

@@ -45,6 +45,7 @@ from mantle_assets.orchestration.assets import (
     summary_metadata,
 )
 from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.recovery import check_run_not_ended
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.orchestration.retries import retried_while_store_busy
 from mantle_assets.settings import check_data_path, mantle_home, max_field_pixels, max_image_bytes, staging_root
@@ -194,6 +195,7 @@ def measure_partition(
             run_id=run_id,
             parameters={"ring_width": config.ring_width, "channel_names": list(names)},
             measurements=table,
+            before_writing=lambda: check_run_not_ended(context.instance, run_id),
         )
     return MaterializeResult(
         metadata={
@@ -335,6 +337,7 @@ def read_out_partition(context: AssetExecutionContext, config: AssayConfig, stor
             pipeline=READOUT_PIPELINE,
             run_id=run_id,
             parameters={"readout": value_column, "min_cells": config.min_cells, "plate_layout": layout_file},
+            before_writing=lambda: check_run_not_ended(context.instance, run_id),
         )
 
     fit = readout.fit

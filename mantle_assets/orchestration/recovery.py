@@ -26,6 +26,26 @@ HOST_TAG = "mantle/host"
 PID_TAG = "mantle/pid"
 PARTITION_TAG = "dagster/partition"
 UNFINISHED = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+ENDED_BADLY = (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED)
+
+
+class RunEndedError(RuntimeError):
+    """A step's run was failed or canceled while the step went on; its outputs must not be recorded."""
+
+
+def check_run_not_ended(instance: DagsterInstance, run_id: str) -> None:
+    """Raise :class:`RunEndedError` if run ``run_id`` is failed, canceled or being canceled.
+
+    A step process can outlive its run: when a daemon run's worker is killed, Dagster marks
+    the run failed, but the step's process may go on to the end. What it made then belongs to
+    no live run and must not become anyone's current output. Called just before an output is
+    recorded (see :meth:`~mantle_assets.entities.EntityStore.record_output`'s
+    ``before_writing``).
+    """
+    run = instance.get_run_by_id(run_id)
+    if run is not None and run.status in ENDED_BADLY:
+        ended = "failed" if run.status == DagsterRunStatus.FAILURE else "canceled"
+        raise RunEndedError(f"run {run_id} was marked {ended} while this step ran: its outputs are not recorded")
 
 
 def process_run_tags() -> dict[str, str]:

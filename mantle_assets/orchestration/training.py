@@ -17,6 +17,7 @@ from mantle_assets.models.training import (
     train_cellpose_model,
 )
 from mantle_assets.orchestration.assets import GPU_OP_TAGS
+from mantle_assets.orchestration.recovery import check_run_not_ended
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.settings import mantle_home, max_field_pixels
 
@@ -126,6 +127,7 @@ def trained_cellpose_model(
             pipeline=TRAINING_PIPELINE,
             run_id=run_id,
             parameters=params.__dict__,
+            before_writing=lambda: check_run_not_ended(context.instance, run_id),
         )
     return MaterializeResult(
         metadata={

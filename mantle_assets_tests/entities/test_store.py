@@ -169,6 +169,10 @@ def test_register_checks_referenced_entities_exist(store, database, tmp_path):
     assert _row_counts(database) == {table: 0 for table in TABLES}
 
 
+def _run_has_ended():
+    raise RuntimeError("run run-1 was marked failed")
+
+
 def test_failed_record_output_writes_nothing(store, database, images, tmp_path):
     image = store.register("image_directory", "plate", {"image_directory": images})
     before = _row_counts(database)
@@ -178,6 +182,7 @@ def test_failed_record_output_writes_nothing(store, database, images, tmp_path):
         (PropertyValidationError, dict(properties={**good, "total_cells": "many"}, parents=[image.entity_id])),
         (ValueError, dict(properties=good, parents=[])),
         (ValueError, dict(properties=good, parents=[image.entity_id], parameters={"f": object()})),
+        (RuntimeError, dict(properties=good, parents=[image.entity_id], before_writing=_run_has_ended)),
     ]
     for error_type, arguments in attempts:
         arguments = {"pipeline": "segment", "run_id": "run-1", "parameters": {}, **arguments}
