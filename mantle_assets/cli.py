@@ -226,7 +226,8 @@ def _segmentation_options(function):
 def _execute(job_name: str, asset_name: str, config: dict, instance, partition_key: str | None = None):
     """Run an asset job in this process, recorded in the shared Dagster instance.
 
-    Runs of killed CLI processes are failed first, so that their pool slots and partial outputs are freed.
+    Runs of killed CLI processes are failed first, so that their pool slots and partial outputs are freed, and so
+    are those of ended runs of any origin.
     SIGINT or SIGTERM, while the run waits for a pool slot or while a step runs, stops the step (its partial
     outputs removed, its slot freed) and fails the run.
     """
@@ -235,10 +236,12 @@ def _execute(job_name: str, asset_name: str, config: dict, instance, partition_k
 
     from mantle_assets.definitions import defs
     from mantle_assets.orchestration.concurrency import sleep_while_waiting_for_slots
-    from mantle_assets.orchestration.recovery import fail_abandoned_runs, process_run_tags
+    from mantle_assets.orchestration.recovery import fail_abandoned_runs, process_run_tags, release_ended_runs
 
     for run_id in fail_abandoned_runs(instance):
         click.echo(f"run {run_id} was abandoned by a killed process: marked failed", err=True)
+    for run_id in release_ended_runs(instance):
+        click.echo(f"run {run_id} had ended but held a pool slot: freed", err=True)
     sleep_while_waiting_for_slots()
     result = defs.resolve_job_def(job_name).execute_in_process(
         run_config={"ops": {asset_name: {"config": config}}},

@@ -6,7 +6,8 @@ would wait forever. Runs are tagged with the host and process that execute
 them; before starting a run, the CLI fails those whose process is gone, frees
 their pool slots and removes their hidden partial outputs, their local copies of
 URI directories and, under a URI mask root, masks they uploaded but never
-recorded.
+recorded. Runs of any origin that have ended have their pool slots freed and their
+partial folders removed (:func:`release_ended_runs`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,41 @@ def fail_abandoned_runs(instance: DagsterInstance) -> list[str]:
         remove_unrecorded_upload(run)
         abandoned.append(run.run_id)
     return abandoned
+
+
+def release_ended_runs(instance: DagsterInstance) -> list[str]:
+    """Free what runs of any origin hold after they ended; return the ids of runs whose pool slots were freed.
+
+    A run launched from the UI, a sensor or a schedule whose worker is killed is marked
+    failed by Dagster, but its step's pool slot stays claimed, blocking every later step
+    of the pool, and its ``.partial-<run id>`` folders stay. Slots of finished (or
+    deleted) runs are freed, and their partial folders under ``$MANTLE_HOME`` and under
+    a local ``MANTLE_MASK_ROOT`` outside it removed; those of unfinished runs, which may
+    still be writing them, are left alone.
+    """
+    storage = instance.event_log_storage
+    holders = set()
+    for pool in storage.get_concurrency_keys():
+        info = storage.get_concurrency_info(pool)
+        holders |= info.active_run_ids | info.pending_run_ids
+    released = []
+    for run_id in sorted(holders):
+        if _ended(instance, run_id):
+            storage.free_concurrency_slots_for_run(run_id)
+            released.append(run_id)
+    root = mask_root()
+    partials = list(mantle_home().glob(f"*/*/{PARTIAL_PREFIX}*"))
+    if not is_uri(root):
+        partials += root.glob(f"*/{PARTIAL_PREFIX}*")
+    for partial in partials:
+        if _ended(instance, partial.name.removeprefix(PARTIAL_PREFIX)):
+            shutil.rmtree(partial, ignore_errors=True)
+    return released
+
+
+def _ended(instance: DagsterInstance, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    return run is None or run.is_finished
 
 
 def remove_unrecorded_upload(run: DagsterRun) -> None:
