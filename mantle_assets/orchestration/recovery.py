@@ -3,11 +3,11 @@
 A run executed in a CLI process that dies never reports its end: Dagster keeps
 it ``STARTED`` and keeps its ``gpu`` pool slot taken, so every later GPU step
 would wait forever. Runs are tagged with the host and process that execute
-them; before starting a run, the CLI fails those whose process is gone, frees
-their pool slots and removes their hidden partial outputs, their local copies of
-URI directories and, under a URI mask root, masks they uploaded but never
-recorded. Runs of any origin that have ended have their pool slots freed and their
-partial folders removed (:func:`release_ended_runs`).
+them; before starting a run, the CLI fails those whose process is gone and
+removes their local copies of URI directories and, under a URI mask root, masks
+they uploaded but never recorded. Then runs of any origin that have ended, those
+just failed included, have their pool slots freed and their hidden partial
+outputs removed (:func:`release_ended_runs`).
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ def process_alive(pid: int) -> bool:
 def fail_abandoned_runs(instance: DagsterInstance) -> list[str]:
     """Fail this host's unfinished in-process runs whose process has died; return their run ids.
 
-    Their pool slots are freed, their ``.partial-<run id>`` output directories
-    under ``$MANTLE_HOME`` and their copies under ``$MANTLE_HOME/staging``
-    removed, and so are their masks under a URI ``MANTLE_MASK_ROOT`` unless the
-    entity was recorded before the process died.
+    Their copies under ``$MANTLE_HOME/staging`` are removed, and so are their
+    masks under a URI ``MANTLE_MASK_ROOT`` unless the entity was recorded before
+    the process died. Failed, they have their pool slots and ``.partial-<run id>``
+    folders released by :func:`release_ended_runs`, as every ended run has.
     """
     abandoned = []
     runs = instance.get_runs(filters=RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: socket.gethostname()}))
@@ -79,9 +79,6 @@ def fail_abandoned_runs(instance: DagsterInstance) -> list[str]:
         if process_alive(pid):
             continue
         instance.report_run_failed(run, message=f"process {pid} ended without finishing the run (killed?)")
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        for partial in mantle_home().glob(f"*/*/{PARTIAL_PREFIX}{run.run_id}"):
-            shutil.rmtree(partial, ignore_errors=True)
         for pattern in (f"{run.run_id}-*", f"{PARTIAL_PREFIX}{run.run_id}-*"):
             for staged in staging_root().glob(pattern):
                 shutil.rmtree(staged, ignore_errors=True)
