@@ -17,6 +17,7 @@ from mantle_assets.imaging.fields import ImageDirectoryError
 from mantle_assets.models.registry import ModelResolutionError, resolve_model
 from mantle_assets.orchestration.assets import current_masks, segmentation_masks
 from mantle_assets.orchestration.config import SegmentationConfig
+from mantle_assets.orchestration.instance import automatic_run_tags
 from mantle_assets.orchestration.jobs import segmentation_job
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource
@@ -116,7 +117,7 @@ def batch_run_request(keys: list[str], reason: str, entity: Entity, night: str) 
     parameter unset, so each directory is segmented with its own experiment's
     defaults (see :class:`SegmentationConfig`).
     """
-    tags = {"mantle/stale_reason": reason}
+    tags = automatic_run_tags() | {"mantle/stale_reason": reason}
     if len(keys) == 1:
         return RunRequest(
             run_key=f"stale-{keys[0]}-{night}",

@@ -17,6 +17,7 @@ from mantle_assets.imaging.fields import ImageDirectoryError
 from mantle_assets.inbox import inbox_folders, read_sidecar, scan_folder
 from mantle_assets.orchestration.assets import SEGMENTATION_PIPELINE, segmentation_masks
 from mantle_assets.orchestration.config import SegmentationConfig
+from mantle_assets.orchestration.instance import automatic_run_tags
 from mantle_assets.orchestration.jobs import measurement_job, segmentation_job, segmentation_run_config
 from mantle_assets.orchestration.measurements import needs_measuring
 from mantle_assets.orchestration.partitions import image_directory_partitions
@@ -60,6 +61,7 @@ def new_image_directory_sensor(
                 run_key=f"new-image-directory-{e.entity_id}",
                 partition_key=e.entity_id,
                 run_config=segmentation_run_config(default_segmentation_config(e)),
+                tags=automatic_run_tags(),
             )
             for e in new
             # Already segmented by hand (e.g. `mantle segment` before the daemon ran): nothing to do.
@@ -147,7 +149,9 @@ def segmented_directory_sensor(
     latest = {record.partition_key: record for record in records}  # ascending: the newest wins
     return SensorResult(
         run_requests=[
-            RunRequest(run_key=f"measure-{entity_id}-{record.storage_id}", partition_key=entity_id)
+            RunRequest(
+                run_key=f"measure-{entity_id}-{record.storage_id}", partition_key=entity_id, tags=automatic_run_tags()
+            )
             for entity_id, record in latest.items()
             if entity_id in partitions and needs_measuring(store, entity_id)
         ],
