@@ -383,6 +383,8 @@ class EntityStore:
             # Absolute now, so that a later chdir does not move the store.
             self._database = Path(os.path.abspath(os.path.expanduser(database)))
             self._lock = filelock.FileLock(str(self._database) + ".lock", timeout=self._lock_timeout)
+        # The connection of the open session(), if any, that every operation reuses.
+        self._session_connection: duckdb.DuckDBPyConnection | None = None
 
     @property
     def database(self) -> Path | str:
@@ -395,35 +397,75 @@ class EntityStore:
     # -- connection handling -------------------------------------------------
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Connect inside the inter-process lock, run one transaction, close.
+    def session(self) -> Iterator[None]:
+        """Answer every operation inside the block on one connection, opened once under the lock.
 
-        Commits when the block finishes, rolls back when it raises; the
-        connection is closed before the lock is released so that the next
-        process can open the file. DuckDB and OS errors that mean the store
-        is unusable, wherever they arise, become a :class:`StoreUnusableError`.
+        Opening the file costs more than most queries, so a sensor tick or a
+        step asking several questions opens it once. Each operation still runs
+        its own transaction. Other processes wait for the block to end (up to
+        their lock timeout), so a session spans a tick or a few queries, never
+        a run's slow work. Nested sessions share the outer one.
+
+        Raises
+        ------
+        StoreBusyError
+            If the lock is not free within the lock timeout.
+        StoreUnusableError
+            If the database cannot be opened as a Mantle store.
         """
-        with self._unusable_store_errors(), self._exclusive():
+        if self._session_connection is not None:
+            yield
+            return
+        with self._exclusive():
+            # Only opening is translated: an OSError of the caller's own work in the block is not the store's.
+            with self._unusable_store_errors():
+                connection = self._connect()
+            self._session_connection = connection
+            try:
+                yield
+            finally:
+                self._session_connection = None
+                connection.close()
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The session's connection, or a connection of its own inside the lock, closed before the lock is released."""
+        if self._session_connection is not None:
+            yield self._session_connection
+            return
+        with self._exclusive():
             connection = self._connect()
             try:
-                connection.execute("BEGIN TRANSACTION")
-                try:
-                    # Checked every time: it is cheap next to opening the file,
-                    # and the file may have been replaced since the last call.
-                    self._ensure_schema(connection)
-                    yield connection
-                except BaseException:
-                    # Closing discards the transaction anyway; keep the real error.
-                    with contextlib.suppress(duckdb.Error):
-                        connection.execute("ROLLBACK")
-                    raise
-                try:
-                    connection.execute("COMMIT")
-                except duckdb.TransactionException as error:
-                    # A full disk fails the commit with the same exception type as a write conflict.
-                    raise self._busy_unless_unusable(error, "write conflict on") from None
+                yield connection
             finally:
                 connection.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Run one transaction on a connection of its own (see :meth:`_connection`) or the session's.
+
+        Commits when the block finishes, rolls back when it raises; a
+        connection of its own is closed before the lock is released so that
+        the next process can open the file. DuckDB and OS errors that mean the
+        store is unusable, wherever they arise, become a :class:`StoreUnusableError`.
+        """
+        with self._unusable_store_errors(), self._connection() as connection:
+            connection.execute("BEGIN TRANSACTION")
+            try:
+                # Checked every time: it is cheap next to opening the file,
+                # and the file may have been replaced since the last call.
+                self._ensure_schema(connection)
+                yield connection
+            except BaseException:
+                # Keep the real error; a session's connection must not stay inside the failed transaction.
+                with contextlib.suppress(duckdb.Error):
+                    connection.execute("ROLLBACK")
+                raise
+            try:
+                connection.execute("COMMIT")
+            except duckdb.TransactionException as error:
+                # A full disk fails the commit with the same exception type as a write conflict.
+                raise self._busy_unless_unusable(error, "write conflict on") from None
 
     @contextlib.contextmanager
     def _unusable_store_errors(self) -> Iterator[None]:
@@ -748,8 +790,44 @@ class EntityStore:
         with self._transaction() as connection:
             return self._fetch(connection, entity_id)
 
-    def list(self, data_type: str | None = None, *, include_archived: bool = False) -> list[Entity]:
-        """Read all entities, ordered by id.
+    def list(
+        self,
+        data_type: str | None = None,
+        *,
+        include_archived: bool = False,
+        entity_ids: Iterable[str] | None = None,
+    ) -> list[Entity]:
+        """Read all entities, or some, ordered by id, in one query.
+
+        Parameters
+        ----------
+        data_type : str, optional
+            Only entities of this data type.
+        include_archived : bool
+            Whether to include archived entities.
+        entity_ids : iterable of str, optional
+            Only these entities (ids that do not exist are left out).
+
+        Returns
+        -------
+        list[Entity]
+            The entities.
+        """
+        if data_type is not None:
+            get_data_type(data_type)
+        wanted = None if entity_ids is None else [str(entity_id) for entity_id in entity_ids]
+        with self._transaction() as connection:
+            rows = connection.execute(
+                f"SELECT {_ENTITY_COLUMNS} FROM entity_records "
+                "WHERE (? IS NULL OR data_type = ?) AND (? OR NOT archived) "
+                "AND (CAST(? AS VARCHAR[]) IS NULL OR list_contains(CAST(? AS VARCHAR[]), entity_id)) "
+                "ORDER BY entity_id",
+                [data_type, data_type, include_archived, wanted, wanted],
+            ).fetchall()
+        return [_entity_from_row(row) for row in rows]
+
+    def entity_ids(self, data_type: str | None = None, *, include_archived: bool = False) -> list[str]:
+        """Read the ids of all entities, ordered: what :meth:`list` finds, without reading the properties.
 
         Parameters
         ----------
@@ -760,18 +838,18 @@ class EntityStore:
 
         Returns
         -------
-        list[Entity]
-            The entities.
+        list[str]
+            The ids.
         """
         if data_type is not None:
             get_data_type(data_type)
         with self._transaction() as connection:
             rows = connection.execute(
-                f"SELECT {_ENTITY_COLUMNS} FROM entity_records "
-                "WHERE (? IS NULL OR data_type = ?) AND (? OR NOT archived) ORDER BY entity_id",
+                "SELECT entity_id FROM entity_records WHERE (? IS NULL OR data_type = ?) AND (? OR NOT archived) "
+                "ORDER BY entity_id",
                 [data_type, data_type, include_archived],
             ).fetchall()
-        return [_entity_from_row(row) for row in rows]
+        return [entity_id for (entity_id,) in rows]
 
     def find(
         self, data_type: str, prop: str, values: Iterable[str], *, include_archived: bool = False
@@ -817,6 +895,180 @@ class EntityStore:
                 [data_type, [str(value) for value in values], "$." + json.dumps(prop), include_archived],
             ).fetchall()
         return [_entity_from_row(row) for row in rows]
+
+    def register_many(
+        self, data_type: str, entities: Sequence[tuple[str, Mapping]], *, run_id: str | None = None
+    ) -> list[Entity]:
+        """Create many entities of one data type in one transaction, one statement per table.
+
+        What :meth:`register` does for each, at the cost of one call: for
+        bulk imports, where a transaction per entity would dominate.
+
+        Parameters
+        ----------
+        data_type : str
+            Name of a registered data type.
+        entities : sequence of (str, Mapping)
+            Each entity's name and property values, validated against the data type.
+        run_id : str, optional
+            The run registering them, recorded in the history.
+
+        Returns
+        -------
+        list[Entity]
+            The new entities, version 1, in the order given.
+
+        Raises
+        ------
+        UnknownDataTypeError, PropertyValidationError
+            If the data type or any entity's properties are invalid; nothing is written.
+        """
+        spec = get_data_type(data_type)
+        validated = [(_check_name(name, "name"), spec.validate(properties)) for name, properties in entities]
+        if not validated:
+            return []
+        with self._transaction() as connection:
+            for _, properties in validated:
+                self._check_references(connection, data_type, properties)
+            numbers = connection.execute(
+                "SELECT nextval('entity_id_seq') FROM range(?) ORDER BY 1", [len(validated)]
+            ).fetchall()
+            ids = [f"E{number:06d}" for (number,) in numbers]
+            now = _utc_now()
+            connection.execute(
+                f"INSERT INTO entity_records ({_ENTITY_COLUMNS}) "
+                "SELECT unnest(?), ?, unnest(?), unnest(?), 1, FALSE, ?, ?",
+                [ids, data_type, [name for name, _ in validated],
+                 [_to_json(properties) for _, properties in validated], now, now],
+            )
+            changes = [(entity_id, prop, _to_json(value))
+                       for entity_id, (_, properties) in zip(ids, validated, strict=True)
+                       for prop, value in properties.items()]
+            if changes:
+                # A subquery keeps the registration order of the unnested rows for the change ids.
+                connection.execute(
+                    "INSERT INTO property_history (change_id, entity_id, property, old_value, new_value, changed_at, "
+                    "run_id) SELECT nextval('property_change_seq'), entity_id, property, NULL, new_value, ?, ? FROM ("
+                    "SELECT unnest(?) AS entity_id, unnest(?) AS property, unnest(?) AS new_value)",
+                    [now, run_id, *(list(column) for column in zip(*changes, strict=True))],
+                )
+        by_id = {entity.entity_id: entity for entity in self.list(data_type, entity_ids=ids)}
+        return [by_id[entity_id] for entity_id in ids]
+
+    def children_of(self, entity_ids: Iterable[str]) -> dict[str, list[LineageEdge]]:
+        """Read the outgoing edges of many entities in one query: :meth:`children` of each.
+
+        Parameters
+        ----------
+        entity_ids : iterable of str
+            The parent entities; ids without children (or without an entity) map to nothing.
+
+        Returns
+        -------
+        dict of str to list of LineageEdge
+            Each parent's outgoing edges, oldest first, for the parents that have any.
+        """
+        with self._transaction() as connection:
+            rows = connection.execute(
+                f"SELECT {_EDGE_COLUMNS} FROM lineage_edges WHERE list_contains(CAST(? AS VARCHAR[]), parent_id) "
+                "ORDER BY parent_id, created_at, child_id, run_id",
+                [[str(entity_id) for entity_id in entity_ids]],
+            ).fetchall()
+        children: dict[str, list[LineageEdge]] = {}
+        for row in rows:
+            edge = _edge_from_row(row)
+            children.setdefault(edge.parent_id, []).append(edge)
+        return children
+
+    def current_outputs(
+        self, pipeline: str, data_type: str, parents: Iterable[str] | None = None
+    ) -> dict[str, Entity]:
+        """The unarchived ``data_type`` entity that ``pipeline`` made most recently from each parent, in one query.
+
+        For each parent, the newest of its outgoing ``pipeline`` edges (by
+        creation time, then child and run id) whose child is an unarchived
+        ``data_type`` entity: the output a new run would replace.
+
+        Parameters
+        ----------
+        pipeline : str
+            The pipeline.
+        data_type : str
+            The outputs' data type.
+        parents : iterable of str, optional
+            Only these parents; all by default.
+
+        Returns
+        -------
+        dict of str to Entity
+            Parent id to its current output, for the parents that have one.
+        """
+        wanted = None if parents is None else [str(parent) for parent in parents]
+        columns = ", ".join(f"e.{column.strip()}" for column in _ENTITY_COLUMNS.split(","))
+        with self._transaction() as connection:
+            rows = connection.execute(
+                f"SELECT l.parent_id, {columns} FROM lineage_edges l JOIN entity_records e ON e.entity_id = l.child_id "
+                "WHERE l.pipeline = ? AND e.data_type = ? AND NOT e.archived "
+                "AND (CAST(? AS VARCHAR[]) IS NULL OR list_contains(CAST(? AS VARCHAR[]), l.parent_id)) "
+                "QUALIFY row_number() OVER ("
+                "  PARTITION BY l.parent_id ORDER BY l.created_at DESC, l.child_id DESC, l.run_id DESC) = 1",
+                [pipeline, data_type, wanted, wanted],
+            ).fetchall()
+        return {row[0]: _entity_from_row(row[1:]) for row in rows}
+
+    def ancestors(self, entity_id: str) -> list[LineageEdge]:
+        """Read every edge upstream of an entity (its parents, theirs, ...), in one recursive query.
+
+        Parameters
+        ----------
+        entity_id : str
+            The entity.
+
+        Returns
+        -------
+        list[LineageEdge]
+            The edges into the entity and into each of its ancestors, oldest first.
+
+        Raises
+        ------
+        EntityNotFoundError
+            If no entity has that id.
+        """
+        return self._lineage(entity_id, "child_id", "parent_id")
+
+    def descendants(self, entity_id: str) -> list[LineageEdge]:
+        """Read every edge downstream of an entity (its children, theirs, ...), in one recursive query.
+
+        Parameters
+        ----------
+        entity_id : str
+            The entity.
+
+        Returns
+        -------
+        list[LineageEdge]
+            The edges out of the entity and out of each of its descendants, oldest first.
+
+        Raises
+        ------
+        EntityNotFoundError
+            If no entity has that id.
+        """
+        return self._lineage(entity_id, "parent_id", "child_id")
+
+    def _lineage(self, entity_id: str, start: str, step: str) -> list[LineageEdge]:
+        # start and step are the two column literals chosen above, never caller input. UNION, not
+        # UNION ALL: an entity reached twice is walked once.
+        with self._transaction() as connection:
+            self._fetch(connection, entity_id)
+            rows = connection.execute(
+                f"WITH RECURSIVE reached(entity_id) AS (SELECT CAST(? AS VARCHAR) UNION "
+                f"SELECT l.{step} FROM lineage_edges l JOIN reached r ON l.{start} = r.entity_id) "
+                f"SELECT {_EDGE_COLUMNS} FROM lineage_edges WHERE {start} IN (SELECT entity_id FROM reached) "
+                "ORDER BY created_at, parent_id, child_id, run_id",
+                [entity_id],
+            ).fetchall()
+        return [_edge_from_row(row) for row in rows]
 
     def update(self, entity_id: str, changes: Mapping, *, run_id: str | None = None) -> Entity:
         """Change some properties of an entity.

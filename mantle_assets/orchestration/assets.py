@@ -219,12 +219,7 @@ def summary_metadata(values: list[int]) -> dict:
 
 def current_output(store: EntityStore, entity_id: str, pipeline: str, data_type: str) -> Entity | None:
     """The unarchived ``data_type`` entity that ``pipeline`` made from ``entity_id`` most recently."""
-    for edge in reversed(store.children(entity_id)):
-        if edge.pipeline == pipeline:
-            child = store.get(edge.child_id)
-            if child.data_type == data_type and not child.archived:
-                return child
-    return None
+    return store.current_outputs(pipeline, data_type, [entity_id]).get(entity_id)
 
 
 def current_masks(store: EntityStore, entity_id: str) -> Entity | None:

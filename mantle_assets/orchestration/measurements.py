@@ -9,6 +9,7 @@ lineage; the science lives in :mod:`mantle_assets.imaging.measurements` and
 
 import base64
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import duckdb
@@ -36,6 +37,8 @@ from mantle_assets.imaging.measurements import default_channel_names, measure_di
 from mantle_assets.imaging.naming import well_of
 from mantle_assets.imaging.plots import dose_response_png, plate_heatmap_png
 from mantle_assets.orchestration.assets import (
+    MASK_DIRECTORY,
+    SEGMENTATION_PIPELINE,
     current_masks,
     current_output,
     image_directory_entity,
@@ -90,13 +93,17 @@ def made_from(measured: Entity, masks: Entity) -> bool:
     )
 
 
-def needs_measuring(store: EntityStore, entity_id: str) -> bool:
-    """Whether an image directory has current masks that no measurement table measured yet."""
-    masks = current_masks(store, entity_id)
-    if masks is None:
-        return False
-    measured = current_output(store, entity_id, MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
-    return measured is None or not made_from(measured, masks)
+def needs_measuring(store: EntityStore, entity_ids: Collection[str]) -> set[str]:
+    """The image directories among ``entity_ids`` with current masks that no measurement table measured yet.
+
+    Two store queries, however many directories.
+    """
+    masks = store.current_outputs(SEGMENTATION_PIPELINE, MASK_DIRECTORY, entity_ids)
+    measured = store.current_outputs(MEASUREMENT_PIPELINE, MEASUREMENT_TABLE, list(masks))
+    return {
+        entity_id for entity_id, current in masks.items()
+        if entity_id not in measured or not made_from(measured[entity_id], current)
+    }
 
 
 def current_measurements_of(store: EntityStore, entity_id: str) -> Entity:

@@ -41,12 +41,16 @@ def new_image_directory_sensor(
     context: SensorEvaluationContext, entity_store: EntityStoreResource
 ) -> SensorResult:
     store = entity_store.store()
-    active = store.list(IMAGE_DIRECTORY)
     partitions = set(context.instance.get_dynamic_partitions(image_directory_partitions.name))
     # The cursor is the newest entity id already handled: ids are zero-padded, so they sort as strings.
     handled_up_to = context.cursor or ""
-    new = [e for e in active if e.entity_id > handled_up_to or e.entity_id not in partitions]
-    retired = sorted(partitions - {e.entity_id for e in active})
+    # Ids only for all of them; properties and lineage only for the new ones.
+    with store.session():
+        active = store.entity_ids(IMAGE_DIRECTORY)
+        new_ids = [entity_id for entity_id in active if entity_id > handled_up_to or entity_id not in partitions]
+        new = store.list(IMAGE_DIRECTORY, entity_ids=new_ids) if new_ids else []
+        children = store.children_of(new_ids) if new_ids else {}
+    retired = sorted(partitions.difference(active))
     requests = []
     if new:
         requests.append(image_directory_partitions.build_add_request([e.entity_id for e in new]))
@@ -65,7 +69,7 @@ def new_image_directory_sensor(
             )
             for e in new
             # Already segmented by hand (e.g. `mantle segment` before the daemon ran): nothing to do.
-            if not any(edge.pipeline == SEGMENTATION_PIPELINE for edge in store.children(e.entity_id))
+            if not any(edge.pipeline == SEGMENTATION_PIPELINE for edge in children.get(e.entity_id, ()))
         ],
         dynamic_partitions_requests=requests,
         cursor=max([handled_up_to, *(e.entity_id for e in new)]),
@@ -144,16 +148,16 @@ def segmented_directory_sensor(
     ).records
     if not records:
         return SensorResult(skip_reason="no new segmentation masks")
-    store = entity_store.store()
     partitions = set(context.instance.get_dynamic_partitions(image_directory_partitions.name))
     latest = {record.partition_key: record for record in records}  # ascending: the newest wins
+    unmeasured = needs_measuring(entity_store.store(), [key for key in latest if key in partitions])
     return SensorResult(
         run_requests=[
             RunRequest(
                 run_key=f"measure-{entity_id}-{record.storage_id}", partition_key=entity_id, tags=automatic_run_tags()
             )
             for entity_id, record in latest.items()
-            if entity_id in partitions and needs_measuring(store, entity_id)
+            if entity_id in unmeasured
         ],
         cursor=str(records[-1].storage_id),
     )
