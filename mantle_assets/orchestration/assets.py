@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from mantle_assets.atomic import output_directory, removed_on_failure
 from mantle_assets.entities import Entity, EntityStore, StoreBusyError, StoreUnusableError
-from mantle_assets.imaging.fields import FieldGrouping, ImageDirectoryError, group_fields
-from mantle_assets.imaging.pipeline import segment_directory
+from mantle_assets.imaging.fields import MASK_SUFFIX, FieldGrouping, ImageDirectoryError, group_fields
+from mantle_assets.imaging.pipeline import DirectorySegmentation, segment_directory
 from mantle_assets.imaging.segmentation import check_channels
 from mantle_assets.models.registry import resolve_model
 from mantle_assets.orchestration.config import SegmentationConfig
@@ -388,7 +388,6 @@ def segment_partition(
             before_writing=lambda: check_run_not_ended(context.instance, run_id),
         )
 
-    preview = base64.b64encode(result.preview_png).decode()
     return {
         "input_entity": source.entity_id,
         "output_entity": output.entity_id,
@@ -401,16 +400,59 @@ def segment_partition(
         "cells_per_field": MetadataValue.json(summary_metadata(cells)),
         "cellpose_model": config.cellpose_model,
         "parameters": MetadataValue.json(properties["extra_parameters"] | config.parameters()),
-        "diameter_px": MetadataValue.float(result.median_diameter()),
+        "diameter_px": MetadataValue.float(round(result.median_diameter(), 1)),
         "diameter_estimated": settings.diameter is None,
         "device": segmenter.device,
-        "seconds_per_field": MetadataValue.float(statistics.mean(seconds)),
+        "seconds_per_field": MetadataValue.float(round(statistics.mean(seconds), 2)),
         "output_path": MetadataValue.path(str(output_dir)),
-        "preview": MetadataValue.md(
-            f"Outlines on field `{result.preview_field}`\n\n"
-            f"![preview](data:image/png;base64,{preview})"
-        ),
+        "preview": contact_sheet_markdown(result),
+        "objects_per_field": objects_per_field_table(result),
     }
+
+
+def contact_sheet_markdown(result: DirectorySegmentation) -> MetadataValue:
+    """The contact sheet as markdown with the PNG inline, for the metadata panel.
+
+    Dagster 1.13 shows a markdown entry in place only when it is under 1,000 characters
+    (``MetadataEntry.tsx``); any picture is longer, so this one opens from "[Show Markdown]".
+    The one place that renders longer markdown in place, the event description on the asset's
+    Events tab, is also the event's log message, which the run page and the console print as
+    text. The webserver serves no file of ours that a short link could point to.
+    """
+    shown, total = len(result.sheet_fields), len(result.fields)
+    which = f"all {total} fields" if shown == total else f"{shown} of {total} fields, evenly spaced in plate order"
+    image = base64.b64encode(result.contact_sheet_png).decode()
+    return MetadataValue.md(
+        f"Outlines on fields {result.sheet_fields[0]} to {result.sheet_fields[-1]} ({which}); "
+        f"each tile: well, field, objects\n\n![preview](data:image/png;base64,{image})"
+    )
+
+
+def objects_per_field_table(result: DirectorySegmentation) -> MetadataValue:
+    """Each field's objects, median object area and mask file (in ``output_path``), in the directory's order."""
+    return MetadataValue.table(
+        records=[
+            TableRecord(
+                {
+                    "field": field.field,
+                    "well": field.well or "",
+                    "objects": field.cells,
+                    "median_area_px": None if field.median_area is None else round(field.median_area, 1),
+                    "mask_file": f"{field.field}{MASK_SUFFIX}",
+                }
+            )
+            for field in result.fields
+        ],
+        schema=TableSchema(
+            columns=[
+                TableColumn("field", "string"),
+                TableColumn("well", "string"),
+                TableColumn("objects", "int"),
+                TableColumn("median_area_px", "float", description="pixels of the median object"),
+                TableColumn("mask_file", "path", description="label image in output_path"),
+            ]
+        ),
+    )
 
 
 def cellpose_version() -> str:

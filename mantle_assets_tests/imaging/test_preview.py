@@ -1,9 +1,25 @@
 import io
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from mantle_assets.imaging.preview import OUTLINE_COLOUR, outline_overlay, png_bytes, to_display
+from mantle_assets.imaging.fields import Field, FieldGrouping
+from mantle_assets.imaging.pipeline import sheet_indices
+from mantle_assets.imaging.preview import (
+    LABEL_COLOUR,
+    LABEL_HEIGHT,
+    OUTLINE_COLOUR,
+    SHEET_BACKGROUND,
+    TILE_GAP,
+    contact_sheet,
+    outline_overlay,
+    outline_thumbnail,
+    png_bytes,
+    spread_indices,
+    to_display,
+)
 
 
 def test_display_scaling_clips_to_percentiles():
@@ -29,3 +45,95 @@ def test_png_is_shrunk_to_the_maximum_size():
     with Image.open(io.BytesIO(data)) as picture:
         assert picture.format == "PNG"
         assert picture.size == (100, 200)
+
+
+def square_field(size=640, side=80, top=160, left=320):
+    """A dark field with one bright square object and its label image."""
+    image = np.zeros((size, size), np.float32)
+    masks = np.zeros((size, size), np.int32)
+    image[top : top + side, left : left + side] = 1.0
+    masks[top : top + side, left : left + side] = 1
+    return image, masks
+
+
+def test_thumbnail_keeps_one_pixel_outlines_at_its_own_scale():
+    image, masks = square_field()  # a 640 px field, 80 px square at (160, 320)
+    tile = outline_thumbnail(image, masks, 160)  # shrunk four times
+    assert tile.shape == (160, 160, 3)
+    coloured = np.all(tile == OUTLINE_COLOUR, axis=-1)
+    # The square is 20 px at the tile's scale, at (40, 80): its perimeter in full, its inside white.
+    assert coloured[40, 80:100].all() and coloured[59, 80:100].all() and coloured[40:60, 80].all()
+    assert coloured.sum() == 4 * 20 - 4
+    assert np.all(tile[50, 90] == 255) and np.all(tile[0, 0] == 0)
+
+
+def test_thumbnail_of_an_elongated_field_bounds_its_longer_side():
+    tile = outline_thumbnail(np.random.default_rng(0).random((30, 1000)), np.zeros((30, 1000), int), 160)
+    assert tile.shape == (5, 143, 3)  # shrunk seven times, both sides rounded up
+
+
+def text_pixels(rgb):
+    """Where anti-aliased label text is drawn: nearer the label colour than the background."""
+    return np.abs(rgb.astype(int) - LABEL_COLOUR).sum(-1) < np.abs(rgb.astype(int) - SHEET_BACKGROUND).sum(-1)
+
+
+def test_contact_sheet_puts_each_tile_in_its_cell_under_its_label():
+    tiles = [np.full((20, 30, 3), value, np.uint8) for value in range(10, 100, 10)]  # 9 tiles
+    sheet = contact_sheet(tiles, [f"A0{i} s1" for i in range(9)], columns=4)
+    cell_height, cell_width = LABEL_HEIGHT + 20 + TILE_GAP, 30 + TILE_GAP
+    assert sheet.shape == (3 * cell_height - TILE_GAP, 4 * cell_width - TILE_GAP, 3)  # 4 + 4 + 1
+    for index, tile in enumerate(tiles):
+        top, left = (index // 4) * cell_height, (index % 4) * cell_width
+        assert np.array_equal(sheet[top + LABEL_HEIGHT : top + cell_height - TILE_GAP, left : left + 30], tile)
+        band = sheet[top : top + LABEL_HEIGHT, left : left + 30]
+        assert text_pixels(band).sum() >= 10  # the label's text is drawn
+    empty = sheet[2 * cell_height :, cell_width:]  # the last row's three unused cells
+    assert np.all(empty == SHEET_BACKGROUND)
+
+
+def test_contact_sheet_labels_are_cut_to_the_tile_width():
+    tile = np.zeros((10, 40, 3), np.uint8)
+    short = contact_sheet([tile], ["A01"])
+    long = contact_sheet([tile], ["A01 a field name far wider than forty pixels"])
+    text_columns = np.flatnonzero(text_pixels(long).any(axis=0))
+    assert text_columns.max() < 40 - 1  # drawn within its tile, ellipsis included
+    assert text_pixels(short).sum() < text_pixels(long).sum()
+
+
+def test_contact_sheet_needs_one_label_per_tile():
+    with pytest.raises(ValueError, match="2 tiles and 1 labels"):
+        contact_sheet([np.zeros((4, 4, 3), np.uint8)] * 2, ["A01"])
+
+
+def test_sixteen_noisy_fields_make_a_png_under_a_megabyte():
+    rng = np.random.default_rng(0)
+    tiles = [outline_thumbnail(rng.random((960, 960)), rng.integers(0, 400, (960, 960)), 160) for _ in range(16)]
+    sheet = contact_sheet(tiles, [f"B{i:02d} r02c{i:02d}f01: 399" for i in range(16)])
+    data = png_bytes(sheet, max(sheet.shape), colours=256)
+    with Image.open(io.BytesIO(data)) as picture:
+        assert (
+            picture.size
+            == (sheet.shape[1], sheet.shape[0])
+            == (4 * 160 + 3 * TILE_GAP, 4 * (LABEL_HEIGHT + 160) + 3 * TILE_GAP)
+        )
+    assert len(data) < 1_000_000  # noise is the worst case for PNG; real fields compress to about a quarter
+
+
+def test_spread_indices_take_first_and_last_and_space_the_rest_evenly():
+    assert spread_indices(5, 16) == [0, 1, 2, 3, 4]
+    picks = spread_indices(96, 16)
+    assert len(picks) == 16 and picks[0] == 0 and picks[-1] == 95
+    assert set(np.diff(picks)) <= {6, 7}
+
+
+def test_sheet_fields_are_spread_over_the_wells_in_plate_order():
+    # Names that sort otherwise than the plate: B01's fields come first by name.
+    wells = {"a": "B01", "b": "A02", "c": "A01"}
+    fields = tuple(
+        Field(f"{prefix}{site:02d}", (Path(f"{prefix}{site:02d}.tif"),), well, f"s{site}")
+        for prefix, well in wells.items()
+        for site in range(10)
+    )
+    grouping = FieldGrouping(Path("plate"), "pattern", fields, ("1",))
+    # 30 fields in plate order A01 (c00-c09), A02 (b00-b09), B01 (a00-a09); positions 0, 10, 19, 29.
+    assert [fields[i].name for i in sheet_indices(grouping, limit=4)] == ["c00", "b00", "b09", "a09"]

@@ -1,13 +1,20 @@
 """The segmentation asset end to end: real entity store, real Dagster instance, real Cellpose."""
 
+import base64
+import io
+import re
+
 import numpy as np
 import pytest
 import tifffile
 from dagster import AssetKey
+from PIL import Image
+from skimage.segmentation import find_boundaries
 
 from mantle_assets.cli import root_cause
 from mantle_assets.definitions import defs
 from mantle_assets.entities import EntityStore
+from mantle_assets.imaging.preview import LABEL_HEIGHT, TILE_GAP
 from mantle_assets.imaging.segmentation import SegmentationSettings
 from mantle_assets.models.registry import resolve_model
 from mantle_assets.orchestration.assets import current_masks
@@ -24,6 +31,13 @@ def registered(bbbc014_crops, instance):
     entity = register_image_directory(EntityStore(), bbbc014_crops, "crops")
     instance.add_dynamic_partitions(image_directory_partitions.name, [entity.entity_id])
     return entity
+
+
+def contact_sheet_of(markdown: str) -> np.ndarray:
+    """The PNG a markdown entry shows, decoded."""
+    encoded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", markdown).group(1)
+    with Image.open(io.BytesIO(base64.b64decode(encoded))) as picture:
+        return np.asarray(picture.convert("RGB"))
 
 
 def run_segmentation(instance, entity_id, **config):
@@ -79,6 +93,25 @@ def test_materialisation_records_masks_entity_and_lineage(registered, instance, 
     assert (lineage_row.data["relation"], lineage_row.data["entity"]) == ("parent", registered.entity_id)
     assert metadata["cells_per_field"].value == {
         "min": min(counts.values()), "median": float(np.median(list(counts.values()))), "max": max(counts.values())}
+
+    # The counts per field, each with its well, median object area and mask file, as in the masks entity.
+    rows = [record.data for record in metadata["objects_per_field"].value.records]
+    assert [(r["field"], r["well"], r["mask_file"]) for r in rows] == [
+        ("01-A-01", "A01", "01-A-01_cp_masks.tif"), ("12-A-12", "A12", "12-A-12_cp_masks.tif")]
+    assert {r["field"]: r["objects"] for r in rows} == props["cells_per_field"]
+    for row, path in zip(rows, masks, strict=True):
+        areas = np.bincount(tifffile.imread(path).ravel())[1:]
+        assert row["median_area_px"] == round(float(np.median(areas)), 1)
+    assert metadata["output_path"].value == str(mantle_home / "masks" / registered.entity_id / result.run_id)
+    assert metadata["diameter_px"].value == round(metadata["diameter_px"].value, 1)
+
+    # The contact sheet: both fields, side by side under their labels, outlined where the masks' objects end.
+    sheet = contact_sheet_of(metadata["preview"].value)
+    assert sheet.shape == (LABEL_HEIGHT + 160, 2 * 160 + TILE_GAP, 3)  # 160 px crops are shown unshrunk
+    for column, path in enumerate(masks):
+        tile = sheet[LABEL_HEIGHT:, column * (160 + TILE_GAP) :][:, :160].astype(int)
+        outlined = (tile[..., 0] - tile[..., 1]) > 100
+        assert np.array_equal(outlined, find_boundaries(tifffile.imread(path), mode="inner"))
 
 
 def test_rematerialising_versions_the_output_without_duplicates(registered, instance, bundled_model_name, mantle_home):
