@@ -163,6 +163,6 @@ def sheet_indices(grouping: FieldGrouping, limit: int = SHEET_FIELDS) -> list[in
 
 
 def tile_label(outcome: FieldOutcome) -> str:
-    """E.g. ``A01 01-A-01: 45``: well (where the names give one), field and object count."""
-    where = f"{outcome.well} {outcome.field}" if outcome.well else outcome.field
+    """E.g. ``A01 · 01-A-01: 45``: well (where the names give one), field and object count."""
+    where = f"{outcome.well} · {outcome.field}" if outcome.well else outcome.field
     return f"{where}: {outcome.cells}"
