@@ -104,6 +104,59 @@ _SCHEMA_STATEMENTS: tuple[str, ...] = (
     """,
 )
 
+# Created with the first readout, like cell_measurements with the first measurements, so that stores
+# of schema version 1 gain them without a migration.
+_READOUT_WELL_COLUMNS = (
+    "well", "treatment", "dose", "control", "n_cells", "median", "too_few_cells", "low_count_vs_plate", "used"
+)
+_READOUT_STATEMENTS: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS assay_readouts (
+        entity_id VARCHAR NOT NULL,        -- the assay_readout entity
+        run_id VARCHAR NOT NULL,
+        image_directory VARCHAR NOT NULL,  -- the plate's image_directory entity
+        readout VARCHAR NOT NULL,          -- the per-object column summarised, e.g. NFkB_ratio
+        n_cells BIGINT NOT NULL,
+        z_prime DOUBLE,                    -- NULL when not computed (see the entity's notes)
+        ec50 DOUBLE,                       -- NULL without a 4PL fit
+        ec50_ci95_low DOUBLE,
+        ec50_ci95_high DOUBLE,
+        hill DOUBLE,
+        bottom DOUBLE,
+        top DOUBLE,
+        r_squared DOUBLE,
+        recorded_at TIMESTAMP NOT NULL,    -- UTC
+        PRIMARY KEY (entity_id, run_id)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS readout_wells (
+        entity_id VARCHAR NOT NULL,
+        run_id VARCHAR NOT NULL,
+        image_directory VARCHAR NOT NULL,
+        well VARCHAR NOT NULL,
+        treatment VARCHAR,
+        dose DOUBLE,                       -- NULL for wells the plate layout does not list
+        control INTEGER,                   -- -1 negative, 0 dose point, 1 positive control
+        n_cells BIGINT NOT NULL,
+        median DOUBLE,                     -- median readout of the well's objects
+        too_few_cells BOOLEAN NOT NULL,
+        low_count_vs_plate BOOLEAN NOT NULL,
+        used BOOLEAN NOT NULL,             -- counted towards Z' and the fit
+        PRIMARY KEY (entity_id, run_id, well)
+    )
+    """,
+    """
+    CREATE VIEW IF NOT EXISTS current_assay_readouts AS
+    SELECT a.* FROM assay_readouts a JOIN entity_records e ON e.entity_id = a.entity_id AND NOT e.archived
+    QUALIFY row_number() OVER (PARTITION BY a.image_directory ORDER BY a.recorded_at DESC, a.run_id DESC) = 1
+    """,
+    """
+    CREATE VIEW IF NOT EXISTS current_readout_wells AS
+    SELECT w.* FROM readout_wells w JOIN current_assay_readouts c ON c.entity_id = w.entity_id AND c.run_id = w.run_id
+    """,
+)
+
 _ENTITY_COLUMNS = "entity_id, data_type, name, properties, version, archived, created_at, updated_at"
 _EDGE_COLUMNS = "parent_id, child_id, pipeline, run_id, parameters, created_at"
 
@@ -1184,6 +1237,7 @@ class EntityStore:
         run_id: str,
         parameters: Mapping,
         measurements: Any = None,
+        readout: Mapping | None = None,
         before_writing: Callable[[], None] | None = None,
     ) -> Entity:
         """Record what a pipeline run made from some parent entities, in one transaction.
@@ -1216,6 +1270,14 @@ class EntityStore:
             ``well`` and numeric measurements), stored in the same transaction
             in the ``cell_measurements`` table, one row per (output, field,
             label, measurement), replacing the output's earlier rows.
+        readout : Mapping, optional
+            A plate readout of the output: ``image_directory`` (the plate's
+            entity id) and what :meth:`~mantle_assets.imaging.assay.PlateReadout.to_json`
+            gives (``readout``, ``n_cells``, ``z_prime``, ``fit``, ``wells``).
+            Stored in the same transaction as one ``assay_readouts`` row and
+            one ``readout_wells`` row per well, keyed by output and ``run_id``:
+            a retried run replaces its own rows, older runs' rows stay (see
+            :meth:`_record_readout`).
         before_writing : callable, optional
             Called with no argument inside the transaction, under the store's
             lock, before anything is written; an exception from it ends the
@@ -1275,6 +1337,8 @@ class EntityStore:
                 )
             if measurements is not None:
                 self._replace_measurements(connection, child.entity_id, measurements)
+            if readout is not None:
+                self._record_readout(connection, child.entity_id, run_id, readout)
             return child
 
     @staticmethod
@@ -1302,6 +1366,41 @@ class EntityStore:
             "INSERT INTO cell_measurements SELECT ?, field, label, well, measurement, value FROM new_measurements "
             f"UNPIVOT INCLUDE NULLS (value FOR measurement IN ({', '.join(_quoted(column) for column in values)}))",
             [entity_id],
+        )
+
+    @staticmethod
+    def _record_readout(connection: duckdb.DuckDBPyConnection, entity_id: str, run_id: str, readout: Mapping) -> None:
+        """Write a run's plate readout as rows of ``assay_readouts`` and ``readout_wells``.
+
+        EC50 and Z' are columns of a table written with the run rather than a
+        view over the entity's properties: the properties hold only the
+        latest run's values, while rows keyed by (entity, run) keep every
+        run's, so a plate's Z' across reruns and the wells behind each value
+        are plain queries. Both are written in the transaction that records
+        the entity, so a run that fails records neither. The views
+        ``current_assay_readouts`` and ``current_readout_wells`` keep, per
+        image directory, the latest run of its unarchived readouts.
+        """
+        for statement in _READOUT_STATEMENTS:
+            connection.execute(statement)
+        for table in ("assay_readouts", "readout_wells"):
+            connection.execute(f"DELETE FROM {table} WHERE entity_id = ? AND run_id = ?", [entity_id, run_id])
+        fit = readout.get("fit") or {}
+        low, high = fit.get("ec50_ci95") or (None, None)
+        connection.execute(
+            "INSERT INTO assay_readouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [entity_id, run_id, readout["image_directory"], readout["readout"], readout["n_cells"],
+             readout.get("z_prime"), fit.get("ec50"), low, high, fit.get("hill"), fit.get("bottom"), fit.get("top"),
+             fit.get("r_squared"), _utc_now()],
+        )
+        wells = readout["wells"]
+        if not wells:
+            return
+        # One statement for all wells: unnested parallel lists, in the table's column order.
+        columns = [[well.get(column) for well in wells] for column in _READOUT_WELL_COLUMNS]
+        connection.execute(
+            f"INSERT INTO readout_wells SELECT ?, ?, ?, {', '.join('unnest(?)' for _ in columns)}",
+            [entity_id, run_id, readout["image_directory"], *columns],
         )
 
     def parents(self, entity_id: str) -> list[LineageEdge]:

@@ -68,3 +68,68 @@ def test_bad_measurements_record_nothing(store_and_parent):
         record(store, parent, folder, objects().drop(columns="well"))
     assert [e.entity_id for e in store.list()] == [parent.entity_id]
     assert store.children(parent.entity_id) == []
+
+
+def plate_readout_json(z_prime, medians):
+    """A readout as PlateReadout.to_json gives it, for wells A01 (negative control) and A02 (positive)."""
+    return {
+        "image_directory": "E000001",
+        "readout": "NFkB_ratio",
+        "n_cells": 120,
+        "z_prime": z_prime,
+        "fit": None,
+        "wells": [
+            {"well": well, "n_cells": 60, "median": median, "too_few_cells": False, "low_count_vs_plate": False,
+             "used": median is not None, "treatment": "", "dose": dose, "control": control}
+            for well, median, dose, control in zip(("A01", "A02"), medians, (0.0, 10.0), (-1.0, 1.0), strict=True)
+        ],
+    }
+
+
+def record_readout(store, parent, folder, readout, run_id):
+    return store.record_output(
+        "annotated_image_directory", "read out", {"annotated_directory": folder}, parents=[parent.entity_id],
+        pipeline="assay-readout", run_id=run_id, parameters={}, readout=readout,
+    )
+
+
+def query(store, sql):
+    with duckdb.connect(str(store.database), read_only=True) as connection:
+        return connection.execute(sql).fetchall()
+
+
+def test_readout_rows_are_kept_per_run_and_the_views_show_the_latest(store_and_parent):
+    store, parent, folder = store_and_parent
+    fit = {"bottom": 1.0, "top": 5.0, "ec50": 2.0, "hill": 1.5, "ec50_ci95": [1.0, 4.0], "r_squared": 0.9,
+           "n_points": 7}
+    first = record_readout(store, parent, folder, plate_readout_json(0.25, (1.0, 4.0)) | {"fit": fit}, "run-1")
+    record_readout(store, parent, folder, plate_readout_json(0.5, (1.5, None)), "run-2")
+    record_readout(store, parent, folder, plate_readout_json(0.75, (1.25, 5.0)), "run-2")  # a retry of run-2
+
+    assert query(store, "SELECT entity_id, run_id, image_directory, readout, n_cells, z_prime, ec50 "
+                        "FROM assay_readouts ORDER BY run_id") == [
+        (first.entity_id, "run-1", "E000001", "NFkB_ratio", 120, 0.25, 2.0),
+        (first.entity_id, "run-2", "E000001", "NFkB_ratio", 120, 0.75, None)]
+    assert query(store, "SELECT ec50, ec50_ci95_low, ec50_ci95_high, hill, bottom, top, r_squared FROM assay_readouts "
+                        "WHERE run_id = 'run-1'") == [(2.0, 1.0, 4.0, 1.5, 1.0, 5.0, 0.9)]
+    assert query(store, "SELECT run_id, well, dose, control, median, used FROM readout_wells ORDER BY run_id, well") == [
+        ("run-1", "A01", 0.0, -1, 1.0, True), ("run-1", "A02", 10.0, 1, 4.0, True),
+        ("run-2", "A01", 0.0, -1, 1.25, True), ("run-2", "A02", 10.0, 1, 5.0, True)]
+    assert query(store, "SELECT run_id, z_prime FROM current_assay_readouts") == [("run-2", 0.75)]
+    assert query(store, "SELECT well, median FROM current_readout_wells ORDER BY well") == [
+        ("A01", 1.25), ("A02", 5.0)]
+
+    store.archive(first.entity_id)
+    assert query(store, "SELECT count(*) FROM current_readout_wells") == [(0,)]
+
+
+def test_a_readout_that_cannot_be_recorded_writes_no_rows(store_and_parent):
+    store, parent, folder = store_and_parent
+    record_readout(store, parent, folder, plate_readout_json(0.25, (1.0, 4.0)), "run-1")
+    # Fails after run-2's lineage edge is written, inside the same transaction.
+    without_plate = {k: v for k, v in plate_readout_json(0.5, (1.0, 4.0)).items() if k != "image_directory"}
+    with pytest.raises(KeyError, match="image_directory"):
+        record_readout(store, parent, folder, without_plate, "run-2")
+    assert query(store, "SELECT run_id FROM assay_readouts") == [("run-1",)]
+    assert query(store, "SELECT DISTINCT run_id FROM readout_wells") == [("run-1",)]
+    assert [edge.run_id for edge in store.children(parent.entity_id)] == ["run-1"]
