@@ -11,7 +11,7 @@ from mantle_assets.orchestration.jobs import (
 )
 from mantle_assets.orchestration.measurements import assay_readout, cell_measurements, measurement_checks
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource, InboxResource
-from mantle_assets.orchestration.schedules import stale_segmentation_schedule
+from mantle_assets.orchestration.schedules import image_directory_observation_schedule, stale_segmentation_schedule
 from mantle_assets.orchestration.sensors import (
     inbox_sensor,
     new_image_directory_sensor,
@@ -24,7 +24,7 @@ defs = Definitions(
     asset_checks=measurement_checks,
     jobs=[segmentation_job, training_job, observe_image_directories_job, measurement_job],
     sensors=[new_image_directory_sensor, inbox_sensor, segmented_directory_sensor],
-    schedules=[stale_segmentation_schedule],
+    schedules=[stale_segmentation_schedule, image_directory_observation_schedule],
     resources={
         "entity_store": EntityStoreResource(),
         "cellpose": CellposeResource(),

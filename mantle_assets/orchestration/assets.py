@@ -57,9 +57,18 @@ GPU_OP_TAGS = {
 }
 
 
+# The data version of an image_directory partition whose directory could not be read.
+MISSING_IMAGES = "missing"
+
+
 def image_directory_version(directory: str) -> DataVersion:
     file_count, fingerprint = directory_fingerprint(directory)
     return DataVersion(f"{file_count} files, sha256 {fingerprint[:16]}")
+
+
+def version_has_fingerprint(version: str, fingerprint: str | None) -> bool:
+    """Whether an image_directory data version (see :func:`image_directory_version`) records this fingerprint."""
+    return fingerprint is not None and version.endswith(f"sha256 {fingerprint[:16]}")
 
 
 @observable_source_asset(
@@ -76,7 +85,7 @@ def image_directory(entity_store: EntityStoreResource) -> DataVersionsByPartitio
         try:
             versions[entity.entity_id] = image_directory_version(entity.properties["image_directory"])
         except (OSError, ImageDirectoryError):
-            versions[entity.entity_id] = DataVersion("missing")
+            versions[entity.entity_id] = DataVersion(MISSING_IMAGES)
     return DataVersionsByPartition(versions)
 
 

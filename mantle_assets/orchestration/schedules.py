@@ -1,10 +1,18 @@
-"""The nightly backfill: segment every partition whose masks are missing, failed or stale."""
+"""The nightly backfill: segment every partition whose masks are missing, failed or stale.
+
+An hour before it, the image directories are observed (fingerprinted) in a run of their own, so that the
+backfill's tick reads recorded data versions instead of listing every plate.
+"""
 
 import itertools
 import math
+from collections.abc import Callable
 
 from dagster import (
     AssetPartitionStatus,
+    AssetRecordsFilter,
+    DagsterEventType,
+    DagsterInstance,
     DefaultScheduleStatus,
     RunRequest,
     ScheduleEvaluationContext,
@@ -12,13 +20,20 @@ from dagster import (
 )
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from mantle_assets.entities import Entity, EntityStore
+from mantle_assets.entities import Entity
 from mantle_assets.imaging.fields import ImageDirectoryError
 from mantle_assets.models.registry import ModelResolutionError, resolve_model
-from mantle_assets.orchestration.assets import current_masks, segmentation_masks
+from mantle_assets.orchestration.assets import (
+    MASK_DIRECTORY,
+    MISSING_IMAGES,
+    SEGMENTATION_PIPELINE,
+    image_directory,
+    segmentation_masks,
+    version_has_fingerprint,
+)
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.instance import automatic_run_tags
-from mantle_assets.orchestration.jobs import segmentation_job
+from mantle_assets.orchestration.jobs import observe_image_directories_job, segmentation_job
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.orchestration.sensors import default_segmentation_config, segmentation_run_config
@@ -37,17 +52,73 @@ def recorded_parameters(masks: Entity) -> dict:
             for name in RESULT_PARAMETERS}
 
 
+def observed_images(instance: DagsterInstance) -> dict[str, tuple[str, float]]:
+    """Each image_directory partition's last observed data version and when it was observed (POSIX time).
+
+    Two queries of the event log, whatever its length: the latest observation's
+    id per partition, then those observations.
+    """
+    latest = instance.get_latest_storage_id_by_partition(image_directory.key, DagsterEventType.ASSET_OBSERVATION)
+    if not latest:
+        return {}
+    records = instance.fetch_observations(
+        AssetRecordsFilter(asset_key=image_directory.key, storage_ids=list(latest.values())), limit=len(latest)
+    ).records
+    return {record.partition_key: (record.asset_observation.data_version, record.timestamp) for record in records}
+
+
+def images_check(
+    entity: Entity, masks: Entity | None, observation: tuple[str, float] | None
+) -> Callable[[str | None], bool | None] | None:
+    """How the tick tells whether a directory still holds the images some masks were made from.
+
+    The observation (see :func:`observed_images`) answers when it is newer
+    than the entity's last change and its masks: fingerprinting every plate
+    is the observation job's work, not the tick's. Otherwise (a plate
+    registered, changed or segmented since) the directory is looked at now.
+
+    Returns
+    -------
+    callable or None
+        None when the directory is gone (nothing to segment); else a check
+        taking the masks' ``source_fingerprint`` and answering whether the
+        images are unchanged, or None when they cannot be read now.
+    """
+    changed_at = max(entity.updated_at, masks.updated_at) if masks is not None else entity.updated_at
+    if observation is not None and observation[1] >= changed_at.timestamp():
+        version = observation[0]
+        if version == MISSING_IMAGES:
+            return None
+        return lambda fingerprint: version_has_fingerprint(version, fingerprint)
+    directory = entity.properties["image_directory"]
+    if not is_directory(directory):
+        return None
+
+    def fingerprint_now(fingerprint: str | None) -> bool | None:
+        try:
+            return directory_fingerprint(directory)[1] == fingerprint
+        except ImageDirectoryError:
+            return None
+
+    return fingerprint_now
+
+
 def stale_reason(
-    store: EntityStore, entity: Entity, failed: bool, model_hashes: dict[str, str | None]
+    entity: Entity,
+    masks: Entity | None,
+    failed: bool,
+    images_unchanged: Callable[[str | None], bool | None],
+    model_hashes: dict[str, str | None],
 ) -> str | None:
     """Why a partition needs segmenting again, or None when its masks are current.
 
-    Compares what the masks entity recorded (parameters, the directory's
-    fingerprint, the weights' hash) with what a run would use now; ``failed``:
-    Dagster's status of the partition is failed (its last attempt failed).
+    Compares what the masks entity (the partition's current masks, None when
+    it has none) recorded (parameters, the directory's fingerprint, the
+    weights' hash) with what a run would use now; ``failed``: Dagster's status
+    of the partition is failed (its last attempt failed); ``images_unchanged``:
+    see :func:`images_check`.
     """
     config: SegmentationConfig = default_segmentation_config(entity)
-    masks = current_masks(store, entity.entity_id)
     if masks is None:
         return "no masks"
     if failed:
@@ -55,11 +126,10 @@ def stale_reason(
     wanted = config.model_dump()
     if recorded_parameters(masks) != {name: wanted[name] for name in RESULT_PARAMETERS}:
         return "parameters changed"
-    try:
-        _, fingerprint = directory_fingerprint(entity.properties["image_directory"])
-    except ImageDirectoryError:
+    unchanged = images_unchanged(masks.properties.get("source_fingerprint"))
+    if unchanged is None:
         return None  # a vanished directory cannot be segmented; the run would only fail
-    if fingerprint != masks.properties.get("source_fingerprint"):
+    if not unchanged:
         return "images changed"
     if config.cellpose_model not in model_hashes:
         try:
@@ -146,15 +216,22 @@ def stale_segmentation_schedule(context: ScheduleEvaluationContext, entity_store
     status = context.instance.get_status_by_partition(
         segmentation_masks.key, partition_keys, image_directory_partitions
     ) or {}
+    observed = observed_images(context.instance)
     model_hashes: dict[str, str | None] = {}
     night = context.scheduled_execution_time.strftime("%Y%m%d") if context.scheduled_execution_time else "now"
-    entities = {entity.entity_id: entity for entity in store.list(IMAGE_DIRECTORY)}
+    with store.session():
+        entities = {entity.entity_id: entity for entity in store.list(IMAGE_DIRECTORY)}
+        masks = store.current_outputs(SEGMENTATION_PIPELINE, MASK_DIRECTORY)
     stale = {}
     for key in partition_keys:
         entity = entities.get(key)
-        if entity is None or not is_directory(entity.properties["image_directory"]):
+        if entity is None:
             continue
-        reason = stale_reason(store, entity, status.get(key) == AssetPartitionStatus.FAILED, model_hashes)
+        images_unchanged = images_check(entity, masks.get(key), observed.get(key))
+        if images_unchanged is None:
+            continue
+        failed = status.get(key) == AssetPartitionStatus.FAILED
+        reason = stale_reason(entity, masks.get(key), failed, images_unchanged, model_hashes)
         if reason is not None:
             stale[key] = reason
     # Few stale plates are spread over the GPUs rather than queued behind one of them.
@@ -163,3 +240,15 @@ def stale_segmentation_schedule(context: ScheduleEvaluationContext, entity_store
         batch_run_request(keys, reason, entities[keys[0]], night)
         for keys, reason in batches(stale, partition_keys, size)
     ]
+
+
+@schedule(
+    job=observe_image_directories_job,
+    cron_schedule="0 1 * * *",
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Nightly, an hour before the stale-segmentation backfill: records each image directory's file "
+    "count and fingerprint (its data version), which the backfill's tick compares with its masks'.",
+)
+def image_directory_observation_schedule(context: ScheduleEvaluationContext) -> RunRequest:
+    night = context.scheduled_execution_time.strftime("%Y%m%d") if context.scheduled_execution_time else "now"
+    return RunRequest(run_key=f"observe-image-directories-{night}", tags=automatic_run_tags())

@@ -503,3 +503,105 @@ def test_store_busy_error_when_our_lock_is_held(database, images):
         with pytest.raises(StoreBusyError) as error:
             EntityStore(database, lock_timeout=0.2).list()
     assert str(database) in str(error.value) and "\n" not in str(error.value)
+
+
+# -- set-based queries and sessions ------------------------------------------------
+
+
+def _record(store: EntityStore, parents: list[str], pipeline: str, run_id: str, folder: Path, name: str = "masks"):
+    return store.record_output(
+        "segmentation_mask_directory",
+        name,
+        _mask_properties(folder, parents[0], run_id=run_id),
+        parents=parents,
+        pipeline=pipeline,
+        run_id=run_id,
+        parameters={},
+    )
+
+
+def test_register_many_registers_what_register_would(store, images):
+    made = store.register_many("image_directory", [(f"plate {i}", {"image_directory": images}) for i in range(3)])
+    assert [e.entity_id for e in made] == ["E000001", "E000002", "E000003"]
+    assert [e.name for e in made] == ["plate 0", "plate 1", "plate 2"]
+    assert made == store.list("image_directory")
+    one = store.register("image_directory", "plate 3", {"image_directory": images})
+    assert one.entity_id == "E000004"
+    assert [(c.property, c.old_value) for c in store.history(made[1].entity_id)] == [("image_directory", None)]
+    assert [(c.property, c.new_value) for c in store.history(made[1].entity_id)] == [
+        (c.property, c.new_value) for c in store.history(one.entity_id)]
+
+
+def test_register_many_writes_nothing_when_one_is_invalid(store, database, images):
+    store.register("image_directory", "first", {"image_directory": images})
+    with pytest.raises(PropertyValidationError):
+        store.register_many("image_directory", [("good", {"image_directory": images}), ("bad", {"nonsense": 1})])
+    assert _row_counts(database) == {"entity_records": 1, "property_history": 1, "lineage_edges": 0}
+
+
+def test_list_and_entity_ids_select_some_entities(store, images):
+    a, b, c = store.register_many("image_directory", [(name, {"image_directory": images}) for name in "abc"])
+    store.archive(b.entity_id)
+    assert store.entity_ids("image_directory") == [a.entity_id, c.entity_id]
+    assert store.entity_ids(include_archived=True) == [a.entity_id, b.entity_id, c.entity_id]
+    assert [e.entity_id for e in store.list(entity_ids=[c.entity_id, "E999999", a.entity_id])] == [
+        a.entity_id, c.entity_id]
+    assert store.list(entity_ids=[]) == []
+
+
+def test_children_of_many_entities_matches_children_of_each(store, images, tmp_path):
+    a, b, c = store.register_many("image_directory", [(name, {"image_directory": images}) for name in "abc"])
+    _record(store, [a.entity_id], "segment", "run-1", tmp_path / "m1")
+    _record(store, [a.entity_id, b.entity_id], "segment", "run-2", tmp_path / "m2")
+    children = store.children_of([a.entity_id, b.entity_id, c.entity_id])
+    assert children == {a.entity_id: store.children(a.entity_id), b.entity_id: store.children(b.entity_id)}
+    assert [e.run_id for e in children[a.entity_id]] == ["run-1", "run-2"]
+
+
+def test_current_outputs_are_the_newest_unarchived_output_of_each_parent(store, images, tmp_path):
+    a, b, c = store.register_many("image_directory", [(name, {"image_directory": images}) for name in "abc"])
+    _record(store, [a.entity_id], "segment", "run-1", tmp_path / "a1", "a masks")
+    newer_a = _record(store, [a.entity_id], "segment", "run-2", tmp_path / "a2", "a masks again")
+    old_b = _record(store, [b.entity_id], "segment", "run-3", tmp_path / "b1", "b masks")
+    archived_b = _record(store, [b.entity_id], "segment", "run-4", tmp_path / "b2", "b masks again")
+    store.archive(archived_b.entity_id)
+    _record(store, [c.entity_id], "another pipeline", "run-5", tmp_path / "c1")
+    current = store.current_outputs("segment", "segmentation_mask_directory")
+    assert current == {a.entity_id: newer_a, b.entity_id: old_b}
+    assert store.current_outputs("segment", "segmentation_mask_directory", [b.entity_id, c.entity_id]) == {
+        b.entity_id: old_b}
+    assert store.current_outputs("segment", "image_directory") == {}
+
+
+def test_ancestors_and_descendants_follow_lineage_transitively(store, images, tmp_path):
+    a, b = store.register_many("image_directory", [(name, {"image_directory": images}) for name in "ab"])
+    m = _record(store, [a.entity_id], "segment", "run-1", tmp_path / "m", "m")
+    n = _record(store, [m.entity_id, b.entity_id], "refine", "run-2", tmp_path / "n", "n")
+    edges = lambda found: sorted((e.parent_id, e.child_id, e.pipeline) for e in found)  # noqa: E731
+    assert edges(store.ancestors(n.entity_id)) == sorted(
+        [(a.entity_id, m.entity_id, "segment"), (m.entity_id, n.entity_id, "refine"),
+         (b.entity_id, n.entity_id, "refine")])
+    assert edges(store.descendants(a.entity_id)) == [
+        (a.entity_id, m.entity_id, "segment"), (m.entity_id, n.entity_id, "refine")]
+    assert edges(store.descendants(b.entity_id)) == [(b.entity_id, n.entity_id, "refine")]
+    assert store.ancestors(a.entity_id) == [] and store.descendants(n.entity_id) == []
+    with pytest.raises(EntityNotFoundError):
+        store.ancestors("E999999")
+
+
+def test_a_session_opens_the_file_once_and_survives_a_failed_operation(store, images, monkeypatch):
+    opened = []
+    real_connect = duckdb.connect
+    monkeypatch.setattr(duckdb, "connect", lambda *args, **kwargs: opened.append(args) or real_connect(*args, **kwargs))
+    plate = store.register("image_directory", "plate", {"image_directory": images})
+    assert len(opened) == 1
+    with store.session():
+        with pytest.raises(EntityNotFoundError):
+            store.update("E999999", {"experiment_name": "x"})
+        store.update(plate.entity_id, {"experiment_name": "x"})
+        with store.session():
+            assert store.get(plate.entity_id).version == 2
+        assert store.history(plate.entity_id)[-1].new_value == "x"
+    assert len(opened) == 2
+    # The lock is released with the session: another store of the same file goes on at once.
+    assert EntityStore(store.database, lock_timeout=0.1).get(plate.entity_id).version == 2
