@@ -19,8 +19,9 @@ Decisions worth knowing
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from os import PathLike
 
@@ -37,6 +38,7 @@ __all__ = [
     "normalise_well",
     "plate_readout",
     "read_plate_layout",
+    "significant",
     "well_summary",
     "z_prime",
 ]
@@ -463,24 +465,67 @@ class PlateReadout:
         """Number of objects on the plate."""
         return int(self.wells["n_cells"].sum())
 
-    def to_json(self) -> dict:
-        """The readout as JSON-ready values (NaN as None): ``z_prime``, ``ec50``, ``n_cells``, ``wells``, ..."""
+    def to_json(self, *, digits: int | None = None) -> dict:
+        """The readout as JSON-ready values (NaN as None): ``z_prime``, ``ec50``, ``n_cells``, ``wells``, ...
+
+        Parameters
+        ----------
+        digits : int, optional
+            Round for people to read: Z', R² and values of the readout's scale
+            (medians, means, ``bottom``, ``top``) to ``digits`` decimals; EC50,
+            its interval, the Hill slope, doses and SDs, whose scale varies, to
+            ``digits`` significant digits. ``None`` keeps full precision.
+
+        Examples
+        --------
+        >>> wells = pd.DataFrame({"well": ["A01"], "n_cells": [60], "median": [0.7400115424414998]})
+        >>> readout = PlateReadout("ratio", wells, pd.DataFrame(), 0.7400115424414998, None, {})
+        >>> rounded = readout.to_json(digits=3)
+        >>> rounded["z_prime"], rounded["wells"][0]["median"], readout.to_json()["z_prime"]
+        (0.74, 0.74, 0.7400115424414998)
+        """
         fit = self.fit
+        decimals, figures = _rounders(digits)
         return {
             "readout": self.value_column,
-            "z_prime": self.z_prime,
-            "ec50": None if fit is None else fit.ec50,
-            "ec50_ci95": None if fit is None else list(fit.ec50_ci95),
+            "z_prime": decimals(self.z_prime),
+            "ec50": None if fit is None else figures(fit.ec50),
+            "ec50_ci95": None if fit is None else [figures(bound) for bound in fit.ec50_ci95],
             "fit": None if fit is None else {
-                "bottom": fit.bottom, "top": fit.top, "ec50": fit.ec50, "hill": fit.hill,
-                "ec50_ci95": list(fit.ec50_ci95), "r_squared": _finite_or_none(fit.r_squared),
-                "n_points": fit.n_points,
+                "bottom": decimals(fit.bottom), "top": decimals(fit.top), "ec50": figures(fit.ec50),
+                "hill": figures(fit.hill), "ec50_ci95": [figures(bound) for bound in fit.ec50_ci95],
+                "r_squared": decimals(_finite_or_none(fit.r_squared)), "n_points": fit.n_points,
             },
             "n_cells": self.n_cells,
-            "wells": json_records(self.wells),
-            "doses": json_records(self.doses),
+            "wells": _rounded(json_records(self.wells), {"median": decimals, "dose": figures}),
+            "doses": _rounded(json_records(self.doses), {"dose": figures, "mean": decimals, "sd": figures}),
             "notes": dict(self.notes),
         }
+
+
+def significant(value: float | None, digits: int = 3) -> float | None:
+    """``value`` rounded to ``digits`` significant digits; None, 0 and non-finite values unchanged.
+
+    Examples
+    --------
+    >>> significant(0.0012345), significant(123456.0), significant(-2.71828, 2), significant(None)
+    (0.00123, 123000.0, -2.7, None)
+    """
+    if value is None or value == 0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - math.floor(math.log10(abs(value))))
+
+
+def _rounders(digits: int | None) -> tuple[Callable, Callable]:
+    """Rounding to ``digits`` decimals and to ``digits`` significant digits, or two identities."""
+    if digits is None:
+        return (lambda value: value), (lambda value: value)
+    return (lambda value: None if value is None else round(value, digits)), (lambda value: significant(value, digits))
+
+
+def _rounded(records: list[dict], rounders: dict[str, Callable]) -> list[dict]:
+    return [{key: rounders[key](value) if key in rounders else value for key, value in record.items()}
+            for record in records]
 
 
 def _finite_or_none(value) -> float | None:
