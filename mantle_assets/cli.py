@@ -326,37 +326,17 @@ def defaults(entity_id: str | None, experiment_name: str | None, **parameters) -
 
     Automatic runs (the new-image-directory sensor, the nightly backfill) use them.
     """
-    from mantle_assets.imaging.segmentation import check_channels
-    from mantle_assets.orchestration.config import SegmentationConfig, channel_numbers, coerce_segmentation_parameters
+    from mantle_assets.orchestration.registration_jobs import update_segmentation_defaults
 
-    store = _store()
     if (entity_id is None) == (experiment_name is None):
         raise MantleCommandError("give either ENTITY_ID or --experiment NAME")
-    targets = [store.get(entity_id)] if entity_id else [
-        e for e in store.list("image_directory") if e.properties.get("experiment_name") == experiment_name
-    ]
-    if not targets:
-        raise MantleCommandError(f"no image directories in experiment {experiment_name!r}")
     try:
-        given = coerce_segmentation_parameters({k: v for k, v in parameters.items() if v is not None})
+        updated = update_segmentation_defaults(
+            _store(), parameters, entity_id=entity_id, experiment_name=experiment_name
+        )
     except ValueError as error:
-        raise MantleCommandError(str(error)) from None
-    checked = []
-    for entity in targets:
-        try:
-            # Channel names are resolved per entity: DNA may be channel 2 of one plate and 1 of another.
-            merged = {**(entity.properties.get("segmentation_defaults") or {}), **channel_numbers(entity, given)}
-            config = SegmentationConfig(**merged)
-            config.settings()
-            resolved = config.resolve()
-            n_channels = (entity.properties.get("field_grouping") or {}).get("n_channels")
-            check_channels(resolved.nuclei_channel, resolved.cytoplasm_channel, n_channels)
-        except ValueError as error:
-            raise MantleCommandError(f"{entity.entity_id}: {str(error).splitlines()[0]}") from None
-        checked.append((entity, merged, resolved))
-    # Every entity is checked before any is changed: a refusal leaves the experiment as it was.
-    for entity, merged, resolved in checked:
-        store.update(entity.entity_id, {"segmentation_defaults": merged})
+        raise MantleCommandError(str(error).splitlines()[0]) from None
+    for entity, resolved in updated:
         click.echo(f"{entity.entity_id}: {json.dumps(resolved.model_dump())}")
 
 

@@ -10,6 +10,7 @@ from mantle_assets.orchestration.jobs import (
     training_job,
 )
 from mantle_assets.orchestration.measurements import assay_readout, cell_measurements, measurement_checks
+from mantle_assets.orchestration.registration_jobs import register_image_directory_job, set_segmentation_defaults_job
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource, InboxResource
 from mantle_assets.orchestration.schedules import image_directory_observation_schedule, stale_segmentation_schedule
 from mantle_assets.orchestration.sensors import (
@@ -22,7 +23,14 @@ from mantle_assets.orchestration.training import trained_cellpose_model
 defs = Definitions(
     assets=[image_directory, segmentation_masks, trained_cellpose_model, cell_measurements, assay_readout],
     asset_checks=measurement_checks,
-    jobs=[segmentation_job, training_job, observe_image_directories_job, measurement_job],
+    jobs=[
+        segmentation_job,
+        training_job,
+        observe_image_directories_job,
+        measurement_job,
+        register_image_directory_job,
+        set_segmentation_defaults_job,
+    ],
     sensors=[new_image_directory_sensor, inbox_sensor, segmented_directory_sensor],
     schedules=[stale_segmentation_schedule, image_directory_observation_schedule],
     resources={
