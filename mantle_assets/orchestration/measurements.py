@@ -32,7 +32,7 @@ from pydantic import Field
 
 from mantle_assets.atomic import atomic_directory, removed_on_failure
 from mantle_assets.entities import Entity, EntityStore
-from mantle_assets.imaging.assay import PlateReadout, json_records, plate_readout, read_plate_layout
+from mantle_assets.imaging.assay import PlateReadout, plate_readout, read_plate_layout
 from mantle_assets.imaging.measurements import default_channel_names, measure_directory
 from mantle_assets.imaging.naming import well_of
 from mantle_assets.imaging.plots import dose_response_png, plate_heatmap_png
@@ -62,6 +62,8 @@ ASSAY_READOUT = "assay_readout"
 # A nucleus/cytoplasm ratio of mean intensities of a non-negative image is >= 0; a negative one
 # means negative pixels (e.g. over-subtracted background), where the ratio means nothing.
 MIN_PHYSICAL_RATIO = 0.0
+# Digits of the readout values shown in the materialisation's metadata (see PlateReadout.to_json).
+DISPLAY_DIGITS = 3
 
 
 class MeasurementConfig(Config):
@@ -238,8 +240,8 @@ def _png_markdown(title: str, png: bytes) -> str:
     return f"**{title}**\n\n![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
-def _table(frame: pd.DataFrame) -> MetadataValue:
-    records = json_records(frame)
+def _table(frame: pd.DataFrame, records: list[dict]) -> MetadataValue:
+    """``records`` (the rows of ``frame``, perhaps rounded) as a metadata table typed by ``frame``'s columns."""
     kinds = {"b": "bool", "i": "int", "u": "int", "f": "float"}
     return MetadataValue.table(
         records=[TableRecord(record) for record in records],
@@ -250,9 +252,13 @@ def _table(frame: pd.DataFrame) -> MetadataValue:
 
 
 def write_readout(readout: PlateReadout, folder: Path, title: str) -> tuple[dict[str, bytes], dict[str, str]]:
-    """Write wells.csv, doses.csv and the figures into ``folder``; return the figures and notes on missing ones."""
-    readout.wells.to_csv(folder / "wells.csv", index=False)
-    readout.doses.to_csv(folder / "doses.csv", index=False)
+    """Write the wells and doses tables (CSV and Parquet) and the figures into ``folder``.
+
+    Returns the figures and notes on missing ones.
+    """
+    for name, table in (("wells", readout.wells), ("doses", readout.doses)):
+        table.to_csv(folder / f"{name}.csv", index=False)
+        write_parquet(table, folder / f"{name}.parquet")
     figures, notes = {}, {}
     if not readout.doses.empty:
         figures["dose_response.png"] = dose_response_png(readout.doses, readout.fit, title=title)
@@ -276,7 +282,8 @@ def write_readout(readout: PlateReadout, folder: Path, title: str) -> tuple[dict
     description="The plate's readout from its cell measurements and plate layout: per-well cell count, "
     "median nucleus/cytoplasm ratio and QC flags, per-dose mean and SD, a 4-parameter logistic fit "
     "(EC50 with 95% CI), Z' of the controls, a dose-response plot and a plate heat map; recorded as an "
-    "assay_readout entity.",
+    "assay_readout entity and rows of the DuckDB tables assay_readouts and readout_wells (one row per well), "
+    "with the tables also as CSV and Parquet files.",
 )
 def assay_readout(
     context: AssetExecutionContext, config: AssayConfig, entity_store: EntityStoreResource
@@ -344,10 +351,12 @@ def read_out_partition(context: AssetExecutionContext, config: AssayConfig, stor
             pipeline=READOUT_PIPELINE,
             run_id=run_id,
             parameters={"readout": value_column, "min_cells": config.min_cells, "plate_layout": layout_file},
+            readout=summary | {"image_directory": source.entity_id},
             before_writing=lambda: check_run_not_ended(context.instance, run_id),
         )
 
-    fit = readout.fit
+    # Rounded for people; the entity, the tables and the files keep full precision.
+    shown = readout.to_json(digits=DISPLAY_DIGITS)
     metadata = {
         "input_entity": measured.entity_id,
         "output_entity": output.entity_id,
@@ -355,13 +364,13 @@ def read_out_partition(context: AssetExecutionContext, config: AssayConfig, stor
         "output_lineage": lineage_table(store, output.entity_id),
         "readout": value_column,
         "n_cells": summary["n_cells"],
-        "z_prime": MetadataValue.float(readout.z_prime) if readout.z_prime is not None else "n/a",
-        "ec50": MetadataValue.float(fit.ec50) if fit else "n/a",
-        "ec50_ci95": MetadataValue.json(list(fit.ec50_ci95)) if fit else "n/a",
-        "fit": MetadataValue.json(summary["fit"] or {}),
+        "z_prime": MetadataValue.float(shown["z_prime"]) if shown["z_prime"] is not None else "n/a",
+        "ec50": MetadataValue.float(shown["ec50"]) if shown["fit"] else "n/a",
+        "ec50_ci95": MetadataValue.json(shown["ec50_ci95"]) if shown["fit"] else "n/a",
+        "fit": MetadataValue.json(shown["fit"] or {}),
         "notes": MetadataValue.json(summary["notes"]),
-        "wells": _table(readout.wells),
-        "doses": _table(readout.doses),
+        "wells": _table(readout.wells, shown["wells"]),
+        "doses": _table(readout.doses, shown["doses"]),
         "output_path": MetadataValue.path(str(output_dir)),
     }
     if figures:

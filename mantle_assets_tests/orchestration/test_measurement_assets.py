@@ -1,5 +1,7 @@
 """cell_measurements and assay_readout end to end: real entity store, real Dagster instance, BBBC014 wells."""
 
+from pathlib import Path
+
 import duckdb
 import numpy as np
 import pandas as pd
@@ -12,7 +14,7 @@ from skimage.measure import label
 from mantle_assets.cli import root_cause
 from mantle_assets.definitions import defs
 from mantle_assets.entities import EntityStore
-from mantle_assets.imaging.assay import z_prime
+from mantle_assets.imaging.assay import json_records, z_prime
 from mantle_assets.orchestration.measurements import read_parquet
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.registration import register_image_directory
@@ -122,7 +124,7 @@ def test_bundled_model_masks_to_plate_readout(registered, instance, bundled_mode
     assert readout_meta["plots"].value.count("data:image/png;base64,") == 1  # heat map; no dose points to plot
     folder = mantle_home / "readouts" / registered.entity_id / result.run_id
     assert sorted(p.name for p in folder.iterdir()) == [
-        "doses.csv", "plate_heatmap.png", "readout.json", "wells.csv"]
+        "doses.csv", "doses.parquet", "plate_heatmap.png", "readout.json", "wells.csv", "wells.parquet"]
     wells = pd.read_csv(folder / "wells.csv").set_index("well")
     assert wells["n_cells"].to_dict() == table.groupby("well").size().to_dict()
 
@@ -187,3 +189,32 @@ def test_an_unknown_readout_channel_is_named(registered, instance, mantle_home):
         "readout_channel 'GFP' is not one of the channels ['NFkB', 'DNA']")
     assert EntityStore().list("assay_readout") == []
     assert not (mantle_home / "readouts").exists() or not any((mantle_home / "readouts").rglob("*"))
+
+
+def test_the_readout_is_queryable_in_sql_kept_as_parquet_and_shown_rounded(registered, instance, mantle_home):
+    otsu_masks(registered, mantle_home / "otsu", "run-otsu")
+    first = run_job(instance, "measurement_job", registered.entity_id, {"assay_readout": {"min_cells": 5}})
+    second = run_job(instance, "measurement_job", registered.entity_id, {"assay_readout": {"min_cells": 5}})
+    assert first.success and second.success
+    (readout,) = EntityStore().list("assay_readout")
+    folder = Path(readout.properties["readout_directory"])
+    assert {"wells.parquet", "doses.parquet", "wells.csv"} <= {p.name for p in folder.iterdir()}
+    assert json_records(read_parquet(folder / "wells.parquet")) == readout.properties["wells"]
+
+    with duckdb.connect(str(mantle_home / "mantle.duckdb"), read_only=True) as db:
+        per_run = db.execute("SELECT run_id, count(*) FROM readout_wells WHERE entity_id = ? GROUP BY run_id "
+                             "ORDER BY run_id", [readout.entity_id]).fetchall()
+        summary = db.execute("SELECT entity_id, run_id, readout, n_cells, z_prime FROM current_assay_readouts "
+                             "WHERE image_directory = ?", [registered.entity_id]).fetchall()
+        current = db.execute("SELECT well, n_cells, median, control, used FROM current_readout_wells "
+                             "WHERE image_directory = ? ORDER BY well", [registered.entity_id]).fetchall()
+    assert per_run == sorted([(first.run_id, 4), (second.run_id, 4)])
+    z = readout.properties["z_prime"]
+    assert summary == [(readout.entity_id, second.run_id, "NFkB_ratio", readout.properties["n_cells"], z)]
+    assert current == [(w["well"], w["n_cells"], w["median"], w["control"], w["used"])
+                       for w in readout.properties["wells"]]
+
+    metadata = second.asset_materializations_for_node("assay_readout")[0].metadata
+    assert metadata["z_prime"].value == round(z, 3) != z  # full precision stays in the entity and the tables
+    assert [row.data["median"] for row in metadata["wells"].records] == [
+        round(w["median"], 3) for w in readout.properties["wells"]]
