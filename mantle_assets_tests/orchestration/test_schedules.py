@@ -1,5 +1,6 @@
 """The nightly stale-masks schedule evaluated on a real instance and entity store."""
 
+import shutil
 from datetime import UTC, datetime
 
 import numpy as np
@@ -10,11 +11,13 @@ from dagster import build_schedule_context
 from mantle_assets.definitions import defs
 from mantle_assets.entities import EntityStore
 from mantle_assets.models.registry import resolve_model
+from mantle_assets.orchestration import schedules as schedules_module
 from mantle_assets.orchestration.assets import MASK_DIRECTORY, SEGMENTATION_PIPELINE
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.schedules import batches, stale_segmentation_schedule
 from mantle_assets.orchestration.sensors import default_segmentation_config
 from mantle_assets.registration import directory_fingerprint, register_image_directory
+from mantle_assets_tests.orchestration.test_sensors import add_plates, statements_of, store_statements  # noqa: F401
 
 
 @pytest.fixture
@@ -166,3 +169,58 @@ def test_a_bad_batch_size_is_named(instance, plates, monkeypatch):
     monkeypatch.setenv("MANTLE_PLATES_PER_RUN", "0")
     with pytest.raises(ValueError, match="MANTLE_PLATES_PER_RUN"):
         requests(instance)
+
+
+def observe(instance):
+    assert defs.resolve_job_def("observe_image_directories_job").execute_in_process(instance=instance).success
+
+
+@pytest.fixture
+def fingerprinted(monkeypatch) -> list:
+    """The directories the schedule's tick fingerprints itself."""
+    calls: list = []
+    real = schedules_module.directory_fingerprint
+    monkeypatch.setattr(
+        schedules_module, "directory_fingerprint", lambda directory: calls.append(directory) or real(directory)
+    )
+    return calls
+
+
+def test_an_observed_change_is_listed_without_fingerprinting_in_the_tick(instance, plates, tmp_path, fingerprinted):
+    for entity in plates:
+        record_current_masks(entity, tmp_path)
+    tifffile.imwrite(tmp_path / "b1" / "second field.tif", np.zeros((8, 8), np.uint8))
+    observe(instance)
+    assert preview(instance) == {plates[2].entity_id: "images changed"}
+    assert fingerprinted == []
+
+
+def test_plates_segmented_since_the_observation_are_fingerprinted_in_the_tick(
+    instance, plates, tmp_path, fingerprinted
+):
+    observe(instance)
+    record_current_masks(plates[0], tmp_path)
+    tifffile.imwrite(tmp_path / "a1" / "second field.tif", np.zeros((8, 8), np.uint8))
+    reasons = ["images changed", "no masks", "no masks"]
+    assert preview(instance) == {e.entity_id: reason for e, reason in zip(plates, reasons, strict=True)}
+    assert fingerprinted == [plates[0].properties["image_directory"]]
+
+
+def test_a_directory_observed_missing_is_not_requested(instance, plates):
+    shutil.rmtree(plates[2].properties["image_directory"])
+    observe(instance)
+    assert preview(instance) == {plates[0].entity_id: "no masks", plates[1].entity_id: "no masks"}
+
+
+def test_a_ticks_store_statements_do_not_grow_with_the_plates(
+    instance, plates, tmp_path, store_statements  # noqa: F811
+):
+    sent, segmented = {}, 0
+    for count in (10, 200):
+        added = add_plates(plates[0], count - len(EntityStore().entity_ids("image_directory")))
+        instance.add_dynamic_partitions(image_directory_partitions.name, [e.entity_id for e in added])
+        record_current_masks(added[-1], tmp_path)
+        segmented += 1
+        stale, sent[count] = statements_of(store_statements, lambda: preview(instance))  # noqa: B023
+        assert len(stale) == count - segmented
+    assert sent[10] == sent[200]

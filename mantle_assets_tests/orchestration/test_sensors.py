@@ -1,5 +1,6 @@
 """The new-image-directory sensor on a real instance, for each cursor state."""
 
+import duckdb
 import numpy as np
 import pytest
 import tifffile
@@ -101,3 +102,58 @@ def test_an_entity_segmented_by_hand_gets_its_partition_but_no_second_run(instan
     result = tick(instance)
     assert result.dynamic_partitions_requests[0].partition_keys == [entity.entity_id]
     assert not result.run_requests
+
+
+class CountingConnection:
+    """A real DuckDB connection that notes each statement it is given."""
+
+    def __init__(self, connection, statements: list):
+        self._connection, self._statements = connection, statements
+
+    def execute(self, query, *args, **kwargs):
+        self._statements.append(query)
+        return self._connection.execute(query, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._connection, name)
+
+
+@pytest.fixture
+def store_statements(monkeypatch) -> list:
+    """Every statement the entity store sends to DuckDB while the test runs."""
+    statements: list = []
+    real_connect = duckdb.connect
+    monkeypatch.setattr(
+        duckdb, "connect", lambda *args, **kwargs: CountingConnection(real_connect(*args, **kwargs), statements)
+    )
+    return statements
+
+
+def add_plates(model, count: int) -> list:
+    """``count`` more image directories like ``model``, registered in bulk."""
+    return EntityStore().register_many(
+        "image_directory", [(f"{model.name} copy", model.properties) for _ in range(count)]
+    )
+
+
+def statements_of(statements: list, evaluate) -> tuple:
+    """What ``evaluate()`` returns and how many store statements it sent."""
+    before = len(statements)
+    result = evaluate()
+    return result, len(statements) - before
+
+
+def test_a_ticks_store_statements_do_not_grow_with_the_plates_already_handled(instance, register, store_statements):
+    model = register("plate-a")
+    sent = {}
+    cursor = None
+    for old in (10, 200):
+        add_plates(model, old - len(EntityStore().entity_ids()))
+        cursor = tick(instance, cursor).cursor  # the old plates are handled
+        idle, sent[old, "idle"] = statements_of(store_statements, lambda: tick(instance, cursor))  # noqa: B023
+        assert not idle.run_requests
+        (new,) = add_plates(model, 1)
+        result, sent[old, "new"] = statements_of(store_statements, lambda: tick(instance, cursor))  # noqa: B023
+        assert [r.partition_key for r in result.run_requests] == [new.entity_id]
+        cursor = result.cursor
+    assert sent[10, "idle"] == sent[200, "idle"] and sent[10, "new"] == sent[200, "new"]
