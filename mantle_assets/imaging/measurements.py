@@ -1,19 +1,29 @@
 """Per-object measurements of a segmented field: shape and nucleus/cytoplasm intensities.
 
 The cytoplasm of a nucleus is either the whole cell that holds it minus the
-nuclei (when a cell segmentation exists) or a ring grown around the nucleus.
-Nucleus/cytoplasm mean ratios of a reporter channel are the usual read-out of a
-translocation assay such as NF-kB (BBBC014).
+nuclei (when a cell segmentation exists; :mod:`mantle_assets.imaging.cells`) or
+a ring grown around the nucleus. Nucleus/cytoplasm mean ratios of a reporter
+channel are the usual read-out of a translocation assay such as NF-kB (BBBC014).
+A table says which cytoplasm it used in ``table.attrs["cytoplasm"]``:
+``"ring"`` or ``"cell"`` (an attribute, not a column: the entity store keeps
+numeric columns only).
 
 Decisions worth knowing
 -----------------------
 * Without cells, the ring comes from :func:`skimage.segmentation.expand_labels`,
   which splits contested background between neighbours by distance, so a ring
   never reaches into a neighbour's territory or nucleus.
-* With cells, a nucleus takes the cell that covers most of it. When several
+* With cells, a nucleus takes the cell that covers most of it
+  (:func:`~mantle_assets.imaging.cells.match_nuclei_to_cells`). When several
   nuclei take the same cell (a binucleate cell, or a cell under-segmented),
-  only the nucleus that overlaps it most gets its cytoplasm; the others get an
-  empty cytoplasm and so a NaN ratio, rather than sharing pixels silently.
+  only the nucleus that overlaps it most gets the cell and its cytoplasm; the
+  others get no cell, an empty cytoplasm and so a NaN ratio, rather than
+  sharing pixels silently.
+* The cell's columns follow the nucleus's: ``cell_area``, ``cell_eccentricity``,
+  ``cell_solidity`` and ``<channel>_cell_mean`` / ``_integrated`` are
+  CellProfiler's ``Cells_AreaShape_Area`` ... and
+  ``Cells_Intensity_MeanIntensity_<channel>`` / ``IntegratedIntensity``, as
+  ``<channel>_cytoplasm_mean`` is its ``Cytoplasm_Intensity_MeanIntensity``.
 * Nuclear pixels are never cytoplasm, whichever nucleus they belong to.
 * Channel names become column prefixes, so they must be identifiers
   (``NFkB``, ``DNA``); unnamed channels are called by their file-name label
@@ -30,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mantle_assets.imaging.cells import cytoplasm_of_cells, match_nuclei_to_cells
 from mantle_assets.imaging.fields import FieldGrouping, read_field
 from mantle_assets.imaging.io import MAX_FIELD_PIXELS, read_label_image
 from mantle_assets.imaging.pipeline import MASK_SUFFIX
@@ -67,29 +78,22 @@ def cytoplasm_labels(nuclei: np.ndarray, *, cells: np.ndarray | None = None, rin
     >>> cytoplasm_labels(nuclei, cells=cells).tolist()
     [[0, 0, 1, 0, 1, 1, 0]]
     """
+    return _cells_and_cytoplasm(np.asarray(nuclei), cells, ring_width)[1]
+
+
+def _cells_and_cytoplasm(
+    nuclei: np.ndarray, cells: np.ndarray | None, ring_width: int
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """The cells relabelled as their nuclei (None without cells) and the cytoplasm labels."""
     from skimage.segmentation import expand_labels
 
-    nuclei = np.asarray(nuclei)
     if cells is None:
         if ring_width < 0:
             raise ValueError(f"ring_width must be at least 0, not {ring_width}")
         grown = expand_labels(nuclei, distance=ring_width)
-        return np.where(nuclei == 0, grown, 0).astype(nuclei.dtype, copy=False)
-
-    cells = np.asarray(cells)
-    if cells.shape != nuclei.shape:
-        raise ValueError(f"cells have shape {cells.shape}, nuclei have shape {nuclei.shape}")
-    overlap = (nuclei > 0) & (cells > 0)
-    pairs, counts = np.unique(np.stack([nuclei[overlap], cells[overlap]]), axis=1, return_counts=True)
-    nucleus_ids, cell_ids = pairs
-    # Largest overlap first; ids break ties so the result does not depend on sort stability.
-    order = np.lexsort((cell_ids, nucleus_ids, -counts))
-    first_per_nucleus = order[np.unique(nucleus_ids[order], return_index=True)[1]]
-    first_per_cell = first_per_nucleus[np.unique(cell_ids[first_per_nucleus], return_index=True)[1]]
-
-    owner = np.zeros(int(cells.max(initial=0)) + 1, dtype=nuclei.dtype)
-    owner[cell_ids[first_per_cell]] = nucleus_ids[first_per_cell]
-    return np.where(nuclei == 0, owner[cells], 0).astype(nuclei.dtype, copy=False)
+        return None, np.where(nuclei == 0, grown, 0).astype(nuclei.dtype, copy=False)
+    matched = match_nuclei_to_cells(nuclei, cells).cells
+    return matched, cytoplasm_of_cells(matched, nuclei)
 
 
 def measure_objects(
@@ -108,7 +112,8 @@ def measure_objects(
     channels : mapping of str to ndarray, (Y, X)
         Intensity images by name; the name prefixes the intensity columns.
     cells : ndarray of int, (Y, X), optional
-        Whole-cell labels; see :func:`cytoplasm_labels`.
+        Whole-cell labels; see :func:`cytoplasm_labels`. With them the
+        cytoplasm is the cell minus the nuclei, and the cell is measured too.
     ring_width : int
         Cytoplasm ring width in pixels when ``cells`` is not given.
 
@@ -120,6 +125,10 @@ def measure_objects(
         ``C_nucleus_mean``, ``C_nucleus_integrated``, ``C_cytoplasm_mean``,
         ``C_cytoplasm_integrated`` and ``C_ratio`` (nucleus mean over
         cytoplasm mean; NaN where the cytoplasm is empty or its mean is 0).
+        With ``cells`` also ``cell_area``, ``cell_eccentricity``,
+        ``cell_solidity``, ``C_cell_mean`` and ``C_cell_integrated`` of the
+        nucleus's cell (area 0, integral 0 and NaN otherwise where it has none).
+        ``attrs["cytoplasm"]`` is ``"cell"`` with ``cells``, else ``"ring"``.
 
     Raises
     ------
@@ -131,8 +140,8 @@ def measure_objects(
     >>> nuclei = np.zeros((5, 5), dtype=int)
     >>> nuclei[2, 2] = 1
     >>> table = measure_objects(nuclei, {"nfkb": np.where(nuclei > 0, 6.0, 2.0)}, ring_width=1)
-    >>> int(table.loc[0, "cytoplasm_area"]), float(table.loc[0, "nfkb_ratio"])
-    (4, 3.0)
+    >>> int(table.loc[0, "cytoplasm_area"]), float(table.loc[0, "nfkb_ratio"]), table.attrs["cytoplasm"]
+    (4, 3.0, 'ring')
     """
     from scipy import ndimage
     from skimage.measure import regionprops_table
@@ -148,19 +157,35 @@ def measure_objects(
         regionprops_table(nuclei, properties=("label", "area", "centroid", "eccentricity", "solidity"))
     ).rename(columns={"centroid-0": "centroid_y", "centroid-1": "centroid_x"})
     labels = shape["label"].to_numpy()
-    cytoplasm = cytoplasm_labels(nuclei, cells=cells, ring_width=ring_width)
+    matched_cells, cytoplasm = _cells_and_cytoplasm(nuclei, cells, ring_width)
     nucleus_area = shape["area"].to_numpy(dtype=float)
-    cytoplasm_area = np.bincount(cytoplasm.ravel(), minlength=int(nuclei.max(initial=0)) + 1)[labels]
 
+    def areas(objects: np.ndarray) -> np.ndarray:
+        return np.bincount(objects.ravel(), minlength=int(nuclei.max(initial=0)) + 1)[labels]
+
+    def mean(total: np.ndarray, area: np.ndarray) -> np.ndarray:
+        return np.divide(total, area, out=np.full(labels.shape, np.nan), where=area > 0)
+
+    cytoplasm_area = areas(cytoplasm)
     columns: dict[str, np.ndarray] = {"cytoplasm_area": cytoplasm_area}
+    if matched_cells is not None:
+        cell_area = areas(matched_cells)
+        cell_shape = (
+            pd.DataFrame(regionprops_table(matched_cells, properties=("label", "eccentricity", "solidity")))
+            .set_index("label")
+            .reindex(labels)
+        )
+        columns |= {
+            "cell_area": cell_area,
+            "cell_eccentricity": cell_shape["eccentricity"].to_numpy(),
+            "cell_solidity": cell_shape["solidity"].to_numpy(),
+        }
     for name, image in channels.items():
         image = np.asarray(image, dtype=np.float64)
         nucleus_sum = np.asarray(ndimage.sum_labels(image, nuclei, index=labels), dtype=float)
         cytoplasm_sum = np.asarray(ndimage.sum_labels(image, cytoplasm, index=labels), dtype=float)
         nucleus_mean = nucleus_sum / nucleus_area
-        cytoplasm_mean = np.divide(
-            cytoplasm_sum, cytoplasm_area, out=np.full(labels.shape, np.nan), where=cytoplasm_area > 0
-        )
+        cytoplasm_mean = mean(cytoplasm_sum, cytoplasm_area)
         ratio = np.divide(
             nucleus_mean, cytoplasm_mean, out=np.full(labels.shape, np.nan), where=np.nan_to_num(cytoplasm_mean) != 0
         )
@@ -171,7 +196,12 @@ def measure_objects(
             f"{name}_cytoplasm_integrated": cytoplasm_sum,
             f"{name}_ratio": ratio,
         }
-    return pd.concat([shape, pd.DataFrame(columns, index=shape.index)], axis=1)
+        if matched_cells is not None:
+            cell_sum = np.asarray(ndimage.sum_labels(image, matched_cells, index=labels), dtype=float)
+            columns |= {f"{name}_cell_mean": mean(cell_sum, cell_area), f"{name}_cell_integrated": cell_sum}
+    table = pd.concat([shape, pd.DataFrame(columns, index=shape.index)], axis=1)
+    table.attrs["cytoplasm"] = "ring" if cells is None else "cell"
+    return table
 
 
 def check_channel_names(names: Sequence[str], n_channels: int) -> list[str]:
@@ -229,6 +259,7 @@ def measure_directory(
     mask_directory: str | os.PathLike,
     channel_names: Sequence[str],
     *,
+    cell_mask_directory: str | os.PathLike | None = None,
     ring_width: int = 5,
     max_pixels: int = MAX_FIELD_PIXELS,
     max_bytes: int | None = None,
@@ -245,8 +276,12 @@ def measure_directory(
         objects taken as nuclei.
     channel_names : sequence of str
         One name per channel; see :func:`check_channel_names`.
+    cell_mask_directory : path, optional
+        Folder with one ``<field>_cp_masks.tif`` of whole cells per field; with
+        it the cytoplasm is the cell minus the nuclei and cells are measured
+        (see :func:`measure_objects`), read with the same checks as the nuclei.
     ring_width : int
-        Cytoplasm ring width in pixels.
+        Cytoplasm ring width in pixels when there are no cell masks.
     max_pixels : int
         The most pixels one channel plane of a field or mask may have; the
         masks are read with the same checks as the images
@@ -260,7 +295,8 @@ def measure_directory(
     -------
     DataFrame
         ``field``, ``well`` (``"A01"``, or None when the field name holds no
-        well) and the columns of :func:`measure_objects`, fields in order.
+        well) and the columns of :func:`measure_objects`, fields in order;
+        ``attrs["cytoplasm"]`` is ``"cell"`` or ``"ring"``.
 
     Raises
     ------
@@ -270,19 +306,27 @@ def measure_directory(
         than its field, or the channel names at fault.
     """
     names = check_channel_names(channel_names, grouping.n_channels)
+
+    def read_mask(directory: str | os.PathLike, field_name: str, shape: tuple[int, ...]) -> np.ndarray:
+        mask_path = Path(directory) / f"{field_name}{MASK_SUFFIX}"
+        if not mask_path.is_file():
+            raise ValueError(f"{mask_path}: no mask for field {field_name}")
+        labels = read_label_image(mask_path, max_pixels=max_pixels, max_bytes=max_bytes)
+        if labels.shape != shape:
+            raise ValueError(f"{mask_path}: mask shape {labels.shape} differs from field shape {shape}")
+        return labels
+
     tables = []
     for field in grouping.fields:
-        mask_path = Path(mask_directory) / f"{field.name}{MASK_SUFFIX}"
-        if not mask_path.is_file():
-            raise ValueError(f"{mask_path}: no mask for field {field.name}")
-        labels = read_label_image(mask_path, max_pixels=max_pixels, max_bytes=max_bytes)
         stack = read_field(field, max_pixels=max_pixels, max_bytes=max_bytes)
-        if labels.shape != stack.shape[1:]:
-            raise ValueError(f"{mask_path}: mask shape {labels.shape} differs from field shape {stack.shape[1:]}")
-        table = measure_objects(labels, dict(zip(names, stack, strict=True)), ring_width=ring_width)
+        nuclei = read_mask(mask_directory, field.name, stack.shape[1:])
+        cells = None if cell_mask_directory is None else read_mask(cell_mask_directory, field.name, stack.shape[1:])
+        table = measure_objects(nuclei, dict(zip(names, stack, strict=True)), cells=cells, ring_width=ring_width)
         table.insert(0, "well", field.well)
         table.insert(0, "field", field.name)
         tables.append(table)
         if on_field is not None:
             on_field(field.name, len(table))
-    return pd.concat(tables, ignore_index=True)
+    table = pd.concat(tables, ignore_index=True)
+    table.attrs["cytoplasm"] = "ring" if cell_mask_directory is None else "cell"
+    return table
