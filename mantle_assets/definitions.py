@@ -3,6 +3,7 @@
 from dagster import Definitions
 
 from mantle_assets.orchestration.assets import image_directory, segmentation_masks
+from mantle_assets.orchestration.concurrency import mantle_executor
 from mantle_assets.orchestration.jobs import (
     measurement_job,
     observe_image_directories_job,
@@ -33,6 +34,7 @@ defs = Definitions(
     ],
     sensors=[new_image_directory_sensor, inbox_sensor, segmented_directory_sensor],
     schedules=[stale_segmentation_schedule, image_directory_observation_schedule],
+    executor=mantle_executor,
     resources={
         "entity_store": EntityStoreResource(),
         "cellpose": CellposeResource(),
