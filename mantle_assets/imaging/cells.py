@@ -60,7 +60,8 @@ __all__ = [
     "propagate_cells",
 ]
 
-# The smoothed image's range over 256: one grey level of an 8-bit image, so black pixels have a finite logarithm.
+# The maximum over 256 (one grey level of an 8-bit image) keeps the logarithm of black pixels finite. Nothing is
+# subtracted first: a background's noise near the minimum would spread over decades and fill a class of its own.
 _LOG_OFFSET_FRACTION = 1 / 256
 
 
@@ -144,7 +145,7 @@ def labels_touching_border(labels: np.ndarray) -> np.ndarray:
 
 
 def foreground_threshold(image: np.ndarray) -> float:
-    """The lower three-class Otsu threshold of ``log(image - min + range / 256)``, in the image's units.
+    """The lower three-class Otsu threshold of ``log(max(image, 0) + max / 256)``, in the image's units.
 
     Parameters
     ----------
@@ -155,8 +156,8 @@ def foreground_threshold(image: np.ndarray) -> float:
     -------
     float
         Pixels above it are foreground: the middle and bright classes. With
-        fewer than three distinct values, the minimum (all but the darkest
-        pixels are foreground; none of a constant image).
+        fewer than three distinct values above 0, the minimum (all but the
+        darkest pixels are foreground; none of a constant image).
 
     Examples
     --------
@@ -167,11 +168,11 @@ def foreground_threshold(image: np.ndarray) -> float:
     from skimage.filters import threshold_multiotsu
 
     image = np.asarray(image, dtype=np.float64)
-    low, high = float(image.min()), float(image.max())
-    if np.unique(image).size < 3:
-        return low
-    offset = (high - low) * _LOG_OFFSET_FRACTION
-    return float(np.exp(threshold_multiotsu(np.log(image - low + offset), classes=3)[0]) - offset + low)
+    clipped = np.maximum(image, 0)
+    if np.unique(clipped).size < 3:
+        return float(image.min())
+    offset = float(clipped.max()) * _LOG_OFFSET_FRACTION
+    return float(np.exp(threshold_multiotsu(np.log(clipped + offset), classes=3)[0]) - offset)
 
 
 def propagate_cells(

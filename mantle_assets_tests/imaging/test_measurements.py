@@ -192,3 +192,66 @@ def test_masks_get_the_image_readers_checks(segmented_directory):
         measure_directory(grouping, masks, ["NFkB", "DNA"])
     assert str(raised.value).startswith(f"cannot read image {mask}: the file is truncated")
     assert "\n" not in str(raised.value)
+
+
+def test_cytoplasm_and_cell_columns_from_cell_masks_have_known_means():
+    nuclei = np.zeros((30, 40), dtype=np.int32)
+    nuclei[5:9, 5:9] = 1  # 16 px in a 10x10 cell: cytoplasm 84 px
+    nuclei[18:24, 20:26] = 2  # 36 px in a 12x12 cell: cytoplasm 108 px
+    nuclei[26:28, 36:38] = 3  # in no cell
+    cells = np.zeros_like(nuclei)
+    cells[2:12, 2:12] = 70  # Cellpose's ids, unrelated to the nuclei
+    cells[15:27, 17:29] = 80
+    nfkb = np.full(nuclei.shape, 1.0)
+    nfkb[cells == 70], nfkb[cells == 80] = 3.0, 2.0
+    nfkb[nuclei == 1], nfkb[nuclei == 2], nfkb[nuclei == 3] = 12.0, 10.0, 7.0
+
+    table = measure_objects(nuclei, {"NFkB": nfkb}, cells=cells, ring_width=1).set_index("label")
+
+    assert table.attrs["cytoplasm"] == "cell"
+    assert table["cytoplasm_area"].tolist() == [84, 108, 0]
+    assert table["NFkB_cytoplasm_mean"].tolist()[:2] == [3.0, 2.0]
+    assert table["NFkB_ratio"].tolist()[:2] == [4.0, 5.0]
+    assert table["cell_area"].tolist() == [100, 144, 0]
+    assert table["NFkB_cell_mean"].tolist()[:2] == pytest.approx([(12 * 16 + 3 * 84) / 100, (10 * 36 + 2 * 108) / 144])
+    assert table["NFkB_cell_integrated"].tolist() == [12 * 16 + 3 * 84, 10 * 36 + 2 * 108, 0]
+    assert table["cell_eccentricity"].tolist()[:2] == [0.0, 0.0]
+    assert table["cell_solidity"].tolist()[:2] == [1.0, 1.0]
+    assert table.loc[3, ["NFkB_cytoplasm_mean", "NFkB_ratio", "NFkB_cell_mean", "cell_solidity"]].isna().all()
+    ring = measure_objects(nuclei, {"NFkB": nfkb}, ring_width=1)
+    assert ring.attrs["cytoplasm"] == "ring" and "cell_area" not in ring.columns
+
+
+def test_a_shared_cell_goes_to_the_nucleus_it_holds_most_of_whatever_its_label():
+    nuclei = np.zeros((10, 20), dtype=np.int32)
+    nuclei[2:4, 2:4] = 1  # 4 px
+    nuclei[2:6, 10:14] = 2  # 16 px
+    cells = np.zeros_like(nuclei)
+    cells[1:8, 1:15] = 5
+
+    table = measure_objects(nuclei, {"c": np.ones(nuclei.shape)}, cells=cells).set_index("label")
+
+    assert table["cell_area"].tolist() == [0, 7 * 14]
+    assert table["cytoplasm_area"].tolist() == [0, 7 * 14 - 20]
+    assert np.isnan(table.loc[1, "c_ratio"])
+
+
+def test_a_directory_with_cell_masks_measures_the_cells(segmented_directory, tmp_path):
+    grouping, masks = segmented_directory
+    cell_masks = tmp_path / "cells"
+    cell_masks.mkdir()
+    nuclei = two_squares()
+    cells = ndimage.grey_dilation(nuclei, size=(5, 5)).astype(np.uint16) * 7
+    write_label_image(cell_masks / "01-A-01_cp_masks.tif", cells)
+    write_label_image(cell_masks / "13-B-01_cp_masks.tif", np.zeros_like(cells))
+
+    table = measure_directory(grouping, masks, ["NFkB", "DNA"], cell_mask_directory=cell_masks)
+
+    assert table.attrs["cytoplasm"] == "cell"
+    assert table["cell_area"].tolist() == [8 * 8, 10 * 10]
+    assert table["cytoplasm_area"].tolist() == [8 * 8 - 16, 10 * 10 - 36]
+    assert table["NFkB_ratio"].tolist() == [4.0, 4.0]
+    assert measure_directory(grouping, masks, ["NFkB", "DNA"]).attrs["cytoplasm"] == "ring"
+    (cell_masks / "13-B-01_cp_masks.tif").unlink()
+    with pytest.raises(ValueError, match=f"{cell_masks / '13-B-01_cp_masks.tif'}: no mask for field 13-B-01"):
+        measure_directory(grouping, masks, ["NFkB", "DNA"], cell_mask_directory=cell_masks)
