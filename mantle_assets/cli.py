@@ -275,7 +275,7 @@ def root_cause(failure) -> str:
     # Dagster writes "package.module.ErrorClass: message". The platform refuses with ValueErrors and errors of
     # its own whose messages say what is wrong; "KeyError: 'x'" or "ConnectionError: ..." need their class.
     qualified, _, message = line.partition(": ")
-    refusal = qualified == "ValueError" or (
+    refusal = qualified == "ValueError" or error.cls_name == "Failure" or (
         qualified.startswith("mantle_assets.") and qualified.endswith(f".{error.cls_name}")
     )
     return message if message and refusal else line

@@ -31,7 +31,7 @@ from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.recovery import RunEndedError, check_run_not_ended
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
-from mantle_assets.orchestration.retries import retried_while_store_busy
+from mantle_assets.orchestration.retries import REFUSALS, refusals_as_failures, retried_while_store_busy
 from mantle_assets.registration import IMAGE_DIRECTORY, check_image_files, directory_fingerprint
 from mantle_assets.settings import (
     OutsideDataRootsError,
@@ -147,8 +147,18 @@ def staged_image_directory(source: Entity, prefix: str = "") -> Iterator[tuple[F
         yield grouping, fingerprint
 
 
-def check_segmentation(source: Entity, grouping: FieldGrouping, config: SegmentationConfig):
-    """Check a segmentation request's parameters and model against an image directory's fields.
+def check_segmentation(source: Entity, config: SegmentationConfig, n_channels: int | None):
+    """Check a segmentation request's parameters and model against an image directory's channels.
+
+    Parameters
+    ----------
+    source : Entity
+        The image_directory entity: its channel names and segmentation defaults.
+    config : SegmentationConfig
+        The request; unset parameters are the entity's defaults.
+    n_channels : int or None
+        The channels of its fields: as grouped from the images, or as recorded at registration
+        (``field_grouping.n_channels``) to check before any image is read; None checks no range.
 
     Returns
     -------
@@ -162,7 +172,7 @@ def check_segmentation(source: Entity, grouping: FieldGrouping, config: Segmenta
     """
     config = config.resolved_for(source)
     settings = config.settings()
-    check_channels(config.nuclei_channel, config.cytoplasm_channel, grouping.n_channels)
+    check_channels(config.nuclei_channel, config.cytoplasm_channel, n_channels)
     spec = resolve_model(config.cellpose_model)
     spec.check_channels(config.nuclei_channel, config.cytoplasm_channel)
     return settings, spec
@@ -185,7 +195,45 @@ def prepare_segmentation(store: EntityStore, entity_id: str, config: Segmentatio
     """
     source = image_directory_entity(store, entity_id)
     with staged_image_directory(source) as (grouping, _):
-        return (source, grouping, *check_segmentation(source, grouping, config))
+        return (source, grouping, *check_segmentation(source, config, grouping.n_channels))
+
+
+def refused_requests(store: EntityStore, entity_ids: list[str], config: SegmentationConfig) -> dict[str, Exception]:
+    """The image directories of a run whose request cannot work, found reading no image and building no network.
+
+    A run checks what it is asked for every directory in its first second, before any is staged or
+    segmented: the entity, the parameters (resolved for each directory, whose channel names and
+    defaults may differ) and the model. Channels are checked against those recorded at registration;
+    each directory is checked again once its images are grouped (:func:`check_segmentation`).
+
+    Returns
+    -------
+    dict of str to Exception
+        Each refused directory's refusal, one line naming the entity, parameter or model; the run
+        segments the other directories and then fails, naming these.
+
+    Raises
+    ------
+    ValueError
+        When every directory is refused, so the run can do nothing: the refusal itself for one
+        directory, else each directory with its reason, in one line.
+    """
+    refused = {}
+    for entity_id in entity_ids:
+        try:
+            source = image_directory_entity(store, entity_id)
+            recorded = (source.properties.get("field_grouping") or {}).get("n_channels")
+            check_segmentation(source, config, recorded)
+        except REFUSALS as error:
+            refused[entity_id] = error
+    if len(refused) == len(entity_ids) == 1:
+        raise ValueError(str(next(iter(refused.values()))).splitlines()[0])
+    if refused and len(refused) == len(entity_ids):
+        raise ValueError(
+            f"all {len(refused)} image directories refused: "
+            + "; ".join(f"{entity_id}: {str(error).splitlines()[0]}" for entity_id, error in refused.items())
+        )
+    return refused
 
 
 def lineage_table(store: EntityStore, entity_id: str) -> MetadataValue:
@@ -294,10 +342,13 @@ def segmentation_masks(
     cellpose: CellposeResource,
 ) -> Iterator[AssetMaterialization]:
     store = entity_store.store()
-    failures: dict[str, Exception] = {}
+    # A request that cannot work for any directory fails the run at once, its reason the run's error, and no
+    # retry repeats it; directories refused among others are not staged, and are named when the run fails.
+    with retried_while_store_busy(seconds_to_wait=entity_store.lock_timeout), refusals_as_failures():
+        failures = refused_requests(store, context.partition_keys, config)
     for entity_id in context.partition_keys:
-        if materialized_in_run(context, entity_id):
-            continue  # by an earlier attempt of this step, which a retry repeats
+        if entity_id in failures or materialized_in_run(context, entity_id):
+            continue  # refused, or materialised by an earlier attempt of this step, which a retry repeats
         try:
             metadata = segment_partition(context, entity_id, config, store, cellpose)
         except (StoreUnusableError, RunEndedError):
@@ -307,7 +358,7 @@ def segmentation_masks(
             failures[entity_id] = error
             continue
         yield AssetMaterialization(context.asset_key, partition=entity_id, metadata=metadata)
-    with retried_while_store_busy(seconds_to_wait=entity_store.lock_timeout):
+    with retried_while_store_busy(seconds_to_wait=entity_store.lock_timeout), refusals_as_failures():
         raise_failures(failures, len(context.partition_keys))
 
 
@@ -328,7 +379,7 @@ def segment_partition(
     output_dir = f"{root}/{source.entity_id}/{run_id}" if is_uri(root) else root / source.entity_id / run_id
 
     with staged_image_directory(source, f"{run_id}-") as (grouping, source_fingerprint):
-        settings, spec = check_segmentation(source, grouping, config)
+        settings, spec = check_segmentation(source, config, grouping.n_channels)
         segmenter = cellpose.segmenter(spec)
 
         # The bar shows when a person runs this from a terminal (`mantle segment`); daemon runs log only.

@@ -4,15 +4,22 @@ Every field defaults to ``None``: "the experiment's default". A run launched fro
 empty config therefore segments with the image directory's ``segmentation_defaults`` (``mantle
 defaults``, the inbox sidecar), and where those say nothing, with the platform's defaults below.
 The asset resolves them at run time and records the values it used.
+
+``diameter`` and the channels are typed ``Any`` for Dagster: its config schema has no union of
+scalars, and the launchpad's editor must take ``diameter: 17``, ``17.5``, ``'17'`` and ``None``
+(YAML's ``None`` is text; ``null`` is "the experiment's default"), and a channel as a number or a
+name. The values are read as ``mantle segment`` reads them (:func:`coerce_segmentation_parameters`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
+from typing import Any
 
 from dagster import Config
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mantle_assets.imaging.segmentation import (
     ParameterError,
@@ -37,6 +44,8 @@ PLATFORM_DEFAULTS = {
 }
 
 _UNSET = " Leave empty (null) for the experiment's default"
+# Numbers or text to the launchpad (see the module's docstring).
+_FREE_FORM = ("nuclei_channel", "cytoplasm_channel", "diameter")
 
 
 class SegmentationConfig(Config):
@@ -45,19 +54,20 @@ class SegmentationConfig(Config):
         description="Bundled model name, Cellpose built-in name (nuclei, cyto3, ...) or model file path."
         f"{_UNSET}, else {DEFAULT_MODEL}.",
     )
-    nuclei_channel: int | None = Field(
+    nuclei_channel: Any = Field(
         default=None,
         description="Nuclear channel: 0 = none, c >= 1 = the c-th channel of a field (1/2/3 = red/green/blue in "
-        f"RGB files).{_UNSET}, else 0.",
+        f"RGB files), or a channel's name (DNA).{_UNSET}, else 0.",
     )
-    cytoplasm_channel: int | None = Field(
+    cytoplasm_channel: Any = Field(
         default=None,
-        description="Channel to segment: 0 = grayscale (the channels' mean), c >= 1 = the c-th channel of a field; "
-        f"equal to nuclei_channel for nuclei only.{_UNSET}, else 0.",
+        description="Channel to segment: 0 = grayscale (the channels' mean), c >= 1 = the c-th channel of a field, "
+        f"or a channel's name; equal to nuclei_channel for nuclei only.{_UNSET}, else 0.",
     )
-    diameter: str | None = Field(
+    diameter: Any = Field(
         default=None,
-        description=f"Object diameter in pixels, or 'None' to estimate it per field.{_UNSET}, else 'None'.",
+        description="Object diameter in pixels (17, 17.5 or '17'), or None to estimate it per field."
+        f"{_UNSET}, else None.",
     )
     flow_threshold: float | None = Field(default=None, description=f"Cellpose's flow threshold.{_UNSET}, else 0.4.")
     cellprob_threshold: float | None = Field(
@@ -68,15 +78,47 @@ class SegmentationConfig(Config):
     )
     batch_size: int | None = Field(default=None, description=f"Cellpose's batch size.{_UNSET}, else 8.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_free_form(cls, values):
+        """``diameter`` as its text (``17`` -> ``"17"``), channels given as text as numbers where they are numbers.
+
+        A value that does not read stays as given: :meth:`resolve`, which every use of the config goes
+        through, refuses it in one line when the run checks its parameters, whereas raised here, in
+        Dagster's construction of the config, it would reach the run page as a pydantic stack trace.
+        """
+        if not isinstance(values, Mapping):
+            return values
+        read = {}
+        for name in _FREE_FORM:
+            if values.get(name) is not None:
+                with contextlib.suppress(ParameterError):
+                    read |= coerce_segmentation_parameters({name: values[name]})
+        return {**values, **read}
+
     def resolve(self, defaults: Mapping | None = None) -> SegmentationConfig:
-        """Every parameter set: this config's values, else ``defaults`` (the experiment's), else the platform's."""
-        given = {name: value for name, value in self.model_dump().items() if value is not None}
+        """Every parameter set: this config's values, else ``defaults`` (the experiment's), else the platform's.
+
+        Raises ``ParameterError`` naming a free-form parameter whose value does not read (see
+        :func:`coerce_segmentation_parameters`); the others were typed by Dagster's schema.
+        """
+        given = self.model_dump(exclude_none=True)
+        given |= coerce_segmentation_parameters({name: given[name] for name in _FREE_FORM if name in given})
         experiment = {name: value for name, value in (defaults or {}).items() if value is not None}
         return SegmentationConfig(**{**PLATFORM_DEFAULTS, **experiment, **given})
 
     def resolved_for(self, entity) -> SegmentationConfig:
-        """Resolved against an image_directory entity's ``segmentation_defaults``."""
-        return self.resolve(entity.properties.get("segmentation_defaults"))
+        """Resolved against an image_directory entity: channel names read as its channel numbers, unset
+        parameters taken from its ``segmentation_defaults``.
+
+        Raises
+        ------
+        ParameterError
+            One line naming the parameter: a value of the wrong type, or a name that is none of the
+            entity's channels (see :func:`channel_numbers`).
+        """
+        given = channel_numbers(entity, self.model_dump(exclude_none=True))
+        return SegmentationConfig(**given).resolve(entity.properties.get("segmentation_defaults"))
 
     def settings(self) -> SegmentationSettings:
         """Validated Cellpose settings, unset values taken from the platform's defaults.
@@ -131,7 +173,8 @@ def coerce_segmentation_parameters(values: Mapping, where: str = "") -> dict:
     The one reading of parameters that people write: ``mantle segment`` and ``mantle defaults`` options and
     the inbox sidecar's ``segmentation_defaults`` go through it, so that they cannot read a value differently.
     Only types are coerced here; ranges (a channel the images lack, a negative diameter) are checked when the
-    parameters are used (:meth:`SegmentationConfig.settings`, :func:`channel_numbers`).
+    parameters are used (:meth:`SegmentationConfig.settings`, :func:`channel_numbers`). The launchpad's values
+    go through it too, when the run resolves its config (:meth:`SegmentationConfig.resolve`).
 
     Parameters
     ----------

@@ -50,7 +50,7 @@ from mantle_assets.orchestration.assets import (
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.recovery import check_run_not_ended
 from mantle_assets.orchestration.resources import EntityStoreResource
-from mantle_assets.orchestration.retries import retried_while_store_busy
+from mantle_assets.orchestration.retries import refusals_as_failures, retried_while_store_busy
 from mantle_assets.settings import check_data_path, mantle_home, max_field_pixels, max_image_bytes, staging_root
 from mantle_assets.storage import local_copy
 
@@ -157,8 +157,9 @@ def cell_measurements(
 def measure_partition(
     context: AssetExecutionContext, config: MeasurementConfig, store: EntityStore
 ) -> MaterializeResult:
-    source = image_directory_entity(store, context.partition_key)
-    masks = current_masks_of(store, source.entity_id)
+    with refusals_as_failures():
+        source = image_directory_entity(store, context.partition_key)
+        masks = current_masks_of(store, source.entity_id)
     run_id = context.run.run_id
     output_dir = mantle_home() / "measurements" / source.entity_id / run_id
 
@@ -303,13 +304,14 @@ def recorded_wells(source: Entity, fields: list[str]) -> list[str]:
 
 
 def read_out_partition(context: AssetExecutionContext, config: AssayConfig, store: EntityStore) -> MaterializeResult:
-    source = store.get(context.partition_key)
-    measured = current_measurements_of(store, source.entity_id)
-    masks = store.get(measured.properties["mask_entity"])
-    value_column = readout_column(config.readout_channel, measured.properties["channel_names"], masks)
-    layout_file = source.properties.get("plate_layout")
-    # Checked again now: the file may have been replaced by a link out of the data roots since registration.
-    layout = read_plate_layout(check_data_path(layout_file, "plate_layout")) if layout_file else None
+    with refusals_as_failures():
+        source = store.get(context.partition_key)
+        measured = current_measurements_of(store, source.entity_id)
+        masks = store.get(measured.properties["mask_entity"])
+        value_column = readout_column(config.readout_channel, measured.properties["channel_names"], masks)
+        layout_file = source.properties.get("plate_layout")
+        # Checked again now: the file may have been replaced by a link out of the data roots since registration.
+        layout = read_plate_layout(check_data_path(layout_file, "plate_layout")) if layout_file else None
     readout = plate_readout(
         read_parquet(measured.properties["measurement_file"]),
         value_column=value_column,

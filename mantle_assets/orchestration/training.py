@@ -19,6 +19,7 @@ from mantle_assets.models.training import (
 from mantle_assets.orchestration.assets import GPU_OP_TAGS
 from mantle_assets.orchestration.recovery import check_run_not_ended
 from mantle_assets.orchestration.resources import EntityStoreResource
+from mantle_assets.orchestration.retries import refusals_as_failures
 from mantle_assets.settings import mantle_home, max_field_pixels
 
 TRAINING_PIPELINE = "cellpose-training"
@@ -85,14 +86,15 @@ def annotated_entity(store: EntityStore, name: str, directory: Path, annotated) 
 def trained_cellpose_model(
     context: AssetExecutionContext, config: TrainingConfig, entity_store: EntityStoreResource
 ) -> MaterializeResult:
-    # The name becomes folders under $MANTLE_HOME/models, created before training starts.
-    check_model_name(config.model_name)
+    with refusals_as_failures():
+        # The name becomes folders under $MANTLE_HOME/models, created before training starts.
+        check_model_name(config.model_name)
+        named = [parse_named_path(text) for text in config.train_directories]
+        max_pixels = max_field_pixels()
+        train_sets = {name: load_annotated_set(path, max_pixels=max_pixels) for name, path in named}
+        validation_path = Path(config.validation_directory)
+        validation = load_annotated_set(validation_path, max_pixels=max_pixels)
     store = entity_store.store()
-    named = [parse_named_path(text) for text in config.train_directories]
-    max_pixels = max_field_pixels()
-    train_sets = {name: load_annotated_set(path, max_pixels=max_pixels) for name, path in named}
-    validation_path = Path(config.validation_directory)
-    validation = load_annotated_set(validation_path, max_pixels=max_pixels)
 
     run_id = context.run.run_id
     final = mantle_home() / "models" / config.model_name / run_id
