@@ -182,12 +182,13 @@ def entities(data_type: str | None, as_json: bool, archived: bool) -> None:
 def show(entity_id: str, as_json: bool) -> None:
     """Show an entity: properties, lineage and property history."""
     store = _store()
-    entity = store.get(entity_id)
-    described = _entity_json(entity) | {
-        "parents": [e.__dict__ for e in store.parents(entity_id)],
-        "children": [e.__dict__ for e in store.children(entity_id)],
-        "history": [c.__dict__ for c in store.history(entity_id)],
-    }
+    with store.session():
+        entity = store.get(entity_id)
+        described = _entity_json(entity) | {
+            "parents": [e.__dict__ for e in store.parents(entity_id)],
+            "children": [e.__dict__ for e in store.children(entity_id)],
+            "history": [c.__dict__ for c in store.history(entity_id)],
+        }
     if as_json:
         _echo_json(described)
         return
