@@ -237,7 +237,12 @@ def _execute(job_name: str, asset_name: str, config: dict, instance, partition_k
 
     from mantle_assets.definitions import defs
     from mantle_assets.orchestration.concurrency import sleep_while_waiting_for_slots
-    from mantle_assets.orchestration.recovery import fail_abandoned_runs, process_run_tags, release_ended_runs
+    from mantle_assets.orchestration.recovery import (
+        add_missing_partitions,
+        fail_abandoned_runs,
+        process_run_tags,
+        release_ended_runs,
+    )
 
     abandoned = fail_abandoned_runs(instance)
     for run_id in abandoned:
@@ -245,6 +250,7 @@ def _execute(job_name: str, asset_name: str, config: dict, instance, partition_k
     for run_id in release_ended_runs(instance):  # after failing the abandoned runs, whose slots it frees too
         if run_id not in abandoned:
             click.echo(f"run {run_id} had ended but held a pool slot: freed", err=True)
+    add_missing_partitions(instance)  # of entities whose register was killed before adding them
     sleep_while_waiting_for_slots()
     result = defs.resolve_job_def(job_name).execute_in_process(
         run_config={"ops": {asset_name: {"config": config}}},

@@ -11,6 +11,7 @@ from mantle_assets.orchestration.jobs import (
     training_job,
 )
 from mantle_assets.orchestration.measurements import assay_readout, cell_measurements, measurement_checks
+from mantle_assets.orchestration.recovery import ended_run_cleanup_sensor
 from mantle_assets.orchestration.registration_jobs import register_image_directory_job, set_segmentation_defaults_job
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource, InboxResource
 from mantle_assets.orchestration.schedules import image_directory_observation_schedule, stale_segmentation_schedule
@@ -32,7 +33,7 @@ defs = Definitions(
         register_image_directory_job,
         set_segmentation_defaults_job,
     ],
-    sensors=[new_image_directory_sensor, inbox_sensor, segmented_directory_sensor],
+    sensors=[new_image_directory_sensor, inbox_sensor, segmented_directory_sensor, ended_run_cleanup_sensor],
     schedules=[stale_segmentation_schedule, image_directory_observation_schedule],
     executor=mantle_executor,
     resources={

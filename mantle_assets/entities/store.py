@@ -1454,3 +1454,34 @@ class EntityStore:
                 [entity_id],
             ).fetchall()
         return [_edge_from_row(row) for row in rows]
+
+    def outputs_of_runs(self, run_ids: Iterable[str]) -> dict[str, list[Entity]]:
+        """The entities some runs recorded as outputs (children of their lineage edges), in one query.
+
+        Recovery keeps a folder an ended run wrote only if one of these records it: a folder
+        renamed into place by a run killed before it recorded belongs to no entity.
+
+        Parameters
+        ----------
+        run_ids : iterable of str
+            Dagster run ids; unknown ones map to nothing.
+
+        Returns
+        -------
+        dict[str, list[Entity]]
+            For each run that recorded outputs, those entities (archived ones included), by id.
+        """
+        wanted = sorted({str(run_id) for run_id in run_ids})
+        if not wanted:
+            return {}
+        with self._transaction() as connection:
+            rows = connection.execute(
+                f"SELECT DISTINCT edges.run_id, {', '.join(f'records.{c.strip()}' for c in _ENTITY_COLUMNS.split(','))} "
+                "FROM lineage_edges AS edges JOIN entity_records AS records ON records.entity_id = edges.child_id "
+                "WHERE list_contains(CAST(? AS VARCHAR[]), edges.run_id) ORDER BY edges.run_id, records.entity_id",
+                [wanted],
+            ).fetchall()
+        outputs: dict[str, list[Entity]] = {}
+        for run_id, *entity in rows:
+            outputs.setdefault(run_id, []).append(_entity_from_row(tuple(entity)))
+        return outputs
