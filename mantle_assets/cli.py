@@ -45,9 +45,15 @@ def _store():
     return EntityStore()
 
 
-def _instance():
+def _instance(*, quiet: bool = False):
+    """The Dagster instance of ``$DAGSTER_HOME``.
+
+    ``quiet``: this process records no Dagster telemetry (whatever dagster.yaml says), so Dagster has
+    nothing to announce and prints no telemetry notice; the daemon and `mantle ui` follow dagster.yaml.
+    """
     import filelock
     from dagster import DagsterInstance
+    from dagster._core.instance.ref import InstanceRef
 
     from mantle_assets.orchestration.instance import write_instance_settings
 
@@ -55,7 +61,42 @@ def _instance():
     # Opening a new SQLite instance creates and migrates its databases; CLI processes started
     # together (parallel `mantle segment`) would race on that, so they take turns.
     with filelock.FileLock(str(dagster_home() / ".instance.lock")):
-        return DagsterInstance.get()
+        overrides = {"telemetry": {"enabled": False}} if quiet else None
+        return DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home()), overrides=overrides))
+
+
+VERBOSE = "mantle.verbose"
+
+
+def _quiet() -> bool:
+    """Whether the command runs without --verbose: progress and results only."""
+    return not click.get_current_context().meta.get(VERBOSE, False)
+
+
+def _step_messages_logger():
+    """A Dagster logger printing what the steps say (per-field progress, warnings), without Dagster's own events.
+
+    Errors are left to the command, which prints the run's first one as one line.
+    """
+    import logging
+
+    from dagster import LoggerDefinition
+
+    class StepMessage(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            message = record.dagster_meta["orig_message"]
+            return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
+    def step_messages(_init_context) -> logging.Logger:
+        handler = logging.StreamHandler()  # stderr, as Dagster's console logger
+        handler.addFilter(lambda record: record.dagster_meta["dagster_event"] is None
+                          and record.levelno < logging.ERROR)
+        handler.setFormatter(StepMessage())
+        step_logger = logging.Logger("mantle.steps", logging.INFO)
+        step_logger.addHandler(handler)
+        return step_logger
+
+    return LoggerDefinition(step_messages, description="What the steps log, one plain line each.")
 
 
 def _echo_json(value) -> None:
@@ -76,12 +117,20 @@ def _entity_json(entity) -> dict:
 
 
 @click.group(cls=MantleGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show Dagster's event log (DEBUG and up) of the runs this command makes, Dagster's telemetry "
+              "(and its first-use notice) and library warnings; by default runs print progress and results only.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Mantle: register microscopy image directories, segment them with Cellpose, browse lineage.
 
     State lives in $MANTLE_HOME (default ./.mantle); Dagster runs in $DAGSTER_HOME
     (default $MANTLE_HOME/dagster), shared by the CLI and `mantle ui`.
     """
+    ctx.meta[VERBOSE] = verbose
+    if not verbose:
+        # Libraries' warnings (torch's sparse checks in Cellpose, ...) are not the user's to act on.
+        warnings.simplefilter("ignore")
     _prepare_environment()
     # SIGTERM stops a command as Ctrl-C does (KeyboardInterrupt), so that its clean-up code runs; within a
     # Dagster run, Dagster treats both alike. A handler of a program calling this one is left alone.
@@ -231,6 +280,7 @@ def _execute(job_name: str, asset_name: str, config: dict, instance, partition_k
     are those of ended runs of any origin.
     SIGINT or SIGTERM, while the run waits for a pool slot or while a step runs, stops the step (its partial
     outputs removed, its slot freed) and fails the run.
+    Without --verbose the run prints what its steps log (per-field progress, warnings), not Dagster's events.
     """
     from dagster import DagsterEventType
     from dagster._core.events import RunFailureReason
@@ -252,8 +302,14 @@ def _execute(job_name: str, asset_name: str, config: dict, instance, partition_k
             click.echo(f"run {run_id} had ended but held a pool slot: freed", err=True)
     add_missing_partitions(instance)  # of entities whose register was killed before adding them
     sleep_while_waiting_for_slots()
-    result = defs.resolve_job_def(job_name).execute_in_process(
-        run_config={"ops": {asset_name: {"config": config}}},
+    job = defs.resolve_job_def(job_name)
+    run_config = {"ops": {asset_name: {"config": config}}}
+    if _quiet():
+        # Named in the run config, or Dagster falls back to its console logger.
+        job = job.with_logger_defs({"mantle_steps": _step_messages_logger()})
+        run_config["loggers"] = {"mantle_steps": {}}
+    result = job.execute_in_process(
+        run_config=run_config,
         instance=instance,
         partition_key=partition_key,
         tags=process_run_tags(),
@@ -303,7 +359,7 @@ def _segment(entity_id: str, parameters: dict):
         prepare_segmentation(store, entity_id, config)
     except (EntityNotFoundError, ValueError) as error:
         raise MantleCommandError(str(error).splitlines()[0]) from None
-    instance = _instance()
+    instance = _instance(quiet=_quiet())
     if not instance.has_dynamic_partition(image_directory_partitions.name, entity_id):
         instance.add_dynamic_partitions(image_directory_partitions.name, [entity_id])
     result = _execute("segmentation_job", "segmentation_masks", config.model_dump(), instance, entity_id)
@@ -403,8 +459,6 @@ def demo(all_wells: bool, data: Path | None, cellpose_model: str | None, as_json
         entity = _store().update(entity.entity_id, metadata)
     say(f"image_directory {entity.entity_id}: {images}")
     output, run_id = _segment(entity.entity_id, parameters)
-    for field, cells in output.properties["cells_per_field"].items():
-        say(f"  {field}: {cells} nuclei")
     say(
         f"segmentation_mask_directory {output.entity_id}: {output.properties['total_cells']} nuclei "
         f"in {output.properties['fields']} fields (run {run_id})"
@@ -432,7 +486,7 @@ def demo(all_wells: bool, data: Path | None, cellpose_model: str | None, as_json
 
 def _measure(entity_id: str):
     """Materialise cell_measurements and assay_readout of one partition (one Dagster run)."""
-    result = _execute("measurement_job", "cell_measurements", {}, _instance(), entity_id)
+    result = _execute("measurement_job", "cell_measurements", {}, _instance(quiet=_quiet()), entity_id)
     store = _store()
     measured, readout = (
         store.get(result.asset_materializations_for_node(node)[0].metadata["output_entity"].value)
@@ -540,7 +594,7 @@ def train(weights: tuple[str, ...], **options) -> None:
         check_model_name(config["model_name"], "--name")  # before a run exists, so that a bad name records none
     except ValueError as error:
         raise MantleCommandError(str(error)) from None
-    result = _execute("training_job", "trained_cellpose_model", config, _instance())
+    result = _execute("training_job", "trained_cellpose_model", config, _instance(quiet=_quiet()))
     metadata = result.asset_materializations_for_node("trained_cellpose_model")[0].metadata
     click.echo(
         f"{metadata['model_entity'].value}: {metadata['model_file'].value} "

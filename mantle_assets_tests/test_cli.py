@@ -43,17 +43,31 @@ def test_register_then_segment_round_trip(bbbc014_crops, bundled_model_name, man
     grouping = shown["properties"]["field_grouping"]
     assert (grouping["n_fields"], grouping["n_channels"]) == (2, 2)
 
-    mantle("segment", entity_id, "--cellpose-model", bundled_model_name, "--nuclei-channel", "2",
-           "--cytoplasm-channel", "2", "--diameter", "None")
+    segment = ("segment", entity_id, "--cellpose-model", bundled_model_name, "--nuclei-channel", "2",
+               "--cytoplasm-channel", "2", "--diameter", "None")
+    quiet = mantle(*segment)
     (masks,) = json.loads(mantle("entities", "--type", "segmentation_mask_directory", "--json").stdout)
     (run,) = dagster_runs(mantle_home)
     assert run.job_name == "segmentation_job" and run.tags["dagster/partition"] == entity_id
+    # Progress, one line per field as the step logs it, and the result; no Dagster events, no telemetry notice.
+    progress = [line for line in quiet.stderr.splitlines() if not line.startswith("loaded model")]
+    cells = masks["properties"]["cells_per_field"]
+    assert [line.split(" objects in ")[0] for line in progress] == [f"{f}: {n}" for f, n in cells.items()]
+    assert quiet.stdout.startswith(f"{masks['entity_id']}: {masks['properties']['total_cells']} objects in 2 fields")
 
     with duckdb.connect(str(mantle_home / "mantle.duckdb"), read_only=True) as db:
         entities = dict(db.execute("SELECT entity_id, data_type FROM entities").fetchall())
         lineage = db.execute("SELECT parent_id, child_id, pipeline, run_id FROM lineage").fetchall()
     assert entities == {entity_id: "image_directory", masks["entity_id"]: "segmentation_mask_directory"}
     assert lineage == [(entity_id, masks["entity_id"], "cellpose-segmentation", run.run_id)]
+
+    # The quiet run recorded no telemetry, so the first verbose one is where Dagster announces it.
+    verbose = mantle("--verbose", *segment).stderr
+    assert " - DEBUG - segmentation_job - " in verbose and "STEP_START" in verbose
+    assert "Telemetry:" in verbose and "telemetry:\n      enabled: false" in verbose
+    verbose_run = dagster_runs(mantle_home)[0].run_id  # the newest run comes first
+    assert all(f" - INFO - segmentation_job - {verbose_run} - segmentation_masks - {field}: " in verbose
+               for field in cells)
 
 
 def test_unknown_model_exits_non_zero_and_records_nothing(bbbc014_crops, mantle_home):
@@ -164,6 +178,10 @@ def test_demo_json_ends_with_the_plate_readout(tmp_path, bundled_model_name, man
     assert readout["readout"] == "NFkB_ratio" and readout["ec50"] is None
     assert readout["notes"]["fit"] == "no dose-point wells"
     assert "cell_measurement_table" in completed.stderr
+    # Progress of segmentation ("objects in 1.2 s") and of measurement, per field; no Dagster events.
+    for part in ("01-A-01: ", "24-B-12: ", " objects in ", " objects measured"):
+        assert part in completed.stderr
+    assert " - DEBUG - " not in completed.stderr
 
     lines = mantle("demo", "--data", str(plate), "--cellpose-model", bundled_model_name).stdout.splitlines()
     # 160 px crops hold under min_cells (50) nuclei per well, so no well counts towards Z'.
@@ -209,6 +227,7 @@ def test_a_plate_without_objects_fails_and_records_nothing(tmp_path, bundled_mod
         f"Error: segmentation_job run {run.run_id} failed: "
         f"0 objects in all 2 fields with {bundled_model_name} (nuclei_channel=2, cytoplasm_channel=2, "
         "diameter=None): check the channel and diameter")
+    assert "Stack Trace" not in failed.stderr and " - ERROR - " not in failed.stderr  # those are for --verbose
     assert [e["entity_id"] for e in json.loads(mantle("entities", "--json").stdout)] == [entity_id]
     assert json.loads(mantle("show", entity_id, "--json").stdout)["children"] == []
     assert not (mantle_home / "masks" / entity_id).exists()
