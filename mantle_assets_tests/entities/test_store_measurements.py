@@ -112,7 +112,8 @@ def test_readout_rows_are_kept_per_run_and_the_views_show_the_latest(store_and_p
         (first.entity_id, "run-2", "E000001", "NFkB_ratio", 120, 0.75, None)]
     assert query(store, "SELECT ec50, ec50_ci95_low, ec50_ci95_high, hill, bottom, top, r_squared FROM assay_readouts "
                         "WHERE run_id = 'run-1'") == [(2.0, 1.0, 4.0, 1.5, 1.0, 5.0, 0.9)]
-    assert query(store, "SELECT run_id, well, dose, control, median, used FROM readout_wells ORDER BY run_id, well") == [
+    assert query(store, "SELECT run_id, well, dose, control, median, used FROM readout_wells "
+                        "ORDER BY run_id, well") == [
         ("run-1", "A01", 0.0, -1, 1.0, True), ("run-1", "A02", 10.0, 1, 4.0, True),
         ("run-2", "A01", 0.0, -1, 1.25, True), ("run-2", "A02", 10.0, 1, 5.0, True)]
     assert query(store, "SELECT run_id, z_prime FROM current_assay_readouts") == [("run-2", 0.75)]
