@@ -1,4 +1,5 @@
-"""A daemon-style run (Dagster's multiprocess executor, as UI, sensor and schedule runs use) waiting for the gpu slot sleeps.
+"""A daemon-style run (Dagster's multiprocess executor, which UI, sensor and schedule runs use) waiting for the gpu
+slot sleeps.
 
 Dagster 1.13's multiprocess loop re-checks its in-memory state without pause while every
 step waits for a pool slot; the code location's executor makes it sleep. A real run worker
@@ -8,7 +9,6 @@ once the slot is released.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
