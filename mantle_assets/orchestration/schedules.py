@@ -10,14 +10,16 @@ from collections.abc import Callable
 
 from dagster import (
     AssetPartitionStatus,
-    AssetRecordsFilter,
     DagsterEventType,
     DagsterInstance,
+    DagsterRunStatus,
     DefaultScheduleStatus,
     RunRequest,
+    RunsFilter,
     ScheduleEvaluationContext,
     schedule,
 )
+from dagster._core.definitions.data_version import DATA_VERSION_TAG
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from mantle_assets.entities import Entity
@@ -36,7 +38,7 @@ from mantle_assets.orchestration.instance import automatic_run_tags
 from mantle_assets.orchestration.jobs import observe_image_directories_job, segmentation_job
 from mantle_assets.orchestration.partitions import image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource
-from mantle_assets.orchestration.sensors import default_segmentation_config, segmentation_run_config
+from mantle_assets.orchestration.sensors import default_segmentation_config, run_defaults, segmentation_run_config
 from mantle_assets.registration import IMAGE_DIRECTORY, directory_fingerprint
 from mantle_assets.settings import gpu_count, plates_per_run
 from mantle_assets.storage import is_directory
@@ -52,30 +54,41 @@ def recorded_parameters(masks: Entity) -> dict:
             for name in RESULT_PARAMETERS}
 
 
-def observed_images(instance: DagsterInstance) -> dict[str, tuple[str, float]]:
-    """Each image_directory partition's last observed data version and when it was observed (POSIX time).
+def observed_images(instance: DagsterInstance) -> tuple[dict[str, str], float | None]:
+    """The image_directory data versions last observed, per partition, and when they were taken.
 
-    Two queries of the event log, whatever its length: the latest observation's
-    id per partition, then those observations.
+    Two indexed queries, whatever the length of the event log: the latest
+    successful observation run (which observes every directory registered when
+    it starts) and the latest data version tag of each partition.
+
+    Returns
+    -------
+    (dict of str to str, float or None)
+        Data version per partition, and the POSIX start time of the latest
+        successful ``observe_image_directories_job`` run (None if there was none,
+        and then no version is returned).
     """
-    latest = instance.get_latest_storage_id_by_partition(image_directory.key, DagsterEventType.ASSET_OBSERVATION)
-    if not latest:
-        return {}
-    records = instance.fetch_observations(
-        AssetRecordsFilter(asset_key=image_directory.key, storage_ids=list(latest.values())), limit=len(latest)
-    ).records
-    return {record.partition_key: (record.asset_observation.data_version, record.timestamp) for record in records}
+    runs = instance.get_run_records(
+        RunsFilter(job_name=observe_image_directories_job.name, statuses=[DagsterRunStatus.SUCCESS]), limit=1
+    )
+    if not runs or runs[0].start_time is None:
+        return {}, None
+    tags = instance.event_log_storage.get_latest_tags_by_partition(
+        image_directory.key, DagsterEventType.ASSET_OBSERVATION, [DATA_VERSION_TAG]
+    )
+    return {partition: values[DATA_VERSION_TAG] for partition, values in tags.items()}, runs[0].start_time
 
 
 def images_check(
-    entity: Entity, masks: Entity | None, observation: tuple[str, float] | None
+    entity: Entity, masks: Entity | None, version: str | None, observed_at: float | None
 ) -> Callable[[str | None], bool | None] | None:
     """How the tick tells whether a directory still holds the images some masks were made from.
 
-    The observation (see :func:`observed_images`) answers when it is newer
-    than the entity's last change and its masks: fingerprinting every plate
-    is the observation job's work, not the tick's. Otherwise (a plate
-    registered, changed or segmented since) the directory is looked at now.
+    The last observation (see :func:`observed_images`) answers when its run
+    started after the entity's last change and its masks were made:
+    fingerprinting every plate is the observation job's work, not the tick's.
+    Otherwise (a plate registered, changed or segmented since) the directory
+    is looked at now.
 
     Returns
     -------
@@ -85,8 +98,7 @@ def images_check(
         images are unchanged, or None when they cannot be read now.
     """
     changed_at = max(entity.updated_at, masks.updated_at) if masks is not None else entity.updated_at
-    if observation is not None and observation[1] >= changed_at.timestamp():
-        version = observation[0]
+    if version is not None and observed_at is not None and observed_at > changed_at.timestamp():
         if version == MISSING_IMAGES:
             return None
         return lambda fingerprint: version_has_fingerprint(version, fingerprint)
@@ -109,6 +121,7 @@ def stale_reason(
     failed: bool,
     images_unchanged: Callable[[str | None], bool | None],
     model_hashes: dict[str, str | None],
+    configs: dict[str, SegmentationConfig],
 ) -> str | None:
     """Why a partition needs segmenting again, or None when its masks are current.
 
@@ -116,13 +129,13 @@ def stale_reason(
     it has none) recorded (parameters, the directory's fingerprint, the
     weights' hash) with what a run would use now; ``failed``: Dagster's status
     of the partition is failed (its last attempt failed); ``images_unchanged``:
-    see :func:`images_check`.
+    see :func:`images_check`; ``model_hashes`` and ``configs`` are the tick's caches.
     """
-    config: SegmentationConfig = default_segmentation_config(entity)
     if masks is None:
         return "no masks"
     if failed:
         return "last run failed"
+    config = run_defaults(entity, configs)
     wanted = config.model_dump()
     if recorded_parameters(masks) != {name: wanted[name] for name in RESULT_PARAMETERS}:
         return "parameters changed"
@@ -216,8 +229,9 @@ def stale_segmentation_schedule(context: ScheduleEvaluationContext, entity_store
     status = context.instance.get_status_by_partition(
         segmentation_masks.key, partition_keys, image_directory_partitions
     ) or {}
-    observed = observed_images(context.instance)
+    versions, observed_at = observed_images(context.instance)
     model_hashes: dict[str, str | None] = {}
+    configs: dict[str, SegmentationConfig] = {}
     night = context.scheduled_execution_time.strftime("%Y%m%d") if context.scheduled_execution_time else "now"
     with store.session():
         entities = {entity.entity_id: entity for entity in store.list(IMAGE_DIRECTORY)}
@@ -227,11 +241,11 @@ def stale_segmentation_schedule(context: ScheduleEvaluationContext, entity_store
         entity = entities.get(key)
         if entity is None:
             continue
-        images_unchanged = images_check(entity, masks.get(key), observed.get(key))
+        images_unchanged = images_check(entity, masks.get(key), versions.get(key), observed_at)
         if images_unchanged is None:
             continue
         failed = status.get(key) == AssetPartitionStatus.FAILED
-        reason = stale_reason(entity, masks.get(key), failed, images_unchanged, model_hashes)
+        reason = stale_reason(entity, masks.get(key), failed, images_unchanged, model_hashes, configs)
         if reason is not None:
             stale[key] = reason
     # Few stale plates are spread over the GPUs rather than queued behind one of them.

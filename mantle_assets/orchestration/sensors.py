@@ -30,6 +30,22 @@ def default_segmentation_config(entity: Entity) -> SegmentationConfig:
     return SegmentationConfig().resolved_for(entity)
 
 
+def run_defaults(entity: Entity, configs: dict[str, SegmentationConfig]) -> SegmentationConfig:
+    """:func:`default_segmentation_config`, resolved once per tick for all plates sharing what it reads.
+
+    ``configs`` is the tick's cache, keyed by those properties: the experiment's defaults and the channels.
+    """
+    key = json.dumps(
+        [entity.properties.get(name) for name in ("segmentation_defaults", "channel_names")]
+        + [(entity.properties.get("field_grouping") or {}).get("channel_labels")],
+        sort_keys=True,
+        default=str,
+    )
+    if key not in configs:
+        configs[key] = default_segmentation_config(entity)
+    return configs[key]
+
+
 @sensor(
     job=segmentation_job,
     minimum_interval_seconds=30,
@@ -58,13 +74,14 @@ def new_image_directory_sensor(
         requests.append(image_directory_partitions.build_delete_request(retired))
     if not requests:
         return SensorResult(skip_reason="no new or archived image directories")
+    configs: dict[str, SegmentationConfig] = {}
     return SensorResult(
         run_requests=[
             RunRequest(
                 # One automatic run per entity, however many ticks see it.
                 run_key=f"new-image-directory-{e.entity_id}",
                 partition_key=e.entity_id,
-                run_config=segmentation_run_config(default_segmentation_config(e)),
+                run_config=segmentation_run_config(run_defaults(e, configs)),
                 tags=automatic_run_tags(),
             )
             for e in new
