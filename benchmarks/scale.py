@@ -134,7 +134,7 @@ def cli(*arguments: str) -> float:
     return time.perf_counter() - start
 
 
-def measure(plates: int, work: Path, one_by_one: int, figures: dict[str, float]) -> None:
+def measure(plates: int, work: Path, one_by_one: int, figures: dict[str, float], quick: bool = False) -> None:
     """Fill ``figures`` (see COLUMNS) for ``plates`` plates; each is printed to stderr once measured."""
     from dagster import AssetMaterialization, DagsterInstance, build_schedule_context, build_sensor_context
 
@@ -194,6 +194,8 @@ def measure(plates: int, work: Path, one_by_one: int, figures: dict[str, float])
 
         requests, figures["schedule_all_stale_s"] = schedule_tick()
         assert requests
+        if quick:
+            return
 
         entities = store.list(IMAGE_DIRECTORY)
         masks_root = home / "masks"
@@ -269,6 +271,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/scale"))
     parser.add_argument("--one-by-one", type=int, default=100, help="Plates registered one by one (default 100).")
     parser.add_argument("--json", type=Path, help="Also write the figures here, after each N.")
+    parser.add_argument("--quick", action="store_true",
+                        help="Stop after the all-stale schedule tick: no masks, observation run, CLI or UI figures.")
     arguments = parser.parse_args()
     arguments.work = arguments.work.resolve()
     results: dict[int, dict[str, float]] = {}
@@ -276,13 +280,15 @@ def main() -> None:
     print("|" + "---|" * (len(COLUMNS) + 1))
     for plates in arguments.plates:
         results[plates] = Figures(plates, arguments.json, results)
-        measure(plates, arguments.work, arguments.one_by_one, results[plates])
-        cells = [f"{plates:,}", *(f"{results[plates][key]:.3g}" for key in COLUMNS)]
+        measure(plates, arguments.work, arguments.one_by_one, results[plates], arguments.quick)
+        cells = [f"{plates:,}", *(f"{results[plates][key]:.3g}" if key in results[plates] else "-" for key in COLUMNS)]
         print("| " + " | ".join(cells) + " |", flush=True)
     if len(results) > 1:
         low, high = min(results), max(results)
         print(f"\nGrowth per plate from N={low:,} to N={high:,} (ms per plate; registration: change of ms/plate):")
         for key, label in COLUMNS.items():
+            if key not in results[high]:
+                continue
             slope = (results[high][key] - results[low][key]) / (high - low)
             factor = 1 if key.endswith("_ms") or key.endswith("_per_plate") else 1000
             print(f"  {label}: {factor * slope:.4f}")
