@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 
 OUTLINE_COLOUR = (255, 64, 64)
+# Cyan beside red: the pair stays apart for red-green colour-blind eyes too.
+CELL_OUTLINE_COLOUR = (64, 224, 255)
 SHEET_BACKGROUND = (40, 40, 40)
 LABEL_COLOUR = (255, 255, 255)
 LABEL_HEIGHT = 14  # px: the band above each tile that holds its label
@@ -28,24 +30,37 @@ def to_display(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.nd
     return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def outline_overlay(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """An RGB uint8 picture of ``image`` in grey with the outlines of ``masks`` in colour.
+def outline_overlay(image: np.ndarray, masks: np.ndarray, cells: np.ndarray | None = None) -> np.ndarray:
+    """An RGB uint8 picture of ``image`` in grey with the outlines of ``masks`` (and ``cells``) in colour.
 
     Parameters
     ----------
     image : ndarray, (Y, X)
         Intensities.
     masks : ndarray of int, (Y, X)
-        Label image.
+        Label image, e.g. of nuclei: outlined in ``OUTLINE_COLOUR``.
+    cells : ndarray of int, (Y, X), optional
+        A second label image, e.g. of the cells around those nuclei: outlined
+        in ``CELL_OUTLINE_COLOUR``, under the outlines of ``masks`` where both
+        run along the same pixels.
 
     Returns
     -------
     ndarray, (Y, X, 3) uint8
+
+    Raises
+    ------
+    ValueError
+        If ``cells`` is not the shape of ``masks``.
     """
     from skimage.segmentation import find_boundaries
 
     grey = to_display(image)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
+    if cells is not None:
+        if cells.shape != masks.shape:
+            raise ValueError(f"outline overlay: cells of shape {cells.shape} for masks of shape {masks.shape}")
+        rgb[find_boundaries(cells, mode="inner")] = CELL_OUTLINE_COLOUR
     rgb[find_boundaries(masks, mode="inner")] = OUTLINE_COLOUR
     return rgb
 
@@ -65,7 +80,9 @@ def spread_indices(count: int, limit: int) -> list[int]:
     return [int(i) for i in np.linspace(0, count - 1, limit).round()]
 
 
-def outline_thumbnail(image: np.ndarray, masks: np.ndarray, size: int) -> np.ndarray:
+def outline_thumbnail(
+    image: np.ndarray, masks: np.ndarray, size: int, cells: np.ndarray | None = None
+) -> np.ndarray:
     """:func:`outline_overlay` of a field shrunk so that its longer side is at most ``size``.
 
     The boundaries are found at the thumbnail's scale, so they stay one pixel
@@ -77,9 +94,11 @@ def outline_thumbnail(image: np.ndarray, masks: np.ndarray, size: int) -> np.nda
     image : ndarray, (Y, X)
         Intensities.
     masks : ndarray of int, (Y, X)
-        Label image.
+        Label image, e.g. of nuclei.
     size : int
         The most pixels of the thumbnail's longer side.
+    cells : ndarray of int, (Y, X), optional
+        A second label image drawn in a second colour (see :func:`outline_overlay`).
 
     Returns
     -------
@@ -90,8 +109,9 @@ def outline_thumbnail(image: np.ndarray, masks: np.ndarray, size: int) -> np.nda
 
     factor = max(1, math.ceil(max(image.shape) / size))
     small_masks = masks[::factor, ::factor]  # nearest: labels must not be averaged
+    small_cells = None if cells is None else cells[::factor, ::factor]
     small_image = resize(image.astype(np.float32), small_masks.shape, anti_aliasing=factor > 1, preserve_range=True)
-    return outline_overlay(small_image, small_masks)
+    return outline_overlay(small_image, small_masks, small_cells)
 
 
 def contact_sheet(tiles: Sequence[np.ndarray], labels: Sequence[str], columns: int = 4) -> np.ndarray:

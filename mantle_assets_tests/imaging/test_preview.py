@@ -8,6 +8,7 @@ from PIL import Image
 from mantle_assets.imaging.fields import Field, FieldGrouping
 from mantle_assets.imaging.pipeline import sheet_indices
 from mantle_assets.imaging.preview import (
+    CELL_OUTLINE_COLOUR,
     LABEL_COLOUR,
     LABEL_HEIGHT,
     OUTLINE_COLOUR,
@@ -38,6 +39,36 @@ def test_outlines_trace_each_object_boundary_only():
     assert coloured[5, 5:10].all() and coloured[9, 5:10].all()
     assert not coloured[7, 7]  # interior stays grey
     assert coloured.sum() == 16  # the 5x5 square's perimeter
+
+
+def test_nuclei_and_cells_are_outlined_in_two_colours():
+    # A 4 px nucleus inside a 10 px cell, their top edges on the same row (nucleus at 3:7, cell at 3:13).
+    nuclei = np.zeros((20, 20), np.int32)
+    nuclei[3:7, 3:7] = 1
+    cells = np.zeros((20, 20), np.int32)
+    cells[3:13, 3:13] = 1
+    rgb = outline_overlay(np.zeros((20, 20)), nuclei, cells)
+    red, cyan = np.all(rgb == OUTLINE_COLOUR, axis=-1), np.all(rgb == CELL_OUTLINE_COLOUR, axis=-1)
+    assert red.sum() == 12  # the nucleus's whole perimeter, on top where the cell's runs along it
+    assert red[3, 3:7].all() and red[3:7, 3].all()
+    assert cyan.sum() == 36 - 7  # the cell's perimeter less the 7 pixels it shares with the nucleus
+    assert cyan[12, 3:13].all() and cyan[3, 7:13].all() and not cyan[3, 3:7].any()
+    assert not (red | cyan)[9, 9] and not (red | cyan)[0, 0]
+
+
+def test_a_thumbnail_shrinks_the_cells_with_the_nuclei():
+    image, nuclei = square_field()  # the nucleus: 80 px at (160, 320), a 20 px square at the tile's scale
+    cells = np.zeros_like(nuclei)
+    cells[120:280, 280:440] = 1  # 160 px around it: 40 px at the tile's scale, at (30, 70)
+    tile = outline_thumbnail(image, nuclei, 160, cells=cells)
+    cyan = np.all(tile == CELL_OUTLINE_COLOUR, axis=-1)
+    assert cyan[30, 70:110].all() and cyan[69, 70:110].all() and cyan.sum() == 4 * 40 - 4
+    assert np.all(tile == OUTLINE_COLOUR, axis=-1).sum() == 4 * 20 - 4
+
+
+def test_cells_must_match_the_masks_shape():
+    with pytest.raises(ValueError, match=r"cells of shape \(10, 10\) for masks of shape \(20, 20\)"):
+        outline_overlay(np.zeros((20, 20)), np.zeros((20, 20), int), np.zeros((10, 10), int))
 
 
 def test_png_is_shrunk_to_the_maximum_size():
