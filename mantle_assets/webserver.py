@@ -5,7 +5,7 @@ page open in the user's browser could launch runs on the loopback UI: by a cross
 of its own at 127.0.0.1 (DNS rebinding). ``dagster dev`` cannot put anything in front of the app it serves, so
 :func:`serve` does what it does (one code server shared by the webserver and the daemon, the daemon in its own
 process, everything stopped on Ctrl-C or SIGTERM) and serves the webserver app itself, wrapped in
-:class:`RequestGuard`.
+:class:`RequestGuard`, with the contact sheets of segmentation runs beside it (:class:`PreviewFiles`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ _HOST = re.compile(r"([a-z0-9_.-]+|\[[0-9a-f:.]+\])(:\d+)?")
 CODE_SERVER_LOG_LEVEL = "warning"
 LIVE_DATA_POLL_MS = 2000
 DAEMON_STOP_SECONDS = 60
+# Where `mantle ui` serves the contact sheets under $MANTLE_HOME/previews, which the masks' metadata links to.
+PREVIEW_URL = "/mantle/previews/"
+_PREVIEW_FILE = re.compile(r"[A-Za-z0-9_-]+/[A-Za-z0-9_-]+\.png")
 
 logger = logging.getLogger("dagster-webserver")
 
@@ -149,6 +152,50 @@ class RequestGuard:
         await self.app(scope, receive, send)
 
 
+class PreviewFiles:
+    """ASGI app that serves ``GET PREVIEW_URL<entity>/<name>.png`` from a folder and passes every other request on.
+
+    Parameters
+    ----------
+    app
+        The application for every other path: Dagster's webserver app.
+    folder
+        The folder of ``<entity>/<name>.png`` files (``$MANTLE_HOME/previews``); it may appear later.
+
+    Notes
+    -----
+    Only a path of two plain names (letters, digits, ``_``, ``-``), the second ending in ``.png``, is looked up, so
+    no ``..`` or other folder can be named, however it is encoded; a file that resolves outside ``folder`` (a
+    symlink) is not served. Anything else under ``PREVIEW_URL`` is a 404, a method other than GET or HEAD a 405.
+    """
+
+    def __init__(self, app: ASGIApp, folder: Path) -> None:
+        self.app = app
+        self.folder = folder
+
+    def file(self, name: str) -> Path | None:
+        """The file ``name`` (``<entity>/<name>.png``) stands for, or ``None`` where none may be served."""
+        if not _PREVIEW_FILE.fullmatch(name):
+            return None
+        folder = self.folder.resolve()
+        file = (folder / name).resolve()
+        return file if file.is_relative_to(folder) and file.is_file() else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PREVIEW_URL):
+            await self.app(scope, receive, send)
+            return
+        from starlette.responses import FileResponse, PlainTextResponse
+
+        if scope["method"] not in ("GET", "HEAD"):
+            response = PlainTextResponse("Method Not Allowed\n", status_code=405, headers={"Allow": "GET, HEAD"})
+        elif (file := self.file(scope["path"].removeprefix(PREVIEW_URL))) is None:
+            response = PlainTextResponse("Not Found\n", status_code=404)
+        else:
+            response = FileResponse(file, media_type="image/png")
+        await response(scope, receive, send)
+
+
 class DaemonExitedError(RuntimeError):
     """Dagster's daemon stopped while the UI was serving."""
 
@@ -187,6 +234,8 @@ def _stop_when_exited(process: subprocess.Popen, server: uvicorn.Server) -> None
 def serve(instance: DagsterInstance, workspace: Path, port: int, hosts: Iterable[str]) -> None:
     """Serve Dagster's UI on ``127.0.0.1:port`` behind :class:`RequestGuard`, with its daemon, until Ctrl-C or SIGTERM.
 
+    The contact sheets in ``$MANTLE_HOME/previews`` are served beside it, behind the same guard (:class:`PreviewFiles`).
+
     Parameters
     ----------
     instance
@@ -213,6 +262,8 @@ def serve(instance: DagsterInstance, workspace: Path, port: int, hosts: Iterable
     from dagster_webserver.cli import DEFAULT_DB_STATEMENT_TIMEOUT, DEFAULT_POOL_MAX_OVERFLOW, DEFAULT_POOL_RECYCLE
     from dagster_webserver.version import __version__
 
+    from mantle_assets.settings import mantle_home
+
     configure_loggers()
     # Ctrl-C and a service manager's SIGTERM both raise KeyboardInterrupt (uvicorn raises the signal again once it has
     # stopped serving), which unwinds the with-block below and so stops the daemon and the code server. SIGINT is set
@@ -234,6 +285,7 @@ def serve(instance: DagsterInstance, workspace: Path, port: int, hosts: Iterable
                 instance, WorkspaceFileTarget(paths=[str(served)]), version=__version__,
                 code_server_log_level=CODE_SERVER_LOG_LEVEL))
             app = create_app_from_workspace_process_context(context, live_data_poll_rate=LIVE_DATA_POLL_MS)
+            app = PreviewFiles(app, mantle_home() / "previews")
             server = uvicorn.Server(uvicorn.Config(RequestGuard(app, hosts), host="127.0.0.1", port=port,
                                                    log_level="warning"))
             threading.Thread(target=_stop_when_exited, args=(daemon, server), daemon=True).start()

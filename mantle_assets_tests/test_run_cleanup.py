@@ -56,6 +56,11 @@ def test_the_sensor_removes_what_a_failed_run_left_unrecorded_once(tmp_path, man
     # Recorded before the run died (a plate of a multi-plate run): the entity's, kept.
     recorded = folder(masks / other.entity_id / run_id)
     record_masks(store, other, recorded, run_id)
+    # Contact sheets: one renamed into place and one half-written before the kill, and the recorded plate's.
+    previews = mantle_home / "previews"
+    unrecorded_preview = folder(previews / source.entity_id, f"{run_id}.png") / f"{run_id}.png"
+    partial_preview = folder(previews / "E999999", f"{PARTIAL_PREFIX}{run_id}") / f"{PARTIAL_PREFIX}{run_id}"
+    recorded_preview = folder(previews / other.entity_id, f"{run_id}.png") / f"{run_id}.png"
     instance.event_log_storage.set_concurrency_slots("gpu", 1)
     assert instance.event_log_storage.claim_concurrency_slot("gpu", run_id, "segmentation_masks").is_claimed
     untouched = create_run_for_test(instance, job_name="segmentation_job", status=DagsterRunStatus.STARTED)
@@ -65,10 +70,10 @@ def test_the_sensor_removes_what_a_failed_run_left_unrecorded_once(tmp_path, man
     result = ended_run_cleanup_sensor(build_sensor_context(instance=instance))
 
     assert isinstance(result, SensorResult) and not result.run_requests
-    for gone in (partial, staged, unrecorded, measurements, model):
+    for gone in (partial, staged, unrecorded, measurements, model, unrecorded_preview, partial_preview):
         assert not gone.exists(), gone
     assert (model.parent / f"{run_id}{UNRECORDED_SUFFIX}" / "weights").exists()
-    assert recorded.exists() and running.exists()
+    assert recorded.exists() and running.exists() and recorded_preview.exists()
     info = instance.event_log_storage.get_concurrency_info("gpu")
     assert run_id not in info.active_run_ids | info.pending_run_ids
 

@@ -18,10 +18,12 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from mantle_assets.cli import main
+from mantle_assets.imaging.preview import png_bytes
 from mantle_assets.webserver import ALLOWED_HOSTS_ENV, allowed_hosts
 from mantle_assets_tests.ui_server import running_ui
 
@@ -46,15 +48,21 @@ class UI:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def request(self, method: str, target: str, body: str | None = None, **headers: str) -> tuple[int, str]:
-        """Send one request, with ``Host`` this UI's unless given; return the status and the body."""
+    def response(self, method: str, target: str, body: str | None = None,
+                 **headers: str) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """Send one request, with ``Host`` this UI's unless given; return the status, the headers and the body."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
             connection.request(method, target, body=body, headers={"Host": self.host, **headers})
             response = connection.getresponse()
-            return response.status, response.read().decode()
+            return response.status, response.headers, response.read()
         finally:
             connection.close()
+
+    def request(self, method: str, target: str, body: str | None = None, **headers: str) -> tuple[int, str]:
+        """Send one request, with ``Host`` this UI's unless given; return the status and the body as text."""
+        status, _, content = self.response(method, target, body, **headers)
+        return status, content.decode()
 
     def graphql(self, query: str, **headers: str) -> tuple[int, str]:
         """POST ``query`` as JSON, as Dagster's UI does."""
@@ -157,6 +165,54 @@ def test_a_websocket_from_another_site_is_refused(ui):
     with connect(uri, origin=f"http://{ui.host}", subprotocols=["graphql-ws"]) as websocket:
         websocket.send(json.dumps({"type": "connection_init"}))
         assert json.loads(websocket.recv(timeout=30)) == {"type": "connection_ack"}
+
+
+@pytest.fixture(scope="module")
+def previews(ui) -> Path:
+    """A contact sheet in the UI's ``$MANTLE_HOME/previews``, a PNG outside that folder, and symlinks out to it."""
+    home = ui.dagster_home.parent
+    sheet = home / "previews" / "E000001" / "run-1.png"
+    sheet.parent.mkdir(parents=True)
+    sheet.write_bytes(png_bytes(np.zeros((4, 6, 3), np.uint8)))
+    outside = home / "outside.png"
+    outside.write_bytes(sheet.read_bytes())
+    (sheet.parent / "linked.png").symlink_to(outside)
+    (home / "previews" / "linked").symlink_to(home, target_is_directory=True)
+    return sheet
+
+
+@pytest.mark.slow
+def test_a_preview_is_served_as_png(ui, previews):
+    status, headers, content = ui.response("GET", "/mantle/previews/E000001/run-1.png")
+    assert (status, headers["Content-Type"], content) == (200, "image/png", previews.read_bytes())
+    assert ui.response("POST", "/mantle/previews/E000001/run-1.png", "")[0] == 405
+    # Everything else still goes to Dagster's app.
+    status, page = ui.request("GET", "/mantle", Accept="text/html")
+    assert status == 200 and "<!DOCTYPE html>" in page
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [
+    "/mantle/previews/../outside.png",
+    "/mantle/previews/E000001/../../outside.png",
+    "/mantle/previews/%2e%2e/outside.png",
+    "/mantle/previews/E000001/%2e%2e%2f%2e%2e%2foutside.png",
+    "/mantle/previews/../../mantle.duckdb",
+    "/mantle/previews/E000001/linked.png",  # a symlink out of the folder
+    "/mantle/previews/linked/outside.png",  # a folder symlinked out
+    "/mantle/previews/E000001/missing.png",
+    "/mantle/previews/E000001/run-1.png/",
+])
+def test_only_files_in_the_previews_folder_are_served(ui, previews, target):
+    assert (previews.parent.parent.parent / "outside.png").is_file()
+    status, body = ui.request("GET", target)
+    assert (status, body) == (404, "Not Found\n")
+
+
+@pytest.mark.slow
+def test_a_preview_for_another_host_is_refused(ui, previews):
+    rebound = f"evil.example:{ui.port}"
+    assert refused(ui.request("GET", "/mantle/previews/E000001/run-1.png", Host=rebound), f"Host {rebound!r} refused")
 
 
 def test_the_allowed_hosts_setting_adds_names_and_refuses_urls(monkeypatch):

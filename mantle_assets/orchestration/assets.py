@@ -1,9 +1,10 @@
 """Assets: registered image directories and their Cellpose segmentation masks."""
 
-import base64
 import contextlib
+import os
 import statistics
 from collections.abc import Iterator
+from pathlib import Path
 
 from dagster import (
     AssetExecutionContext,
@@ -21,7 +22,7 @@ from dagster import (
 )
 from tqdm import tqdm
 
-from mantle_assets.atomic import output_directory, removed_on_failure
+from mantle_assets.atomic import PARTIAL_PREFIX, output_directory, removed_on_failure
 from mantle_assets.entities import Entity, EntityStore, StoreBusyError, StoreUnusableError
 from mantle_assets.imaging.fields import MASK_SUFFIX, FieldGrouping, ImageDirectoryError, group_fields
 from mantle_assets.imaging.pipeline import DirectorySegmentation, segment_directory
@@ -36,6 +37,7 @@ from mantle_assets.registration import IMAGE_DIRECTORY, check_image_files, direc
 from mantle_assets.settings import (
     OutsideDataRootsError,
     check_data_path,
+    mantle_home,
     mask_root,
     max_field_pixels,
     max_image_bytes,
@@ -43,6 +45,7 @@ from mantle_assets.settings import (
     staging_root,
 )
 from mantle_assets.storage import is_uri, local_copy
+from mantle_assets.webserver import PREVIEW_URL
 
 SEGMENTATION_PIPELINE = "cellpose-segmentation"
 MASK_DIRECTORY = "segmentation_mask_directory"
@@ -435,8 +438,11 @@ def segment_partition(
         "source_fingerprint": source_fingerprint,
         "model_sha256": spec.weights_sha256(),
     }
-    # The entity is the commit point: recorded only once the masks are complete where it says.
-    with removed_on_failure(output_dir):
+    # The entity is the commit point: recorded only once the masks (and their preview) are complete where it says.
+    with (
+        removed_on_failure(output_dir),
+        written_preview(source.entity_id, run_id, result.contact_sheet_png) as preview,
+    ):
         output = store.record_output(
             MASK_DIRECTORY,
             f"{source.name} masks",
@@ -465,26 +471,47 @@ def segment_partition(
         "device": segmenter.device,
         "seconds_per_field": MetadataValue.float(round(statistics.mean(seconds), 2)),
         "output_path": MetadataValue.path(str(output_dir)),
-        "preview": contact_sheet_markdown(result),
+        "preview": contact_sheet_markdown(result, source.entity_id, run_id),
+        "preview_file": MetadataValue.path(str(preview)),
         "objects_per_field": objects_per_field_table(result),
     }
 
 
-def contact_sheet_markdown(result: DirectorySegmentation) -> MetadataValue:
-    """The contact sheet as markdown with the PNG inline, for the metadata panel.
+@contextlib.contextmanager
+def written_preview(entity_id: str, run_id: str, png: bytes) -> Iterator[Path]:
+    """Write ``png`` to ``$MANTLE_HOME/previews/<entity_id>/<run_id>.png``; remove it if the block fails.
+
+    The file is written as ``.partial-<run_id>`` beside it and renamed, so `mantle ui` never
+    serves half a picture. What a killed run leaves, the partial or a preview its run recorded no
+    entity of ``entity_id`` for, goes in :func:`~mantle_assets.orchestration.recovery.clean_up_ended_runs`.
+    """
+    preview = mantle_home() / "previews" / entity_id / f"{run_id}.png"
+    partial = preview.with_name(f"{PARTIAL_PREFIX}{run_id}")
+    try:
+        preview.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(png)
+        os.replace(partial, preview)
+        yield preview
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        preview.unlink(missing_ok=True)
+        raise
+
+
+def contact_sheet_markdown(result: DirectorySegmentation, entity_id: str, run_id: str) -> MetadataValue:
+    """A line of text above the contact sheet of ``entity_id``'s run ``run_id``, linked where `mantle ui` serves it.
 
     Dagster 1.13 shows a markdown entry in place only when it is under 1,000 characters
-    (``MetadataEntry.tsx``); any picture is longer, so this one opens from "[Show Markdown]".
-    The one place that renders longer markdown in place, the event description on the asset's
-    Events tab, is also the event's log message, which the run page and the console print as
-    text. The webserver serves no file of ours that a short link could point to.
+    (``MetadataEntry.tsx``), so the picture is a link to :func:`written_preview`'s file
+    (``mantle_assets.webserver.PREVIEW_URL``) rather than the PNG inline, and no field name of
+    unbounded length is in the text (the tiles name their fields). A plain ``dagster-webserver``
+    serves no such path: there the file is at ``preview_file``.
     """
     shown, total = len(result.sheet_fields), len(result.fields)
-    which = f"all {total} fields" if shown == total else f"{shown} of {total} fields, evenly spaced in plate order"
-    image = base64.b64encode(result.contact_sheet_png).decode()
+    which = f"all {total}" if shown == total else f"{shown} of {total}, evenly spaced in plate order"
     return MetadataValue.md(
-        f"Outlines on fields {result.sheet_fields[0]} to {result.sheet_fields[-1]} ({which}); "
-        f"each tile: well, field, objects\n\n![preview](data:image/png;base64,{image})"
+        f"Outlines on fields: {which}; each tile: well, field, objects\n\n"
+        f"![preview]({PREVIEW_URL}{entity_id}/{run_id}.png)"
     )
 
 

@@ -136,10 +136,11 @@ def add_missing_partitions(instance: DagsterInstance) -> list[str]:
 def clean_up_ended_runs(instance: DagsterInstance, run_ids: Iterable[str]) -> None:
     """Free what ended runs hold and remove what they left that no entity records.
 
-    For each run: its pool slots are freed; its ``.partial-`` folders and its copies under
+    For each run: its pool slots are freed; its ``.partial-`` folders and files and its copies under
     ``$MANTLE_HOME/staging`` are removed; output folders it renamed into place
     (``<mask root>/<entity>/<run id>``, ``$MANTLE_HOME/{measurements,readouts}/<entity>/<run id>``)
-    are removed unless it recorded that output, and so are its uploads under a URI mask root;
+    are removed unless it recorded that output, and so are its uploads under a URI mask root and
+    its contact sheets (``$MANTLE_HOME/previews/<entity>/<run id>.png``) of entities it recorded no output of;
     an unrecorded model (``$MANTLE_HOME/models/<name>/<run id>``), an hour of training, is only
     renamed to ``<run id>.unrecorded``. Which outputs are recorded is one store query for all
     the runs. Only for runs that have ended: a running one may still record what it wrote.
@@ -155,15 +156,21 @@ def clean_up_ended_runs(instance: DagsterInstance, run_ids: Iterable[str]) -> No
     for run_id in run_ids:
         instance.event_log_storage.free_concurrency_slots_for_run(run_id)
         recorded = _recorded_paths(outputs.get(run_id, []))
+        sources = {entity.properties.get("source_entity") for entity in outputs.get(run_id, [])}
         leftovers = {
             *_partial_folders(run_id),
             *staging_root().glob(f"{run_id}-*"),
             *staging_root().glob(f"{PARTIAL_PREFIX}{run_id}-*"),
             *(output for base in output_roots for output in base.glob(f"*/{run_id}")
               if not _records(recorded, str(output))),
+            *(preview for preview in (mantle_home() / "previews").glob(f"*/{run_id}.png")
+              if preview.parent.name not in sources),
         }
         for leftover in leftovers:
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:  # a preview, or its partial
+                leftover.unlink(missing_ok=True)
         for model in (mantle_home() / "models").glob(f"*/{run_id}"):
             aside = model.with_name(model.name + UNRECORDED_SUFFIX)
             if not _records(recorded, str(model)) and not aside.exists():
@@ -187,7 +194,7 @@ def _records(recorded: list[str], folder: str) -> bool:
 
 
 def _partial_folders(run_id: str) -> list[Path]:
-    """``.partial-<run id>`` output folders under ``$MANTLE_HOME`` and a local mask root outside it."""
+    """``.partial-<run id>`` output folders and files under ``$MANTLE_HOME`` and a local mask root outside it."""
     root = mask_root()
     partials = list(mantle_home().glob(f"*/*/{PARTIAL_PREFIX}{run_id}"))
     if not is_uri(root):

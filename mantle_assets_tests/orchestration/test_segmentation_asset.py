@@ -1,9 +1,5 @@
 """The segmentation asset end to end: real entity store, real Dagster instance, real Cellpose."""
 
-import base64
-import io
-import re
-
 import numpy as np
 import pytest
 import tifffile
@@ -33,10 +29,9 @@ def registered(bbbc014_crops, instance):
     return entity
 
 
-def contact_sheet_of(markdown: str) -> np.ndarray:
-    """The PNG a markdown entry shows, decoded."""
-    encoded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", markdown).group(1)
-    with Image.open(io.BytesIO(base64.b64decode(encoded))) as picture:
+def contact_sheet_of(path: str) -> np.ndarray:
+    """The PNG file of a preview, decoded."""
+    with Image.open(path) as picture:
         return np.asarray(picture.convert("RGB"))
 
 
@@ -87,7 +82,13 @@ def test_materialisation_records_masks_entity_and_lineage(registered, instance, 
 
     assert metadata["input_entity"].value == registered.entity_id
     assert metadata["total_cells"].value == props["total_cells"]
-    assert "data:image/png;base64," in metadata["preview"].value
+    # A link to the sheet, short enough for Dagster to render in place (under 1,000 characters).
+    preview_file = mantle_home / "previews" / registered.entity_id / f"{result.run_id}.png"
+    assert metadata["preview_file"].value == str(preview_file)
+    assert metadata["preview"].value == (
+        "Outlines on fields: all 2; each tile: well, field, objects\n\n"
+        f"![preview](/mantle/previews/{registered.entity_id}/{result.run_id}.png)")
+    assert [path.name for path in (mantle_home / "previews").rglob("*")] == [registered.entity_id, preview_file.name]
     assert metadata["input_properties"].value["field_grouping"]["n_fields"] == 2
     (lineage_row,) = metadata["output_lineage"].value.records
     assert (lineage_row.data["relation"], lineage_row.data["entity"]) == ("parent", registered.entity_id)
@@ -106,7 +107,7 @@ def test_materialisation_records_masks_entity_and_lineage(registered, instance, 
     assert metadata["diameter_px"].value == round(metadata["diameter_px"].value, 1)
 
     # The contact sheet: both fields, side by side under their labels, outlined where the masks' objects end.
-    sheet = contact_sheet_of(metadata["preview"].value)
+    sheet = contact_sheet_of(metadata["preview_file"].value)
     assert sheet.shape == (LABEL_HEIGHT + 160, 2 * 160 + TILE_GAP, 3)  # 160 px crops are shown unshrunk
     for column, path in enumerate(masks):
         tile = sheet[LABEL_HEIGHT:, column * (160 + TILE_GAP) :][:, :160].astype(int)
