@@ -182,7 +182,7 @@ def propagate_cells(
     threshold: float | None = None,
     threshold_correction: float = 1.0,
     regularization: float = 0.05,
-    smoothing: float = 1.0,
+    smoothing: float = 0.75,
 ) -> PropagatedCells:
     """Grow each nucleus into its cell on a cytoplasm image (CellProfiler's propagation).
 
@@ -207,7 +207,13 @@ def propagate_cells(
         nuclei. See the module notes for CellProfiler's lambda.
     smoothing : float
         Standard deviation in pixels of the Gaussian smoothing before
-        thresholding and flooding (CellProfiler's default scale corresponds to 1).
+        thresholding and flooding. A threshold near the background widens a
+        smoothed edge by about 1.4 ``smoothing``: 0.75 keeps drawn cells within
+        a pixel (IoU >= 0.9 for cells of radius 18-20) while smoothing enough
+        that BBBC014's background noise stays below the threshold (the cell
+        grows beyond the nucleus for 95-98 % of its nuclei, as with 1, which
+        corresponds to CellProfiler's default scale). At 0.5 the threshold
+        of the drawn cells' field falls into its background noise.
 
     Returns
     -------
