@@ -198,7 +198,7 @@ def _register(directory: str | Path, experiment_name: str | None, name: str | No
     ``metadata``: ``channel_names``, ``plate_layout``, ``naming_pattern``, ``again``.
     """
     from mantle_assets.imaging.fields import ImageDirectoryError
-    from mantle_assets.orchestration.partitions import image_directory_partitions
+    from mantle_assets.orchestration.partitions import ensure_partition
     from mantle_assets.registration import register_image_directory
 
     try:
@@ -207,7 +207,7 @@ def _register(directory: str | Path, experiment_name: str | None, name: str | No
         )
     except (ImageDirectoryError, ValueError) as error:
         raise MantleCommandError(str(error)) from None
-    _instance().add_dynamic_partitions(image_directory_partitions.name, [entity.entity_id])
+    ensure_partition(_instance(), entity)
     return entity
 
 
@@ -349,20 +349,20 @@ def _segment(entity_id: str, parameters: dict):
     from mantle_assets.entities import EntityNotFoundError
     from mantle_assets.orchestration.assets import image_directory_entity, prepare_segmentation
     from mantle_assets.orchestration.config import SegmentationConfig, channel_numbers, coerce_segmentation_parameters
-    from mantle_assets.orchestration.partitions import image_directory_partitions
+    from mantle_assets.orchestration.partitions import ensure_partition
 
     # Everything checkable is checked before a run exists, so a bad request records nothing.
     try:
         store = _store()
         given = coerce_segmentation_parameters({k: v for k, v in parameters.items() if v is not None})
-        config = SegmentationConfig(**channel_numbers(image_directory_entity(store, entity_id), given))
+        source = image_directory_entity(store, entity_id)
+        config = SegmentationConfig(**channel_numbers(source, given))
         prepare_segmentation(store, entity_id, config)
     except (EntityNotFoundError, ValueError) as error:
         raise MantleCommandError(str(error).splitlines()[0]) from None
     instance = _instance(quiet=_quiet())
-    if not instance.has_dynamic_partition(image_directory_partitions.name, entity_id):
-        instance.add_dynamic_partitions(image_directory_partitions.name, [entity_id])
-    result = _execute("segmentation_job", "segmentation_masks", config.model_dump(), instance, entity_id)
+    key = ensure_partition(instance, source)
+    result = _execute("segmentation_job", "segmentation_masks", config.model_dump(), instance, key)
     materialization = result.asset_materializations_for_node("segmentation_masks")[0]
     return _store().get(materialization.metadata["output_entity"].value), result.run_id
 
@@ -486,8 +486,11 @@ def demo(all_wells: bool, data: Path | None, cellpose_model: str | None, as_json
 
 def _measure(entity_id: str):
     """Materialise cell_measurements and assay_readout of one partition (one Dagster run)."""
-    result = _execute("measurement_job", "cell_measurements", {}, _instance(quiet=_quiet()), entity_id)
-    store = _store()
+    from mantle_assets.orchestration.partitions import ensure_partition
+
+    store, instance = _store(), _instance(quiet=_quiet())
+    key = ensure_partition(instance, store.get(entity_id))
+    result = _execute("measurement_job", "cell_measurements", {}, instance, key)
     measured, readout = (
         store.get(result.asset_materializations_for_node(node)[0].metadata["output_entity"].value)
         for node in ("cell_measurements", "assay_readout")

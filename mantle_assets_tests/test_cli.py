@@ -48,7 +48,8 @@ def test_register_then_segment_round_trip(bbbc014_crops, bundled_model_name, man
     quiet = mantle(*segment)
     (masks,) = json.loads(mantle("entities", "--type", "segmentation_mask_directory", "--json").stdout)
     (run,) = dagster_runs(mantle_home)
-    assert run.job_name == "segmentation_job" and run.tags["dagster/partition"] == entity_id
+    assert run.job_name == "segmentation_job"
+    assert run.tags["dagster/partition"] == f"{entity_id} dose ends / {bbbc014_crops.name}"
     # Progress, one line per field as the step logs it, and the result; no Dagster events, no telemetry notice.
     progress = [line for line in quiet.stderr.splitlines() if not line.startswith("loaded model")]
     cells = masks["properties"]["cells_per_field"]

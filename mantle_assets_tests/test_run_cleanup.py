@@ -18,7 +18,7 @@ from dagster._core.test_utils import create_run_for_test
 
 from mantle_assets.atomic import PARTIAL_PREFIX, UNRECORDED_SUFFIX
 from mantle_assets.entities import EntityStore
-from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.partitions import image_directory_partitions, partition_key
 from mantle_assets.orchestration.recovery import PARTITION_TAG, ended_run_cleanup_sensor
 from mantle_assets.registration import register_image_directory
 from mantle_assets_tests.test_interrupts import WELLS, plate
@@ -99,4 +99,4 @@ def test_a_cli_run_adds_the_partitions_killed_registers_did_not(tmp_path, mantle
     )
     assert run.returncode == 1, run.stderr
     assert "Traceback" not in run.stderr
-    assert set(instance.get_dynamic_partitions(image_directory_partitions.name)) == {o.entity_id for o in orphans}
+    assert set(instance.get_dynamic_partitions(image_directory_partitions.name)) == {partition_key(o) for o in orphans}

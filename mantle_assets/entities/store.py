@@ -1476,7 +1476,8 @@ class EntityStore:
             return {}
         with self._transaction() as connection:
             rows = connection.execute(
-                f"SELECT DISTINCT edges.run_id, {', '.join(f'records.{c.strip()}' for c in _ENTITY_COLUMNS.split(','))} "
+                "SELECT DISTINCT edges.run_id, "
+                f"{', '.join(f'records.{c.strip()}' for c in _ENTITY_COLUMNS.split(','))} "
                 "FROM lineage_edges AS edges JOIN entity_records AS records ON records.entity_id = edges.child_id "
                 "WHERE list_contains(CAST(? AS VARCHAR[]), edges.run_id) ORDER BY edges.run_id, records.entity_id",
                 [wanted],

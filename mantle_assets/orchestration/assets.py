@@ -14,6 +14,7 @@ from dagster import (
     DataVersion,
     DataVersionsByPartition,
     MetadataValue,
+    OpExecutionContext,
     TableColumn,
     TableRecord,
     TableSchema,
@@ -29,7 +30,7 @@ from mantle_assets.imaging.pipeline import DirectorySegmentation, segment_direct
 from mantle_assets.imaging.segmentation import check_channels
 from mantle_assets.models.registry import resolve_model
 from mantle_assets.orchestration.config import SegmentationConfig
-from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.partitions import image_directory_partitions, keys_by_entity_id, partition_key
 from mantle_assets.orchestration.recovery import RunEndedError, check_run_not_ended
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
 from mantle_assets.orchestration.retries import REFUSALS, refusals_as_failures, retried_while_store_busy
@@ -79,16 +80,19 @@ def version_has_fingerprint(version: str, fingerprint: str | None) -> bool:
     partitions_def=image_directory_partitions,
     group_name="images",
     description="Directories of microscopy images registered as image_directory entities "
-    "(partition key = entity id). Observing records each directory's file count and fingerprint.",
+    "(partition key = entity id, experiment / name: type part of a name into the Partitions filter to "
+    "find a plate). Observing records each directory's file count and fingerprint.",
     tags={"dagster/kind/tiff": "", "dagster/kind/duckdb": ""},
 )
-def image_directory(entity_store: EntityStoreResource) -> DataVersionsByPartition:
+def image_directory(context: OpExecutionContext, entity_store: EntityStoreResource) -> DataVersionsByPartition:
+    keys = keys_by_entity_id(context.instance.get_dynamic_partitions(image_directory_partitions.name))
     versions = {}
     for entity in entity_store.store().list(IMAGE_DIRECTORY):
+        key = keys.get(entity.entity_id) or partition_key(entity)
         try:
-            versions[entity.entity_id] = image_directory_version(entity.properties["image_directory"])
+            versions[key] = image_directory_version(entity.properties["image_directory"])
         except (OSError, ImageDirectoryError):
-            versions[entity.entity_id] = DataVersion(MISSING_IMAGES)
+            versions[key] = DataVersion(MISSING_IMAGES)
     return DataVersionsByPartition(versions)
 
 
@@ -348,9 +352,10 @@ def segmentation_masks(
     # A request that cannot work for any directory fails the run at once, its reason the run's error, and no
     # retry repeats it; directories refused among others are not staged, and are named when the run fails.
     with retried_while_store_busy(seconds_to_wait=entity_store.lock_timeout), refusals_as_failures():
-        failures = refused_requests(store, context.partition_keys, config)
-    for entity_id in context.partition_keys:
-        if entity_id in failures or materialized_in_run(context, entity_id):
+        keys = keys_by_entity_id(context.partition_keys)
+        failures = refused_requests(store, list(keys), config)
+    for entity_id, key in keys.items():
+        if entity_id in failures or materialized_in_run(context, key):
             continue  # refused, or materialised by an earlier attempt of this step, which a retry repeats
         try:
             metadata = segment_partition(context, entity_id, config, store, cellpose)
@@ -360,7 +365,7 @@ def segmentation_masks(
             context.log.error(f"{entity_id}: {error}", exc_info=len(context.partition_keys) > 1)
             failures[entity_id] = error
             continue
-        yield AssetMaterialization(context.asset_key, partition=entity_id, metadata=metadata)
+        yield AssetMaterialization(context.asset_key, partition=key, metadata=metadata)
     with retried_while_store_busy(seconds_to_wait=entity_store.lock_timeout), refusals_as_failures():
         raise_failures(failures, len(context.partition_keys))
 

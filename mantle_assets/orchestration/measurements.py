@@ -47,7 +47,7 @@ from mantle_assets.orchestration.assets import (
     staged_image_directory,
     summary_metadata,
 )
-from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.partitions import entity_id_of, image_directory_partitions
 from mantle_assets.orchestration.recovery import check_run_not_ended
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.orchestration.retries import refusals_as_failures, retried_while_store_busy
@@ -158,7 +158,7 @@ def measure_partition(
     context: AssetExecutionContext, config: MeasurementConfig, store: EntityStore
 ) -> MaterializeResult:
     with refusals_as_failures():
-        source = image_directory_entity(store, context.partition_key)
+        source = image_directory_entity(store, entity_id_of(context.partition_key))
         masks = current_masks_of(store, source.entity_id)
     run_id = context.run.run_id
     output_dir = mantle_home() / "measurements" / source.entity_id / run_id
@@ -305,7 +305,7 @@ def recorded_wells(source: Entity, fields: list[str]) -> list[str]:
 
 def read_out_partition(context: AssetExecutionContext, config: AssayConfig, store: EntityStore) -> MaterializeResult:
     with refusals_as_failures():
-        source = store.get(context.partition_key)
+        source = store.get(entity_id_of(context.partition_key))
         measured = current_measurements_of(store, source.entity_id)
         masks = store.get(measured.properties["mask_entity"])
         value_column = readout_column(config.readout_channel, measured.properties["channel_names"], masks)
@@ -389,7 +389,8 @@ def read_out_partition(context: AssetExecutionContext, config: AssayConfig, stor
     description="Warns when a field has no objects (an empty, out-of-focus or mis-segmented field).",
 )
 def fields_have_objects(context: AssetCheckExecutionContext, entity_store: EntityStoreResource) -> AssetCheckResult:
-    measured = current_output(entity_store.store(), context.partition_key, MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
+    entity_id = entity_id_of(context.partition_key)
+    measured = current_output(entity_store.store(), entity_id, MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
     if measured is None:
         return AssetCheckResult(passed=False, severity=AssetCheckSeverity.WARN, description="no measurements yet")
     empty = [field for field, count in measured.properties["objects_per_field"].items() if count == 0]
@@ -410,7 +411,8 @@ def fields_have_objects(context: AssetCheckExecutionContext, entity_store: Entit
 def ratios_within_physical_bounds(
     context: AssetCheckExecutionContext, entity_store: EntityStoreResource
 ) -> AssetCheckResult:
-    measured = current_output(entity_store.store(), context.partition_key, MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
+    entity_id = entity_id_of(context.partition_key)
+    measured = current_output(entity_store.store(), entity_id, MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
     if measured is None:
         return AssetCheckResult(passed=False, severity=AssetCheckSeverity.WARN, description="no measurements yet")
     table = read_parquet(measured.properties["measurement_file"])
@@ -437,7 +439,7 @@ def ratios_within_physical_bounds(
 )
 def wells_have_enough_cells(context: AssetCheckExecutionContext, entity_store: EntityStoreResource) -> AssetCheckResult:
     store = entity_store.store()
-    measured = current_output(store, context.partition_key, MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
+    measured = current_output(store, entity_id_of(context.partition_key), MEASUREMENT_PIPELINE, MEASUREMENT_TABLE)
     readout = measured and current_output(store, measured.entity_id, READOUT_PIPELINE, ASSAY_READOUT)
     if not readout:
         return AssetCheckResult(passed=False, severity=AssetCheckSeverity.WARN, description="no readout yet")

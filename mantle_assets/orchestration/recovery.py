@@ -34,7 +34,12 @@ from dagster._core.event_api import RunStatusChangeRecordsFilter
 
 from mantle_assets.atomic import PARTIAL_PREFIX, UNRECORDED_SUFFIX
 from mantle_assets.entities import EntityStore
-from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.partitions import (
+    entity_id_of,
+    image_directory_partitions,
+    keys_by_entity_id,
+    partition_key,
+)
 from mantle_assets.registration import IMAGE_DIRECTORY
 from mantle_assets.settings import mantle_home, mask_root, staging_root
 from mantle_assets.storage import is_uri, remove
@@ -123,13 +128,12 @@ def add_missing_partitions(instance: DagsterInstance) -> list[str]:
     Registering records the entity, then adds its partition: a register killed in between
     leaves an entity no run can segment. One comparison of the two id sets finds them.
     """
-    missing = sorted(
-        set(EntityStore().entity_ids(IMAGE_DIRECTORY)).difference(
-            instance.get_dynamic_partitions(image_directory_partitions.name)
-        )
-    )
+    store = EntityStore()
+    partitioned = keys_by_entity_id(instance.get_dynamic_partitions(image_directory_partitions.name))
+    missing = sorted(set(store.entity_ids(IMAGE_DIRECTORY)).difference(partitioned))
     if missing:
-        instance.add_dynamic_partitions(image_directory_partitions.name, missing)
+        keys = [partition_key(entity) for entity in store.list(IMAGE_DIRECTORY, entity_ids=missing)]
+        instance.add_dynamic_partitions(image_directory_partitions.name, keys)
     return missing
 
 
@@ -176,7 +180,7 @@ def clean_up_ended_runs(instance: DagsterInstance, run_ids: Iterable[str]) -> No
             if not _records(recorded, str(model)) and not aside.exists():
                 os.replace(model, aside)
         run = instance.get_run_by_id(run_id)
-        entity_id = run.tags.get(PARTITION_TAG) if run else None
+        entity_id = entity_id_of(run.tags[PARTITION_TAG]) if run and PARTITION_TAG in run.tags else None
         upload = f"{root}/{entity_id}/{run_id}"
         if is_uri(root) and entity_id is not None and not _records(recorded, upload):
             # Object stores have no rename to hide an incomplete upload behind (see

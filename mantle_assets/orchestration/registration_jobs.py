@@ -28,7 +28,7 @@ from mantle_assets.entities import Entity, EntityNotFoundError, EntityStore
 from mantle_assets.imaging.segmentation import ParameterError, check_channels
 from mantle_assets.orchestration.assets import image_directory_entity, image_directory_version
 from mantle_assets.orchestration.config import SegmentationConfig, channel_numbers, coerce_segmentation_parameters
-from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.partitions import ensure_partition
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.orchestration.retries import retried_while_store_busy
 from mantle_assets.registration import (
@@ -238,12 +238,11 @@ def register_image_directory_op(
             f"{config.directory} is already registered as {entity.entity_id}; set again: true to register it anew"
         )
     # Added here, not by the sensor's next tick: the partition is there when the run ends.
-    if not context.instance.has_dynamic_partition(image_directory_partitions.name, entity.entity_id):
-        context.instance.add_dynamic_partitions(image_directory_partitions.name, [entity.entity_id])
+    key = ensure_partition(context.instance, entity)
     context.log_event(
         AssetObservation(
             IMAGE_DIRECTORY,
-            partition=entity.entity_id,
+            partition=key,
             description=summary,
             metadata=registration_metadata(entity, already_registered),
             # The version the image_directory observation would record: the masks' staleness compares it.
@@ -259,16 +258,18 @@ def register_image_directory_op(
     "ops: register_directory: config: directory (a folder on the server or an s3:// URI) and "
     "experiment_name; optionally name, channel_names (e.g. [NFkB, DNA]), plate_layout (a CSV path), "
     "naming_pattern (a regex, only for names no instrument scheme reads) and segmentation_defaults "
-    "(e.g. nuclei_channel: DNA, diameter: 12). The run adds the plate's partition (its entity id) and "
-    "shows what was found - fields, channels, wells, naming scheme - as an observation of image_directory, "
-    "also on the partition's page. A directory already registered is shown, not registered twice."
+    "(e.g. nuclei_channel: DNA, diameter: 12). The run adds the plate's partition (its entity id, experiment "
+    "and name) and shows what was found - fields, channels, wells, naming scheme - as an observation of "
+    "image_directory, also on the partition's page. A directory already registered is shown, not registered twice."
 )
 def register_image_directory_job():
     register_image_directory_op()
 
 
 class SegmentationDefaultsConfig(Config):
-    entity_id: str | None = Field(default=None, description="The image directory (partition key), e.g. E000012.")
+    entity_id: str | None = Field(
+        default=None, description="The image directory's entity id, e.g. E000012 (a partition key's start)."
+    )
     experiment_name: str | None = Field(
         default=None, description="Instead of entity_id: every image directory of this experiment."
     )

@@ -36,7 +36,7 @@ from mantle_assets.orchestration.assets import (
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.instance import automatic_run_tags
 from mantle_assets.orchestration.jobs import observe_image_directories_job, segmentation_job
-from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.partitions import entity_id_of, image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource
 from mantle_assets.orchestration.sensors import default_segmentation_config, run_defaults, segmentation_run_config
 from mantle_assets.registration import IMAGE_DIRECTORY, directory_fingerprint
@@ -238,20 +238,21 @@ def stale_segmentation_schedule(context: ScheduleEvaluationContext, entity_store
         masks = store.current_outputs(SEGMENTATION_PIPELINE, MASK_DIRECTORY)
     stale = {}
     for key in partition_keys:
-        entity = entities.get(key)
+        entity = entities.get(entity_id_of(key))
         if entity is None:
             continue
-        images_unchanged = images_check(entity, masks.get(key), versions.get(key), observed_at)
+        current = masks.get(entity.entity_id)
+        images_unchanged = images_check(entity, current, versions.get(key), observed_at)
         if images_unchanged is None:
             continue
         failed = status.get(key) == AssetPartitionStatus.FAILED
-        reason = stale_reason(entity, masks.get(key), failed, images_unchanged, model_hashes, configs)
+        reason = stale_reason(entity, current, failed, images_unchanged, model_hashes, configs)
         if reason is not None:
             stale[key] = reason
     # Few stale plates are spread over the GPUs rather than queued behind one of them.
     size = min(plates_per_run(), max(1, math.ceil(len(stale) / gpu_count())))
     return [
-        batch_run_request(keys, reason, entities[keys[0]], night)
+        batch_run_request(keys, reason, entities[entity_id_of(keys[0])], night)
         for keys, reason in batches(stale, partition_keys, size)
     ]
 

@@ -20,7 +20,12 @@ from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.instance import automatic_run_tags
 from mantle_assets.orchestration.jobs import measurement_job, segmentation_job, segmentation_run_config
 from mantle_assets.orchestration.measurements import needs_measuring
-from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.partitions import (
+    entity_id_of,
+    image_directory_partitions,
+    keys_by_entity_id,
+    partition_key,
+)
 from mantle_assets.orchestration.resources import EntityStoreResource, InboxResource
 from mantle_assets.registration import IMAGE_DIRECTORY, register_image_directory, registered_directories
 
@@ -57,7 +62,7 @@ def new_image_directory_sensor(
     context: SensorEvaluationContext, entity_store: EntityStoreResource
 ) -> SensorResult:
     store = entity_store.store()
-    partitions = set(context.instance.get_dynamic_partitions(image_directory_partitions.name))
+    partitions = keys_by_entity_id(context.instance.get_dynamic_partitions(image_directory_partitions.name))
     # The cursor is the newest entity id already handled: ids are zero-padded, so they sort as strings.
     handled_up_to = context.cursor or ""
     # Ids only for all of them; properties and lineage only for the new ones.
@@ -66,13 +71,16 @@ def new_image_directory_sensor(
         new_ids = [entity_id for entity_id in active if entity_id > handled_up_to or entity_id not in partitions]
         new = store.list(IMAGE_DIRECTORY, entity_ids=new_ids) if new_ids else []
         children = store.children_of(new_ids) if new_ids else {}
-    retired = sorted(partitions.difference(active))
+    still_active = set(active)
+    retired = sorted(key for entity_id, key in partitions.items() if entity_id not in still_active)
+    # A partition of an entity registered before keys carried names keeps its bare-id key.
+    keys = {e.entity_id: partitions.get(e.entity_id) or partition_key(e) for e in new}
     requests = []
-    if new:
-        requests.append(image_directory_partitions.build_add_request([e.entity_id for e in new]))
+    if missing := [key for entity_id, key in keys.items() if entity_id not in partitions]:
+        requests.append(image_directory_partitions.build_add_request(missing))
     if retired:
         requests.append(image_directory_partitions.build_delete_request(retired))
-    if not requests:
+    if not new and not retired:
         return SensorResult(skip_reason="no new or archived image directories")
     configs: dict[str, SegmentationConfig] = {}
     return SensorResult(
@@ -80,7 +88,7 @@ def new_image_directory_sensor(
             RunRequest(
                 # One automatic run per entity, however many ticks see it.
                 run_key=f"new-image-directory-{e.entity_id}",
-                partition_key=e.entity_id,
+                partition_key=keys[e.entity_id],
                 run_config=segmentation_run_config(run_defaults(e, configs)),
                 tags=automatic_run_tags(),
             )
@@ -167,14 +175,15 @@ def segmented_directory_sensor(
         return SensorResult(skip_reason="no new segmentation masks")
     partitions = set(context.instance.get_dynamic_partitions(image_directory_partitions.name))
     latest = {record.partition_key: record for record in records}  # ascending: the newest wins
-    unmeasured = needs_measuring(entity_store.store(), [key for key in latest if key in partitions])
+    unmeasured = needs_measuring(entity_store.store(), [entity_id_of(key) for key in latest if key in partitions])
     return SensorResult(
         run_requests=[
             RunRequest(
-                run_key=f"measure-{entity_id}-{record.storage_id}", partition_key=entity_id, tags=automatic_run_tags()
+                run_key=f"measure-{entity_id_of(key)}-{record.storage_id}", partition_key=key,
+                tags=automatic_run_tags(),
             )
-            for entity_id, record in latest.items()
-            if entity_id in unmeasured
+            for key, record in latest.items()
+            if entity_id_of(key) in unmeasured
         ],
         cursor=str(records[-1].storage_id),
     )

@@ -8,6 +8,7 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus
 
 from mantle_assets.entities import EntityStore
+from mantle_assets.orchestration.partitions import partition_key
 from mantle_assets_tests.conftest import EIGHT_WELLS, register_crop_per_well
 
 pytestmark = pytest.mark.slow
@@ -43,4 +44,4 @@ def test_concurrent_runs_record_every_entity_and_edge(tmp_path, mantle_home, bun
     for entity in sources:
         (edge,) = store.children(entity.entity_id)
         assert edge.run_id in runs
-        assert runs[edge.run_id].tags["dagster/partition"] == entity.entity_id
+        assert runs[edge.run_id].tags["dagster/partition"] == partition_key(entity)

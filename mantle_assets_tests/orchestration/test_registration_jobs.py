@@ -12,7 +12,7 @@ from dagster._core.definitions.data_version import DATA_VERSION_TAG
 from mantle_assets.definitions import defs
 from mantle_assets.entities import EntityStore
 from mantle_assets.orchestration.assets import image_directory_version
-from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.partitions import image_directory_partitions, partition_key
 from mantle_assets.registration import register_image_directory
 
 
@@ -61,10 +61,16 @@ ops:
 {extra}"""
 
 
-def observations(instance, partition):
+def observations(instance, entity_id):
+    partition = partition_key(EntityStore().get(entity_id))
     return instance.fetch_observations(
         AssetRecordsFilter(asset_key=AssetKey("image_directory"), asset_partitions=[partition]), limit=10
     ).records
+
+
+def partition_entities(instance) -> list[str]:
+    """The entity ids the image_directory partitions are of, in order."""
+    return [key.split(" ")[0] for key in instance.get_dynamic_partitions(image_directory_partitions.name)]
 
 
 def failure_of(result):
@@ -92,7 +98,8 @@ def test_registration_records_the_plate_adds_its_partition_and_shows_what_was_fo
     # DNA is the plate's channel 2; the diameter is recorded as Mantle's text.
     assert entity.properties["segmentation_defaults"] == {"nuclei_channel": 2, "cytoplasm_channel": 2,
                                                           "diameter": "12"}
-    assert instance.get_dynamic_partitions(image_directory_partitions.name) == ["E000001"]
+    # The key carries the experiment and folder name: typed into the UI's partition filter, either finds it.
+    assert instance.get_dynamic_partitions(image_directory_partitions.name) == [f"E000001 TNF dose / {plate.name}"]
 
     (observation,) = observations(instance, "E000001")
     assert observation.run_id == result.run_id
@@ -119,7 +126,7 @@ def test_registering_the_same_directory_again_shows_the_entity_and_records_no_se
     again = launch(instance, "register_image_directory", typed)
     assert again.success
     assert [e.entity_id for e in EntityStore().list()] == ["E000001"]
-    assert instance.get_dynamic_partitions(image_directory_partitions.name) == ["E000001"]
+    assert partition_entities(instance) == ["E000001"]
     latest = observations(instance, "E000001")[0]
     assert (latest.run_id, latest.asset_observation.metadata["already_registered"].value) == (again.run_id, True)
     assert any("already registered as E000001" in entry.user_message for entry in instance.all_logs(again.run_id))
@@ -131,7 +138,7 @@ def test_registering_the_same_directory_again_shows_the_entity_and_records_no_se
     anew = launch(instance, "register_image_directory", registration(plate, "IL-1", "      again: true\n"))
     assert anew.success
     assert [e.entity_id for e in EntityStore().list()] == ["E000001", "E000002"]
-    assert instance.get_dynamic_partitions(image_directory_partitions.name) == ["E000001", "E000002"]
+    assert partition_entities(instance) == ["E000001", "E000002"]
 
 
 def test_a_plate_in_object_storage_is_registered_by_its_uri(instance, plate, s3):
@@ -139,7 +146,7 @@ def test_a_plate_in_object_storage_is_registered_by_its_uri(instance, plate, s3)
     assert launch(instance, "register_image_directory", registration(uri)).success
     (entity,) = EntityStore().list("image_directory")
     assert entity.properties["image_directory"] == uri
-    assert instance.get_dynamic_partitions(image_directory_partitions.name) == [entity.entity_id]
+    assert partition_entities(instance) == [entity.entity_id]
     (observation,) = observations(instance, entity.entity_id)
     assert observation.asset_observation.metadata["fields"].value == 2
 

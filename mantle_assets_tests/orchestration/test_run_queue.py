@@ -3,7 +3,8 @@
 At start-up the sensors may queue dozens of automatic runs; a scientist's run launched then must not wait behind them.
 The instance's run queue (``orchestration/instance.py``) gives automatic runs a lower priority and fewer slots than
 there are in all; here 30 automatic runs are queued through GraphQL before one hand-launched run, and the daemon's
-queue must start the hand-launched run next while no more than ``max_concurrent_runs - 1`` automatic runs are in progress.
+queue must start the hand-launched run next, while no more than ``max_concurrent_runs - 1`` automatic runs are in
+progress.
 """
 
 from __future__ import annotations

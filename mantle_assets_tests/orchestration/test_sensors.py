@@ -8,7 +8,7 @@ from dagster import AddDynamicPartitionsRequest, build_sensor_context
 
 from mantle_assets.definitions import defs
 from mantle_assets.entities import EntityStore
-from mantle_assets.orchestration.partitions import image_directory_partitions
+from mantle_assets.orchestration.partitions import image_directory_partitions, partition_key
 from mantle_assets.orchestration.sensors import new_image_directory_sensor
 from mantle_assets.registration import register_image_directory
 
@@ -48,14 +48,15 @@ def test_first_tick_adds_partitions_and_requests_runs_with_defaults(instance, re
     result = tick(instance)
     (add,) = result.dynamic_partitions_requests
     assert add.partitions_def_name == image_directory_partitions.name
-    assert add.partition_keys == [plain.entity_id, tuned.entity_id]
+    # Keys carry the experiment and folder, so the UI's partition filter finds a plate by name.
+    assert add.partition_keys == [f"{plain.entity_id} exp / plate-a", f"{tuned.entity_id} exp / plate-b"]
     by_key = {r.partition_key: r for r in result.run_requests}
-    assert set(by_key) == {plain.entity_id, tuned.entity_id}
-    tuned_config = by_key[tuned.entity_id].run_config["ops"]["segmentation_masks"]["config"]
+    assert set(by_key) == set(add.partition_keys)
+    tuned_config = by_key[partition_key(tuned)].run_config["ops"]["segmentation_masks"]["config"]
     assert (tuned_config["nuclei_channel"], tuned_config["diameter"]) == (2, "12")
-    plain_config = by_key[plain.entity_id].run_config["ops"]["segmentation_masks"]["config"]
+    plain_config = by_key[partition_key(plain)].run_config["ops"]["segmentation_masks"]["config"]
     assert (plain_config["nuclei_channel"], plain_config["diameter"]) == (0, "None")
-    assert by_key[plain.entity_id].run_key == f"new-image-directory-{plain.entity_id}"
+    assert by_key[partition_key(plain)].run_key == f"new-image-directory-{plain.entity_id}"
     assert result.cursor == tuned.entity_id
 
 
@@ -72,10 +73,21 @@ def test_only_entities_after_the_cursor_are_requested(instance, register):
     first = tick(instance)
     newer = register("plate-b")
     # Registered through the CLI, its partition may already exist: still one run for it.
-    instance.add_dynamic_partitions(image_directory_partitions.name, [newer.entity_id])
+    instance.add_dynamic_partitions(image_directory_partitions.name, [partition_key(newer)])
     result = tick(instance, first.cursor)
-    assert [r.partition_key for r in result.run_requests] == [newer.entity_id]
+    assert [r.partition_key for r in result.run_requests] == [partition_key(newer)]
+    assert not result.dynamic_partitions_requests
     assert result.cursor == newer.entity_id
+
+
+def test_a_partition_keyed_by_the_bare_entity_id_is_kept(instance, register):
+    """Deployments from before keys carried names have partitions named by the id alone: they stay, not doubled."""
+    old = register("plate-a")
+    instance.add_dynamic_partitions(image_directory_partitions.name, [old.entity_id])
+    result = tick(instance)
+    assert not result.dynamic_partitions_requests
+    assert [r.partition_key for r in result.run_requests] == [old.entity_id]
+    assert instance.get_dynamic_partitions(image_directory_partitions.name) == [old.entity_id]
 
 
 def test_archived_entity_loses_its_partition(instance, register):
@@ -84,9 +96,9 @@ def test_archived_entity_loses_its_partition(instance, register):
     EntityStore().archive(retired.entity_id)
     result = tick(instance, first.cursor)
     (delete,) = result.dynamic_partitions_requests
-    assert delete.partition_keys == [retired.entity_id]
+    assert delete.partition_keys == [partition_key(retired)]
     assert not result.run_requests
-    assert instance.get_dynamic_partitions(image_directory_partitions.name) == [kept.entity_id]
+    assert instance.get_dynamic_partitions(image_directory_partitions.name) == [partition_key(kept)]
 
 
 def test_an_entity_segmented_by_hand_gets_its_partition_but_no_second_run(instance, register, tmp_path):
@@ -100,7 +112,7 @@ def test_an_entity_segmented_by_hand_gets_its_partition_but_no_second_run(instan
         parents=[entity.entity_id], pipeline="cellpose-segmentation", run_id="by-hand", parameters={},
     )
     result = tick(instance)
-    assert result.dynamic_partitions_requests[0].partition_keys == [entity.entity_id]
+    assert result.dynamic_partitions_requests[0].partition_keys == [partition_key(entity)]
     assert not result.run_requests
 
 
@@ -154,6 +166,6 @@ def test_a_ticks_store_statements_do_not_grow_with_the_plates_already_handled(in
         assert not idle.run_requests
         (new,) = add_plates(model, 1)
         result, sent[old, "new"] = statements_of(store_statements, lambda: tick(instance, cursor))  # noqa: B023
-        assert [r.partition_key for r in result.run_requests] == [new.entity_id]
+        assert [r.partition_key for r in result.run_requests] == [partition_key(new)]
         cursor = result.cursor
     assert sent[10, "idle"] == sent[200, "idle"] and sent[10, "new"] == sent[200, "new"]
