@@ -252,6 +252,44 @@ def show(entity_id: str, as_json: bool) -> None:
     click.echo(f"  {len(described['history'])} property changes recorded")
 
 
+@main.command()
+@click.argument("query", required=False)
+@click.option("--snapshot", "snapshot_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Instead, copy the store as of now to this file, to open with any DuckDB client "
+              "(duckdb.connect(FILE, read_only=True)) for as long as you like, and print its path.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON objects.")
+def sql(query: str | None, snapshot_file: Path | None, as_json: bool) -> None:
+    """Run read-only SQL QUERY over entities, lineage, measurements and readouts, beside running pipelines.
+
+    Reads a copy of the store made as the command starts, so it neither waits for runs nor blocks them.
+    """
+    import duckdb
+
+    if (query is None) == (snapshot_file is None):
+        raise MantleCommandError("give a QUERY or --snapshot FILE (one of them)")
+    store = _store()
+    if snapshot_file is not None:
+        try:
+            click.echo(str(store.snapshot(snapshot_file)))
+        except ValueError as error:
+            raise MantleCommandError(str(error)) from None
+        return
+    with store.reader() as connection:
+        try:
+            cursor = connection.execute(query)
+            columns = [column[0] for column in cursor.description or ()]
+            rows = cursor.fetchall() if columns else []
+        except duckdb.Error as error:
+            raise MantleCommandError(" ".join(str(error).split())) from None
+    if as_json:
+        _echo_json([dict(zip(columns, row, strict=True)) for row in rows])
+        return
+    cells = [columns] + [["NULL" if value is None else str(value) for value in row] for row in rows]
+    widths = [max(len(line[index]) for line in cells) for index in range(len(columns))]
+    for line in cells:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
 def _segmentation_options(function):
     options = [
         click.option("--cellpose-model", default=None, help="Bundled or built-in model name, or a model file."),

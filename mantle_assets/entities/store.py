@@ -5,7 +5,8 @@ it does, other processes cannot open it at all. Concurrent pipeline steps run
 in separate processes, so every public operation here opens a short-lived
 connection inside an inter-process file lock, runs one transaction and closes
 the connection before releasing the lock. Nothing holds the file between
-operations, which also lets people browse it with the DuckDB CLI.
+operations. People browse a copy (:meth:`EntityStore.reader`, :meth:`EntityStore.snapshot`):
+a connection of theirs to the file itself would lock the pipeline out.
 
 Beyond one machine the same store runs on any catalog DuckDB can ``ATTACH``
 (``MANTLE_ENTITY_STORE=ducklake:postgres:...``, ``md:mantle``, ...): those
@@ -22,6 +23,8 @@ import errno
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -480,6 +483,83 @@ class EntityStore:
                 self._session_connection = None
                 connection.close()
 
+    def snapshot(self, destination: str | os.PathLike) -> Path:
+        """Copy the store as of its last commit to ``destination``, for reading with any DuckDB client.
+
+        Writers are held off only while the file is copied: the copy, opened
+        by a notebook or the DuckDB CLI for as long as the user likes, leaves
+        the store free. Readers see the store as it was when the copy was made.
+        The copy replaces ``destination`` in one rename, so a reader of an
+        earlier copy keeps it unchanged.
+
+        Parameters
+        ----------
+        destination : path
+            The file to write; its folder must exist.
+
+        Returns
+        -------
+        Path
+            ``destination``, absolute.
+
+        Raises
+        ------
+        ValueError
+            If the store is an attached catalog, which is read directly (see :meth:`reader`).
+        RuntimeError
+            Inside :meth:`session`, whose open connection may hold uncheckpointed writes.
+        StoreBusyError
+            If the lock is not free within the lock timeout.
+        StoreUnusableError
+            If the database cannot be opened as a Mantle store.
+        """
+        if self._lock is None:
+            raise ValueError(f"{self._database} is a catalog: read it directly, it admits readers beside writers")
+        if self._session_connection is not None:
+            raise RuntimeError("EntityStore.snapshot() cannot run inside session()")
+        destination = Path(os.path.abspath(destination))
+        partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
+        with self._exclusive():
+            # Creates an empty store's schema and refuses a foreign file; closing the connection checkpoints,
+            # so the file holds every commit and no write-ahead log is left to copy.
+            with self._transaction():
+                pass
+            try:
+                shutil.copyfile(self._database, partial)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+        os.replace(partial, destination)
+        return destination
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection for SQL over the store that neither waits for pipeline runs nor blocks them.
+
+        A DuckDB file admits no reader beside a writer, so the connection is
+        to a :meth:`snapshot` in a temporary folder, removed afterwards. An
+        attached catalog admits readers beside writers and is read directly.
+
+        Yields
+        ------
+        duckdb.DuckDBPyConnection
+            With the store's tables and views (``entities``, ``lineage``, ...) in its current schema.
+        """
+        if self._lock is None:
+            connection = self._attach(read_only=True)
+            try:
+                yield connection
+            finally:
+                connection.close()
+            return
+        with tempfile.TemporaryDirectory(prefix="mantle-sql-") as folder:
+            copy = self.snapshot(Path(folder) / self._database.name)
+            connection = duckdb.connect(str(copy), read_only=True)
+            try:
+                yield connection
+            finally:
+                connection.close()
+
     @contextlib.contextmanager
     def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """The session's connection, or a connection of its own inside the lock, closed before the lock is released."""
@@ -615,12 +695,12 @@ class EntityStore:
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, _MAX_RETRY_DELAY)
 
-    def _attach(self) -> duckdb.DuckDBPyConnection:
+    def _attach(self, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
         connection = duckdb.connect()
         try:
             # ATTACH takes no bound parameters; the target is the operator's configuration, quoted here.
             target = str(self._database).replace("'", "''")
-            connection.execute(f"ATTACH '{target}' AS {_CATALOG_ALIAS}")
+            connection.execute(f"ATTACH '{target}' AS {_CATALOG_ALIAS}" + (" (READ_ONLY)" if read_only else ""))
             connection.execute(f"USE {_CATALOG_ALIAS}")
         except duckdb.Error as error:
             connection.close()
