@@ -3,8 +3,10 @@
 from dagster import Definitions
 
 from mantle_assets.orchestration.assets import image_directory, segmentation_masks
+from mantle_assets.orchestration.cells import cell_masks
 from mantle_assets.orchestration.concurrency import mantle_executor
 from mantle_assets.orchestration.jobs import (
+    cell_job,
     measurement_job,
     observe_image_directories_job,
     segmentation_job,
@@ -23,10 +25,11 @@ from mantle_assets.orchestration.sensors import (
 from mantle_assets.orchestration.training import trained_cellpose_model
 
 defs = Definitions(
-    assets=[image_directory, segmentation_masks, trained_cellpose_model, cell_measurements, assay_readout],
+    assets=[image_directory, segmentation_masks, cell_masks, trained_cellpose_model, cell_measurements, assay_readout],
     asset_checks=measurement_checks,
     jobs=[
         segmentation_job,
+        cell_job,
         training_job,
         observe_image_directories_job,
         measurement_job,

@@ -424,6 +424,7 @@ def segment_partition(
     properties = {
         "mask_directory": str(output_dir),
         "source_entity": source.entity_id,
+        "objects": "nuclei",  # cell_masks records "cells"
         **config.parameters(),
         "estimated_diameter": result.median_diameter() if settings.diameter is None else None,
         "cellpose_version": cellpose_version(),

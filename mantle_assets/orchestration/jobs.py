@@ -18,6 +18,14 @@ segmentation_job = define_asset_job(
     "unset (null) takes each directory's experiment defaults (`mantle defaults`), else the platform's.",
 )
 
+cell_job = define_asset_job(
+    "cell_job",
+    selection=["cell_masks"],
+    partitions_def=image_directory_partitions,
+    description="Grow whole cells around the current nuclei masks of image directories (partitions); "
+    "method propagate (default, offline) or cellpose (a whole-cell model such as cyto3).",
+)
+
 measurement_job = define_asset_job(
     "measurement_job",
     selection=["cell_measurements", "assay_readout"],

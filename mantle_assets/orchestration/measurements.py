@@ -8,6 +8,7 @@ lineage; the science lives in :mod:`mantle_assets.imaging.measurements` and
 """
 
 import base64
+import contextlib
 import json
 from collections.abc import Collection
 from pathlib import Path
@@ -47,6 +48,7 @@ from mantle_assets.orchestration.assets import (
     staged_image_directory,
     summary_metadata,
 )
+from mantle_assets.orchestration.cells import cell_masks, cells_of
 from mantle_assets.orchestration.partitions import entity_id_of, image_directory_partitions
 from mantle_assets.orchestration.recovery import check_run_not_ended
 from mantle_assets.orchestration.resources import EntityStoreResource
@@ -137,15 +139,19 @@ def column_schema(frame: pd.DataFrame) -> TableSchema:
     return TableSchema(columns=[TableColumn(str(name), str(dtype)) for name, dtype in frame.dtypes.items()])
 
 
+# cell_masks is a dependency for lineage and staleness (new cells make the table stale), not a requirement:
+# without cells grown from the current nuclei the cytoplasm is a ring around each nucleus.
 @asset(
-    deps=[segmentation_masks],
+    deps=[segmentation_masks, cell_masks],
     partitions_def=image_directory_partitions,
     group_name="measurements",
     kinds={"scikit-image", "parquet", "duckdb"},
     owners=["team:imaging"],
     description="Per-object shape and nucleus/cytoplasm intensities of every channel, measured on the "
     "partition's current masks: a Parquet file recorded as a cell_measurement_table entity linked to the "
-    "masks and the images, and rows of the DuckDB table cell_measurements.",
+    "masks and the images, and rows of the DuckDB table cell_measurements. The cytoplasm is the cell minus "
+    "its nucleus when the partition's current cell masks were grown from its current nuclei (cytoplasm: "
+    "cell), else a ring around each nucleus (cytoplasm: ring).",
 )
 def cell_measurements(
     context: AssetExecutionContext, config: MeasurementConfig, entity_store: EntityStoreResource
@@ -160,6 +166,7 @@ def measure_partition(
     with refusals_as_failures():
         source = image_directory_entity(store, entity_id_of(context.partition_key))
         masks = current_masks_of(store, source.entity_id)
+        cells = cells_of(store, source.entity_id, masks)
     run_id = context.run.run_id
     output_dir = mantle_home() / "measurements" / source.entity_id / run_id
 
@@ -167,6 +174,8 @@ def measure_partition(
     with (
         staged_image_directory(source, f"{run_id}-") as (grouping, _),
         local_copy(masks.properties["mask_directory"], staging_root(), f"{run_id}-") as mask_directory,
+        local_copy(cells.properties["mask_directory"], staging_root(), f"{run_id}-cells-")
+        if cells else contextlib.nullcontext() as cell_mask_directory,
         atomic_directory(output_dir) as partial,
     ):
         names = source.properties.get("channel_names") or default_channel_names(grouping.channel_labels)
@@ -174,12 +183,15 @@ def measure_partition(
             grouping,
             mask_directory,
             names,
+            cell_mask_directory=cell_mask_directory,
             ring_width=config.ring_width,
             max_pixels=max_field_pixels(),
             max_bytes=max_image_bytes(),
             on_field=lambda field, count: context.log.info(f"{field}: {count} objects measured"),
         )
         write_parquet(table, partial / MEASUREMENT_FILE)
+    # The table's attrs are not stored with it: the entity and the readout carry the flag.
+    cytoplasm = table.attrs["cytoplasm"]
     per_field = table.groupby("field").size()
     objects_per_field = {field.name: int(per_field.get(field.name, 0)) for field in grouping.fields}
     properties = {
@@ -189,6 +201,8 @@ def measure_partition(
         "channel_names": list(names),
         "ring_width": config.ring_width,
         "mask_run_id": masks.properties.get("run_id"),
+        "cytoplasm": cytoplasm,
+        **({"cell_mask_entity": cells.entity_id, "cell_mask_run_id": cells.properties["run_id"]} if cells else {}),
         "fields": len(grouping.fields),
         "total_objects": len(table),
         "objects_per_field": objects_per_field,
@@ -200,10 +214,10 @@ def measure_partition(
             MEASUREMENT_TABLE,
             f"{source.name} cell measurements",
             properties,
-            parents=[masks.entity_id, source.entity_id],
+            parents=[masks.entity_id, source.entity_id, *([cells.entity_id] if cells else [])],
             pipeline=MEASUREMENT_PIPELINE,
             run_id=run_id,
-            parameters={"ring_width": config.ring_width, "channel_names": list(names)},
+            parameters={"ring_width": config.ring_width, "channel_names": list(names), "cytoplasm": cytoplasm},
             measurements=table,
             before_writing=lambda: check_run_not_ended(context.instance, run_id),
         )
@@ -211,6 +225,8 @@ def measure_partition(
         metadata={
             "input_entity": source.entity_id,
             "mask_entity": masks.entity_id,
+            "cytoplasm": cytoplasm,
+            "cell_mask_entity": cells.entity_id if cells else "",
             "output_entity": output.entity_id,
             "output_version": output.version,
             "output_lineage": lineage_table(store, output.entity_id),
@@ -334,6 +350,7 @@ def read_out_partition(context: AssetExecutionContext, config: AssayConfig, stor
         "readout_directory": str(output_dir),
         "measurement_entity": measured.entity_id,
         "readout": value_column,
+        "cytoplasm": measured.properties.get("cytoplasm", "ring"),
         "plate_layout": layout_file,
         "n_cells": summary["n_cells"],
         "wells": summary["wells"],
@@ -365,6 +382,7 @@ def read_out_partition(context: AssetExecutionContext, config: AssayConfig, stor
         "output_version": output.version,
         "output_lineage": lineage_table(store, output.entity_id),
         "readout": value_column,
+        "cytoplasm": properties["cytoplasm"],
         "n_cells": summary["n_cells"],
         "z_prime": MetadataValue.float(shown["z_prime"]) if shown["z_prime"] is not None else "n/a",
         "ec50": MetadataValue.float(shown["ec50"]) if shown["fit"] else "n/a",
