@@ -7,9 +7,13 @@ the ``cell_masks`` asset's default method and parameters), then runs the
 platform's measurement and readout code twice: cytoplasm = ring, and
 cytoplasm = cell minus nucleus. Nuclei masks already in ``--out`` are reused, so
 a second run only repeats the cell step. Prints figures and the seconds per
-field of the cell step; asserts nothing. Example:
+field of the cell step; asserts nothing. ``--nuclei otsu`` takes the classical
+nuclei of ``plate_readout_baseline.py`` instead (about 30 s for the plate, where
+Cellpose needs minutes to hours on a busy CPU), so that ring and cells can be
+compared on the same nuclei quickly. Example:
 
     nice -n 10 python benchmarks/cells_vs_ring.py --plate ../shared/data/bbbc014 --out runs/cells-vs-ring
+    python benchmarks/cells_vs_ring.py --plate ../shared/data/bbbc014 --out runs/cells-vs-ring --nuclei otsu
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from plate_readout_baseline import otsu_watershed
 
 from mantle_assets.imaging.assay import plate_readout, read_plate_layout
 from mantle_assets.imaging.cells import propagate_cells
@@ -45,20 +50,24 @@ def summary(readout) -> dict:
     }
 
 
-def segment_nuclei(grouping, nuclei_dir: Path) -> None:
+def cellpose_nuclei():
+    """The bundled nuclei model, as segmentation_masks runs it by default (``diameter=None``)."""
     from mantle_assets.models.cellpose_import import import_cellpose
     from mantle_assets.models.registry import bundled_specs
 
+    import_cellpose()
+    segmenter = CellposeSegmenter(next(s for s in bundled_specs() if s.offline).path)
+    return lambda dna: segmenter.segment(dna, SegmentationSettings()).masks
+
+
+def segment_nuclei(grouping, nuclei_dir: Path, method: str) -> None:
     missing = [f for f in grouping.fields if not (nuclei_dir / f"{f.name}{MASK_SUFFIX}").exists()]
     if not missing:
         return
-    import_cellpose()
-    spec = next(s for s in bundled_specs() if s.offline)
-    segmenter = CellposeSegmenter(spec.path)
+    segment = cellpose_nuclei() if method == "cellpose" else otsu_watershed
     for field in missing:
         start = time.perf_counter()
-        image = select_channels(read_field(field), 0, DNA)
-        masks = segmenter.segment(image, SegmentationSettings(), field=field.name).masks
+        masks = segment(select_channels(read_field(field), 0, DNA))
         # Written under a temporary name first so that a killed run leaves no half-written mask to reuse.
         partial = nuclei_dir / f".{field.name}{MASK_SUFFIX}"
         write_label_image(partial, masks)
@@ -81,14 +90,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plate", type=Path, required=True, help="BBBC014 folder (images/, plate_layout.csv)")
     parser.add_argument("--out", type=Path, required=True, help="folder for nuclei/ and cells/ masks and results")
+    parser.add_argument("--nuclei", choices=("cellpose", "otsu"), default="cellpose", help="how nuclei are found")
     args = parser.parse_args()
 
     grouping = group_fields(args.plate / "images")
-    nuclei_dir, cells_dir = args.out / "nuclei", args.out / "cells"
+    suffix = "" if args.nuclei == "cellpose" else f"-{args.nuclei}"
+    nuclei_dir, cells_dir = args.out / f"nuclei{suffix}", args.out / f"cells{suffix}"
     nuclei_dir.mkdir(parents=True, exist_ok=True)
     cells_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    segment_nuclei(grouping, nuclei_dir)
+    segment_nuclei(grouping, nuclei_dir, args.nuclei)
     print(f"nuclei: {len(grouping.fields)} fields ready after {time.perf_counter() - start:.0f} s", flush=True)
     cell_seconds = propagate_directory(grouping, nuclei_dir, cells_dir)
     layout = read_plate_layout(args.plate / "plate_layout.csv")
@@ -106,7 +117,7 @@ def main() -> None:
         "total": round(float(np.sum(cell_seconds)), 1),
     }
     text = json.dumps(results, indent=2, default=float)
-    (args.out / "results.json").write_text(text)
+    (args.out / f"results{suffix}.json").write_text(text)
     print(text)
 
 
