@@ -18,12 +18,14 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus
 
 from mantle_assets.entities import EntityStore
+from mantle_assets.orchestration.partitions import partition_key
 from mantle_assets_tests.ui_server import running_ui
 
 pytestmark = pytest.mark.slow
@@ -133,7 +135,8 @@ def test_launch_a_partition_then_a_backfill_from_the_ui(ui, sync_playwright, art
             expect(description).to_be_visible()
             page.get_by_role("link", name="View in Asset Catalog").click()
             page.get_by_role("tab", name="Partitions").click()
-            page.get_by_text(entity_id, exact=True).first.click()
+            key = partition_key(EntityStore().get(entity_id))  # "E000001 ui-plate / <folder>"
+            page.get_by_text(key, exact=True).first.click()
             expect(page.get_by_text("No metadata entries")).to_be_visible()  # not materialised yet
             page.screenshot(path=artifacts / "02-partition-missing.png")
 
@@ -153,7 +156,7 @@ def test_launch_a_partition_then_a_backfill_from_the_ui(ui, sync_playwright, art
             page.screenshot(path=artifacts / "04-run-succeeded.png")
 
             # The partition's latest materialisation: entity ids, lineage table, preview image.
-            page.goto(f"{url}/assets/segmentation_masks?view=partitions&partition={entity_id}")
+            page.goto(f"{url}/assets/segmentation_masks?view=partitions&partition={urllib.parse.quote(key)}")
             metadata = page.locator("table").filter(has=page.get_by_text("output_entity", exact=True)).first
             expect(metadata).to_be_visible()
             output_id = metadata.locator("tr", has=page.get_by_text("output_entity", exact=True)).locator(
@@ -192,13 +195,14 @@ def test_launch_a_partition_then_a_backfill_from_the_ui(ui, sync_playwright, art
     with DagsterInstance.get() as instance:
         (run,) = [r for r in instance.get_runs() if r.run_id.startswith(short_run_id)]
         assert run.status == DagsterRunStatus.SUCCESS
-        assert run.tags["dagster/partition"] == entity_id
+        assert run.tags["dagster/partition"] == key
         assert "dagster/sensor_name" not in run.tags  # launched from the UI, not by automation
         # The asset's BackfillPolicy puts both partitions in one run: one model load for both.
         (backfill_run,) = [r for r in instance.get_runs() if "dagster/backfill" in r.tags]
         assert backfill_run.status == DagsterRunStatus.SUCCESS
         assert (backfill_run.tags["dagster/asset_partition_range_start"],
-                backfill_run.tags["dagster/asset_partition_range_end"]) == (entity_id, second_id)
+                backfill_run.tags["dagster/asset_partition_range_end"]) == (
+            key, partition_key(EntityStore().get(second_id)))
     store = EntityStore()
     output = store.get(output_id)
     assert output.properties["source_entity"] == entity_id
