@@ -251,11 +251,11 @@ _DATA_TYPE_DEFINITIONS: tuple[DataType, ...] = (
             "mask_directory": PropertySpec("directory", True, "The folder of label masks."),
             "source_entity": PropertySpec("entity", True, "The image directory entity segmented."),
             "objects": PropertySpec("string", description='What the masks label: "nuclei" or "cells".'),
-            # Cells grown from nuclei (method propagate) use no Cellpose model nor diameter.
-            "cellpose_model": PropertySpec("string", description="Built-in model name or path of the model used."),
+            # Cells grown from nuclei (method propagate) carry the model and diameter that found those nuclei.
+            "cellpose_model": PropertySpec("string", True, "Built-in model name or path of the model used."),
             "nuclei_channel": PropertySpec("integer", True, "Channel index of the nuclei."),
             "cytoplasm_channel": PropertySpec("integer", True, "Channel index of the cytoplasm."),
-            "diameter": PropertySpec("string", description='Requested cell diameter as text, or "None" to estimate.'),
+            "diameter": PropertySpec("string", True, 'Requested cell diameter as text, or "None" to estimate.'),
             "method": PropertySpec("string", description='Cells: "propagate" (grown from the nuclei) or "cellpose".'),
             "nuclei_mask_entity": PropertySpec("entity", description="Cells: the nuclei masks they belong to."),
             "nuclei_run_id": PropertySpec("string", description="Cells: the run that made those nuclei masks."),

@@ -259,6 +259,9 @@ def grow_partition(
         "method": config.method,
         "nuclei_channel": nuclear,
         "cytoplasm_channel": cytoplasm,
+        # Propagated cells keep the model and diameter that found their nuclei; the cellpose method records its own.
+        "cellpose_model": nuclei.properties["cellpose_model"],
+        "diameter": nuclei.properties["diameter"],
         "nuclei_mask_entity": nuclei.entity_id,
         "nuclei_run_id": nuclei.properties.get("run_id"),
         "cell_parameters": config.parameters(),
