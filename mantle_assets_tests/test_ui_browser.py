@@ -168,11 +168,13 @@ def test_launch_a_partition_then_a_backfill_from_the_ui(ui, sync_playwright, art
             expect(lineage_row.get_by_text("cellpose-segmentation").first).to_be_visible()
             page.screenshot(path=artifacts / "05-partition-metadata.png", full_page=True)
 
+            # The contact sheet in place in the table, as mantle ui serves it from $MANTLE_HOME/previews.
             preview_row = metadata.locator("tr", has=page.get_by_text("preview", exact=True))
-            preview_row.get_by_text("[Show Markdown]").click()
-            image = page.get_by_role("dialog").filter(has_text="Outlines on field").get_by_role("img", name="preview")
+            expect(preview_row.get_by_text("Outlines on fields")).to_be_visible()
+            image = preview_row.get_by_role("img", name="preview")
             expect(image).to_be_visible()
-            assert image.evaluate("img => img.complete && img.naturalWidth") > 0
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+            preview_row.scroll_into_view_if_needed()
             page.screenshot(path=artifacts / "06-preview.png")
 
             # A second plate of another experiment, whose defaults fix the diameter; both in one backfill.
