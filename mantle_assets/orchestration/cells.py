@@ -235,9 +235,10 @@ def grow_partition(
         recorded_channels = (source.properties.get("field_grouping") or {}).get("n_channels")
         check_cell_request(config, source, nuclei, recorded_channels)
     root = mask_root()
-    # Beside the nuclei of a segmentation run in the same run, never in their folder.
-    folder = f"{run_id}-cells"
-    output_dir = f"{root}/{source.entity_id}/{folder}" if is_uri(root) else root / source.entity_id / folder
+    # Not in the nuclei's <entity>/<run> (one run may make both), but in the same two-level layout, which the
+    # cleanup of failed and canceled runs (clean_up_ended_runs) searches for unrecorded outputs.
+    folder = f"{source.entity_id}-cells"
+    output_dir = f"{root}/{folder}/{run_id}" if is_uri(root) else root / folder / run_id
     with (
         staged_image_directory(source, f"{run_id}-") as (grouping, source_fingerprint),
         local_copy(nuclei.properties["mask_directory"], staging_root(), f"{run_id}-") as nuclei_dir,

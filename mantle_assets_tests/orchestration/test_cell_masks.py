@@ -91,7 +91,7 @@ def test_cells_grown_from_cellpose_nuclei_are_measured_and_read_out(plate, insta
         nuclei.entity_id, segmented.run_id)
     assert {(e.parent_id, e.pipeline, e.run_id) for e in store.parents(cells.entity_id)} == {
         (nuclei.entity_id, "cell-masks", grown.run_id), (plate.entity_id, "cell-masks", grown.run_id)}
-    assert Path(cells.properties["mask_directory"]) == mask_root() / plate.entity_id / f"{grown.run_id}-cells"
+    assert Path(cells.properties["mask_directory"]) == mask_root() / f"{plate.entity_id}-cells" / grown.run_id
     assert meta["method"] == "propagate" and meta["parameters"]["smoothing"] == 0.75
     assert meta["total_cells"] == cells.properties["total_cells"] == nuclei.properties["total_cells"]
 
@@ -173,7 +173,7 @@ def test_a_request_that_cannot_work_fails_in_one_line_and_records_nothing(plate,
     assert not result.success
     assert refusal in root_cause(result.failure_data_for_node("cell_masks"))
     assert {e.entity_id for e in EntityStore().list()} == {plate.entity_id, nuclei.entity_id}
-    assert not (mask_root() / plate.entity_id).exists()
+    assert not (mask_root() / f"{plate.entity_id}-cells").exists()
 
 
 def test_without_nuclei_masks_the_run_fails_and_records_nothing(plate, instance):
@@ -234,3 +234,24 @@ def test_the_cell_step_is_gpu_tagged_like_the_segmentation():
     cells, nuclei = defs.get_assets_def("cell_masks"), defs.get_assets_def("segmentation_masks")
     assert cells.op.tags["mantle/gpu"] == nuclei.op.tags["mantle/gpu"] == "true"
     assert cells.op.pool == nuclei.op.pool == "gpu"
+
+
+def test_the_cleanup_of_ended_runs_removes_an_unrecorded_cells_folder_and_keeps_a_recorded_one(
+    plate, instance, mantle_home
+):
+    from mantle_assets.orchestration.recovery import clean_up_ended_runs
+
+    otsu_nuclei(plate, mantle_home / "otsu", "run-1")
+    grown = run_job(instance, "cell_job", plate.entity_id, {"cell_masks": {"cytoplasm_channel": "NFkB"}})
+    failed = run_job(instance, "cell_job", plate.entity_id, {"cell_masks": {"cytoplasm_channel": "GFP"}})
+    assert grown.success and not failed.success
+    # What a run killed after renaming its folder into place, before recording it, would leave.
+    left = mask_root() / f"{plate.entity_id}-cells" / failed.run_id
+    left.mkdir()
+
+    clean_up_ended_runs(instance, [failed.run_id, grown.run_id])
+
+    assert not left.exists()
+    recorded = EntityStore().get(materialized(grown, "cell_masks")["output_entity"])
+    assert sorted(p.name for p in Path(recorded.properties["mask_directory"]).iterdir()) == [
+        f"{well}_cp_masks.tif" for well in TWO_WELLS]
