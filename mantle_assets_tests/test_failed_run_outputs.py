@@ -46,3 +46,5 @@ def test_a_run_failed_while_its_step_segments_records_nothing(tmp_path, mantle_h
     assert store.children(source.entity_id) == []
     assert not run_dirs.exists() or list(run_dirs.iterdir()) == []
     assert not list((mantle_home / "masks").rglob(f"{PARTIAL_PREFIX}*"))
+    # The contact sheet, written just before the record was refused, went with it; its folder stays, empty.
+    assert list((mantle_home / "previews" / source.entity_id).iterdir()) == []
