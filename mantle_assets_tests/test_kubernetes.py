@@ -5,7 +5,8 @@ from dagster_k8s.job import DagsterK8sJobConfig, construct_dagster_k8s_job, get_
 
 from mantle_assets.kubernetes import defs
 
-GPU_STEPS = {"segmentation_masks", "trained_cellpose_model"}
+# cell_masks may run a Cellpose whole-cell model (method cellpose), so it is GPU-tagged whatever the method.
+GPU_STEPS = {"segmentation_masks", "cell_masks", "trained_cellpose_model"}
 
 
 def step_pod(op_tags) -> dict:
