@@ -612,6 +612,8 @@ def ui(port: int) -> None:
 @click.option("--train", "train_directories", multiple=True, required=True,
               help="Annotated directory as NAME=PATH (repeatable).")
 @click.option("--val", "validation_directory", required=True, help="Annotated validation directory.")
+@click.option("--hold-out-styles", "hold_out_styles_of", default=None,
+              help="NAME of a --train set whose held-out acquisition styles are scored, never trained on.")
 @click.option("--name", "model_name", default="mantle-nuclei", show_default=True)
 @click.option("--epochs", "n_epochs", type=int, default=None)
 @click.option("--nimg-per-epoch", type=int, default=None)
@@ -641,6 +643,11 @@ def train(weights: tuple[str, ...], **options) -> None:
         f"{metadata['model_entity'].value}: {metadata['model_file'].value} "
         f"AP@0.5={metadata['ap50'].value:.3f} AP@0.75={metadata['ap75'].value:.3f}"
     )
+    for style, scores in metadata["held_out_styles_ap"].value.items():
+        click.echo(
+            f"  held out {style} ({scores['n_images']} images): AP@0.5={scores['ap50']:.3f} "
+            f"AP@0.75={scores['ap75']:.3f} AP@0.9={scores['ap90']:.3f}"
+        )
 
 
 @main.command()

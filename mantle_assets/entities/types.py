@@ -334,6 +334,9 @@ _DATA_TYPE_DEFINITIONS: tuple[DataType, ...] = (
             "diam_mean": PropertySpec("float", description="Mean diameter the model was trained for."),
             "diam_labels": PropertySpec("float", description="Mean diameter of the training labels."),
             "validation_ap": PropertySpec("json", description="Average precision on the validation entity."),
+            "held_out_styles": PropertySpec(
+                "json", description="Acquisition styles held out of training, and the average precision on each."
+            ),
         },
     ),
     DataType(

@@ -18,6 +18,7 @@ import numpy as np
 from mantle_assets.imaging.io import MAX_FIELD_PIXELS, read_image, read_label_image
 from mantle_assets.imaging.precision import run_network_in
 from mantle_assets.models.cellpose_import import import_cellpose
+from mantle_assets.models.styles import StyleSplit
 from mantle_assets.settings import check_data_path
 
 AP_THRESHOLDS = (0.5, 0.75, 0.9)
@@ -38,6 +39,27 @@ class AnnotatedSet:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def subset(self, indices) -> AnnotatedSet:
+        """The images at ``indices``, in that order."""
+        return AnnotatedSet(
+            [self.names[i] for i in indices], [self.images[i] for i in indices], [self.masks[i] for i in indices]
+        )
+
+
+def sets_by_style(name: str, annotated: AnnotatedSet, split: StyleSplit) -> tuple[dict, dict]:
+    """One annotated set per acquisition style, named ``<name>/style<k>``: the training styles and the held-out ones.
+
+    Returns
+    -------
+    (dict of str to AnnotatedSet, dict of str to AnnotatedSet)
+        Styles to train on, and styles held out (never trained on), each in style order.
+    """
+    labels = split.clusters.labels
+    by_style = {k: annotated.subset(np.flatnonzero(labels == k)) for k in range(len(split.clusters.centres))}
+    train = {f"{name}/style{k}": s for k, s in by_style.items() if k not in split.held_out}
+    held_out = {f"{name}/style{k}": s for k, s in by_style.items() if k in split.held_out}
+    return train, held_out
 
 
 def check_model_name(name: str, what: str = "model_name") -> str:
@@ -175,7 +197,7 @@ class TrainingParameters:
 
 
 def sampling_probabilities(
-    set_sizes: dict[str, int], set_weights: dict[str, float]
+    set_sizes: dict[str, int], set_weights: dict[str, float], *, balanced: bool = False
 ) -> np.ndarray:
     """Per-image sampling probabilities that give each set its share of an epoch.
 
@@ -185,6 +207,9 @@ def sampling_probabilities(
         Number of images of each training set, in concatenation order.
     set_weights : dict of str to float
         Share of samples for named sets (summing to at most 1).
+    balanced : bool
+        Whether the sets not named share the rest equally (each acquisition style as
+        often as any other) instead of in proportion to their size.
 
     Returns
     -------
@@ -195,17 +220,20 @@ def sampling_probabilities(
     --------
     >>> sampling_probabilities({"a": 2, "b": 6}, {"a": 0.5}).round(3).tolist()
     [0.25, 0.25, 0.083, 0.083, 0.083, 0.083, 0.083, 0.083]
+    >>> sampling_probabilities({"a": 1, "b": 1, "c": 2}, {}, balanced=True).round(3).tolist()
+    [0.333, 0.333, 0.167, 0.167]
     """
     named = sum(set_weights.get(name, 0.0) for name in set_sizes)
     if named > 1.0 + 1e-9:
         raise ValueError(f"set weights sum to {named:.3f} > 1")
-    unnamed_total = sum(n for name, n in set_sizes.items() if name not in set_weights)
+    unnamed = {name: (1 if balanced else n) for name, n in set_sizes.items() if name not in set_weights}
+    unnamed_total = sum(unnamed.values())
     probabilities = []
     for name, size in set_sizes.items():
         if name in set_weights:
             share = set_weights[name]
         else:
-            share = (1.0 - named) * size / unnamed_total if unnamed_total else 0.0
+            share = (1.0 - named) * unnamed[name] / unnamed_total if unnamed_total else 0.0
         probabilities.extend([share / size] * size)
     p = np.asarray(probabilities, dtype=np.float64)
     return p / p.sum()
@@ -358,6 +386,231 @@ def train_size_model(net, weights: Path, images, masks, probabilities, params: T
     return weights.with_name(weights.name + "_size.npy")
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """Random changes to each training crop, beyond Cellpose's rotations and flips.
+
+    Intensity changes are applied to the crop Cellpose's normalisation made (1st/99th
+    percentile at 0/1), and the crop is normalised again, as inference normalises an image:
+    so what is learnt is what survives normalisation (a nonlinear response, a background
+    that is uneven or high against the signal, blur, noise), not an overall gain.
+    Each change is applied to a crop with probability ``probability``.
+    """
+
+    # Cellpose resizes each crop by (1 - scale_range / 2) + scale_range * U(0, 1) around the
+    # rescaling to diam_mean; train_seg uses 0.5 (+-25 %).
+    scale_range: float = 1.0
+    probability: float = 0.5
+    # Gamma drawn log-uniformly from [1 / max_gamma, max_gamma].
+    max_gamma: float = 2.0
+    # A background offset of up to this share of the signal, tilted across the crop.
+    max_background: float = 0.5
+    # Gaussian blur of up to this sigma, in pixels of the crop.
+    max_blur_sigma: float = 2.0
+    # Gaussian noise of up to this standard deviation, as a share of the signal.
+    max_noise: float = 0.15
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def augment_intensity(crop: np.ndarray, rng: np.random.Generator, augmentation: Augmentation) -> np.ndarray:
+    """Change a normalised training crop's intensities at random, then normalise it again.
+
+    Parameters
+    ----------
+    crop : ndarray
+        ``(C, Y, X)`` float crop; channel 0 is the stain, further channels (Cellpose's empty
+        second channel) are left as they are.
+    rng : numpy.random.Generator
+        Source of all random draws (the result is a function of the crop and the generator's state).
+    augmentation : Augmentation
+        Ranges and probability.
+
+    Returns
+    -------
+    ndarray
+        The crop, float32, channel 0 normalised to its 1st/99th percentiles (0 and 1) like
+        ``cellpose.transforms.normalize99``; a flat crop stays flat.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    out = crop.astype(np.float32, copy=True)
+    x = np.clip(out[0], 0.0, None)
+    draw = rng.random(4) < augmentation.probability
+    if draw[0]:
+        x = x ** np.exp(rng.uniform(-1.0, 1.0) * np.log(augmentation.max_gamma))
+    if draw[1]:
+        tilt = rng.uniform(-1.0, 1.0, 2)
+        ys, xs = np.linspace(-0.5, 0.5, x.shape[0]), np.linspace(-0.5, 0.5, x.shape[1])
+        gradient = 1.0 + tilt[0] * ys[:, None] + tilt[1] * xs[None, :]
+        x = x + rng.uniform(0.0, augmentation.max_background) * gradient
+    if draw[2]:
+        x = gaussian_filter(x, rng.uniform(0.0, augmentation.max_blur_sigma))
+    if draw[3]:
+        x = x + rng.normal(0.0, rng.uniform(0.0, augmentation.max_noise), x.shape)
+    low, high = np.percentile(x, [1.0, 99.0])
+    out[0] = (x - low) / (high - low) if high - low > 1e-6 else x - low
+    return out
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    model_path: Path
+    steps: int
+    wall_seconds: float
+    losses: list[float]
+    diam_labels: float
+    hardware: str
+    precision: str
+
+
+def learning_rate_at(step: int, n_steps: int, learning_rate: float, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``n_steps``.
+
+    >>> [round(learning_rate_at(s, 10, 1.0, 2), 3) for s in (0, 1, 2, 6, 10)]
+    [0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(n_steps - warmup_steps, 1)
+    return learning_rate * 0.5 * (1.0 + np.cos(np.pi * min(progress, 1.0)))
+
+
+def train_augmented(
+    train_sets: dict[str, AnnotatedSet],
+    work_dir: str | os.PathLike,
+    model_name: str,
+    params: TrainingParameters,
+    augmentation: Augmentation = Augmentation(),
+    *,
+    n_steps: int,
+    balanced: bool = True,
+    warmup_steps: int = 20,
+    checkpoint_seconds: float = 300.0,
+    log=print,
+) -> LoopResult:
+    """Train a Cellpose 3 network with :class:`Augmentation`, checkpointing so that it can resume.
+
+    Cellpose's own pieces do the Cellpose parts: ``cellpose.train._process_train_test``
+    (normalisation, flows, diameters, dropping images under ``params.min_train_masks``),
+    ``cellpose.transforms.random_rotate_and_resize`` (with ``augmentation.scale_range``) and
+    ``cellpose.train._loss_fn_seg``; the loop adds :func:`augment_intensity`, balanced
+    sampling (:func:`sampling_probabilities`) and the schedule of :func:`learning_rate_at`
+    (AdamW). The weights are a standard Cellpose file (``CellposeModel(pretrained_model=FILE)``).
+
+    Parameters
+    ----------
+    train_sets : dict of str to AnnotatedSet
+        Training sets by name (e.g. one per acquisition style; ``params.set_weights`` names some).
+    work_dir : path
+        Holds ``models/<model_name>`` (the weights, rewritten at each checkpoint),
+        ``checkpoint.pt`` (weights, optimiser, step, losses) and ``prepared.pt`` (the normalised
+        images and flows, computed once). A ``checkpoint.pt`` present is resumed from.
+    model_name : str
+        File name of the weights.
+    params : TrainingParameters
+        ``learning_rate``, ``weight_decay``, ``batch_size``, ``crop_size``, ``diam_mean``,
+        ``seed``, ``min_train_masks``, ``set_weights``, ``initial_model`` and ``precision`` apply.
+    augmentation : Augmentation
+    n_steps : int
+        Batches to train on in all (resumed runs count the steps already done).
+    balanced : bool
+        Sets not in ``params.set_weights`` share the rest of each batch equally.
+    warmup_steps : int
+        Steps of linear learning-rate warm-up.
+    checkpoint_seconds : float
+        Wall time between checkpoints.
+    log : callable
+        Receives one progress line per checkpoint.
+
+    Returns
+    -------
+    LoopResult
+    """
+    import torch
+    import_cellpose()
+    from cellpose import models, train, transforms
+
+    check_model_name(model_name)
+    work = Path(work_dir)
+    (work / "models").mkdir(parents=True, exist_ok=True)
+    model_path = work / "models" / model_name
+    checkpoint_path, prepared_path = work / "checkpoint.pt", work / "prepared.pt"
+    torch.manual_seed(params.seed)
+    model = models.CellposeModel(
+        gpu=torch.cuda.is_available(), pretrained_model=initial_weights(params), diam_mean=params.diam_mean
+    )
+    net, device = model.net, model.net.device
+    if prepared_path.is_file():
+        prepared = torch.load(prepared_path, weights_only=False)
+    else:
+        images = [im for s in train_sets.values() for im in s.images]
+        masks = [m for s in train_sets.values() for m in s.masks]
+        probabilities = sampling_probabilities(
+            {name: len(s) for name, s in train_sets.items()}, params.set_weights, balanced=balanced
+        )
+        out = train._process_train_test(
+            train_data=images, train_labels=masks, train_probs=probabilities, min_train_masks=params.min_train_masks,
+            channels=[0, 0], normalize_params={**models.normalize_default, "normalize": True}, device=device,
+        )
+        # Kept in float16 (half the memory of ~650 images with their flows), widened per batch.
+        prepared = {"data": [d.astype(np.float16) for d in out[0]],
+                    "labels": [lbl[1:].astype(np.float16) for lbl in out[1]], "probs": out[4], "diams": out[5]}
+        torch.save(prepared, prepared_path.with_suffix(".partial"))
+        os.replace(prepared_path.with_suffix(".partial"), prepared_path)
+    net.diam_labels.data = torch.tensor([float(np.mean(prepared["diams"]))], device=device)
+    precision = run_network_in(net, params.precision)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
+    step, losses, elapsed = 0, [], 0.0
+    if checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, weights_only=False)
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, losses, elapsed = state["step"], state["losses"], state["wall_seconds"]
+        log(f"resumed at step {step} of {n_steps}")
+
+    def save() -> None:
+        net.save_model(str(model_path.with_suffix(".partial")))
+        os.replace(model_path.with_suffix(".partial"), model_path)
+        state = {"net": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses,
+                 "wall_seconds": elapsed + time.perf_counter() - start}
+        torch.save(state, checkpoint_path.with_suffix(".partial"))
+        os.replace(checkpoint_path.with_suffix(".partial"), checkpoint_path)
+
+    start = last_save = time.perf_counter()
+    net.train()
+    while step < n_steps:
+        # Every step's draws follow from (seed, step) alone, so a resumed run draws what an uninterrupted one would.
+        rng = np.random.default_rng([params.seed, step])
+        np.random.seed(rng.integers(2**31))
+        indices = rng.choice(len(prepared["data"]), size=params.batch_size, p=prepared["probs"])
+        crops, flows = transforms.random_rotate_and_resize(
+            [prepared["data"][i].astype(np.float32) for i in indices],
+            Y=[prepared["labels"][i].astype(np.float32) for i in indices],
+            rescale=np.asarray(prepared["diams"])[indices] / params.diam_mean,
+            scale_range=augmentation.scale_range, xy=(params.crop_size, params.crop_size),
+        )[:2]
+        crops = np.stack([augment_intensity(crop, rng, augmentation) for crop in crops])
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, n_steps, params.learning_rate, warmup_steps)
+        loss = train._loss_fn_seg(flows, net(torch.from_numpy(crops).to(device))[0], device)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.item()))
+        step += 1
+        if step == n_steps or time.perf_counter() - last_save > checkpoint_seconds:
+            save()
+            last_save = time.perf_counter()
+            log(f"step {step}/{n_steps} loss {np.mean(losses[-50:]):.4f} "
+                f"{elapsed + last_save - start:.0f} s, checkpoint {checkpoint_path}")
+    return LoopResult(
+        model_path=model_path, steps=step, wall_seconds=elapsed + time.perf_counter() - start, losses=losses,
+        diam_labels=float(net.diam_labels.item()), hardware=describe_hardware(), precision=precision,
+    )
+
+
 def average_precision(
     true_masks: list[np.ndarray],
     predicted_masks: list[np.ndarray],
@@ -433,6 +686,38 @@ def parse_named_path(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def segment_annotated(segmenter, annotated: AnnotatedSet, *, annotated_diameters: bool) -> tuple[list, list]:
+    """Segment every image of an annotated set.
+
+    Returns
+    -------
+    (list of ndarray, list of float)
+        The predicted masks, and each image's ``|estimated - annotated| / annotated`` median object diameter.
+    """
+    from cellpose.utils import diameters
+
+    from mantle_assets.imaging.segmentation import SegmentationSettings
+
+    predicted, errors = [], []
+    for image, truth in zip(annotated.images, annotated.masks, strict=True):
+        true_diameter = diameters(truth)[0]
+        result = segmenter.segment(
+            image, SegmentationSettings(diameter=true_diameter if annotated_diameters else None)
+        )
+        predicted.append(result.masks)
+        errors.append(abs(result.diameter - true_diameter) / true_diameter)
+    return predicted, errors
+
+
+def score_predictions(true_masks: list[np.ndarray], predicted: list[np.ndarray], errors: list[float]) -> dict:
+    """AP at :data:`AP_THRESHOLDS`, small-object recall and the median diameter error of segmented images."""
+    scores = average_precision(true_masks, predicted)
+    scores["small_object_recall"], scores["n_small_objects"] = small_object_recall(true_masks, predicted)
+    scores["diameter_median_relative_error"] = float(np.median(errors))
+    scores["n_images"] = len(true_masks)
+    return scores
+
+
 def evaluate_segmenter(segmenter, annotated: AnnotatedSet, *, annotated_diameters: bool = False) -> dict[str, float]:
     """Score a loaded model on an annotated set.
 
@@ -454,20 +739,37 @@ def evaluate_segmenter(segmenter, annotated: AnnotatedSet, *, annotated_diameter
         :func:`small_object_recall`) and ``diameter_median_relative_error``: the median over images of
         ``|estimated - annotated| / annotated`` median object diameter.
     """
-    from cellpose.utils import diameters
+    predicted, errors = segment_annotated(segmenter, annotated, annotated_diameters=annotated_diameters)
+    return score_predictions(annotated.masks, predicted, errors)
 
-    from mantle_assets.imaging.segmentation import SegmentationSettings
 
-    predicted, errors = [], []
-    for image, truth in zip(annotated.images, annotated.masks, strict=True):
-        true_diameter = diameters(truth)[0]
-        result = segmenter.segment(
-            image, SegmentationSettings(diameter=true_diameter if annotated_diameters else None)
-        )
-        predicted.append(result.masks)
-        errors.append(abs(result.diameter - true_diameter) / true_diameter)
-    scores = average_precision(annotated.masks, predicted)
-    scores["small_object_recall"], scores["n_small_objects"] = small_object_recall(annotated.masks, predicted)
-    scores["diameter_median_relative_error"] = float(np.median(errors))
-    scores["n_images"] = len(annotated)
+# The key of evaluate_styles' score of all held-out images together.
+ALL_HELD_OUT = "held_out_styles"
+
+
+def evaluate_styles(segmenter, held_out: dict[str, AnnotatedSet], *, annotated_diameters: bool = False) -> dict:
+    """Score a loaded model on each held-out style, and on all of their images together.
+
+    Parameters
+    ----------
+    segmenter : CellposeSegmenter
+    held_out : dict of str to AnnotatedSet
+        The held-out styles (see :func:`sets_by_style`).
+    annotated_diameters : bool
+        As for :func:`evaluate_segmenter`.
+
+    Returns
+    -------
+    dict of str to dict
+        :func:`evaluate_segmenter`'s scores per style, and under :data:`ALL_HELD_OUT` those of all
+        held-out images (AP averaged over images, so larger styles weigh more).
+    """
+    scores, truths, predictions, errors = {}, [], [], []
+    for name, annotated in held_out.items():
+        predicted, error = segment_annotated(segmenter, annotated, annotated_diameters=annotated_diameters)
+        scores[name] = score_predictions(annotated.masks, predicted, error)
+        truths += annotated.masks
+        predictions += predicted
+        errors += error
+    scores[ALL_HELD_OUT] = score_predictions(truths, predictions, errors)
     return scores

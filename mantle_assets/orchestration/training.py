@@ -8,12 +8,15 @@ from pydantic import Field
 from mantle_assets.atomic import atomic_directory, set_aside_on_failure
 from mantle_assets.entities import EntityStore
 from mantle_assets.imaging.segmentation import CellposeSegmenter
+from mantle_assets.models.styles import split_annotated_by_style
 from mantle_assets.models.training import (
     TrainingParameters,
     check_model_name,
     evaluate_segmenter,
+    evaluate_styles,
     load_annotated_set,
     parse_named_path,
+    sets_by_style,
     train_cellpose_model,
 )
 from mantle_assets.orchestration.assets import GPU_OP_TAGS
@@ -31,6 +34,11 @@ class TrainingConfig(Config):
         description="Annotated directories as NAME=PATH (images/ + masks/, or Cellpose's _masks naming)."
     )
     validation_directory: str = Field(description="Annotated directory scored after training (never trained on).")
+    hold_out_styles_of: str | None = Field(
+        default=None,
+        description="NAME of a training directory split by acquisition style: its held-out styles are never "
+        "trained on and are scored after training, each on its own (mantle_assets.models.styles).",
+    )
     model_name: str = "mantle-nuclei"
     n_epochs: int = TrainingParameters.n_epochs
     learning_rate: float = TrainingParameters.learning_rate
@@ -56,7 +64,9 @@ class TrainingConfig(Config):
 
     def parameters(self) -> TrainingParameters:
         return TrainingParameters(
-            **self.model_dump(exclude={"train_directories", "validation_directory", "model_name"})
+            **self.model_dump(
+                exclude={"train_directories", "validation_directory", "model_name", "hold_out_styles_of"}
+            )
         )
 
 
@@ -72,6 +82,30 @@ def annotated_entity(store: EntityStore, name: str, directory: Path, annotated) 
         name,
         {"annotated_directory": resolved, "n_images": len(annotated), "n_objects": n_objects},
     ).entity_id
+
+
+def hold_out_styles(train_sets: dict, name: str | None) -> tuple[dict, list[str]]:
+    """Split training set ``name`` by acquisition style, in place: its held-out styles leave ``train_sets``.
+
+    Returns
+    -------
+    (dict of str to AnnotatedSet, list of str)
+        The held-out styles by name (``<name>/style<k>``) and a description of each; empty without ``name``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not one of the training sets.
+    """
+    if name is None:
+        return {}, []
+    if name not in train_sets:
+        raise ValueError(f"hold_out_styles_of={name!r} is not a training set name: use one of {', '.join(train_sets)}")
+    annotated = train_sets[name]
+    split = split_annotated_by_style(annotated.images, annotated.masks)
+    train_sets[name] = annotated.subset(split.train)
+    held_out = sets_by_style(name, annotated, split)[1]
+    return held_out, [f"{name}/{split.clusters.describe(k)}" for k in split.held_out]
 
 
 @asset(
@@ -94,6 +128,7 @@ def trained_cellpose_model(
         train_sets = {name: load_annotated_set(path, max_pixels=max_pixels) for name, path in named}
         validation_path = Path(config.validation_directory)
         validation = load_annotated_set(validation_path, max_pixels=max_pixels)
+        held_out, held_out_described = hold_out_styles(train_sets, config.hold_out_styles_of)
     store = entity_store.store()
 
     run_id = context.run.run_id
@@ -104,8 +139,12 @@ def trained_cellpose_model(
     weights = final / "models" / config.model_name
     # Training took up to hours: if scoring or recording fails, the weights are kept aside, not deleted.
     with set_aside_on_failure(final):
-        scores = evaluate_segmenter(CellposeSegmenter(weights, precision=params.precision), validation)
+        segmenter = CellposeSegmenter(weights, precision=params.precision)
+        scores = evaluate_segmenter(segmenter, validation)
         context.log.info(f"validation {validation_path.name}: {scores}")
+        style_scores = evaluate_styles(segmenter, held_out) if held_out else {}
+        for name, style in style_scores.items():
+            context.log.info(f"held-out style {name}: {style}")
         train_ids = [annotated_entity(store, name, path, train_sets[name]) for name, path in named]
         validation_id = annotated_entity(store, validation_path.name, validation_path, validation)
         model = store.record_output(
@@ -124,6 +163,7 @@ def trained_cellpose_model(
                 "diam_mean": trained.diam_mean,
                 "diam_labels": trained.diam_labels,
                 "validation_ap": scores,
+                "held_out_styles": {"styles": held_out_described, "ap": style_scores},
             },
             parents=train_ids,
             pipeline=TRAINING_PIPELINE,
@@ -144,6 +184,12 @@ def trained_cellpose_model(
                 {"recall": scores["small_object_recall"], "objects": scores["n_small_objects"]}
             ),
             "diameter_median_relative_error": scores["diameter_median_relative_error"],
+            "held_out_styles_ap": MetadataValue.json(
+                {
+                    name: {k: style[k] for k in ("ap50", "ap75", "ap90", "n_images")}
+                    for name, style in style_scores.items()
+                }
+            ),
             "wall_seconds": trained.wall_seconds,
             "hardware": trained.hardware,
             "precision": trained.precision,

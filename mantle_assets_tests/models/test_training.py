@@ -8,17 +8,26 @@ from click.testing import CliRunner
 from mantle_assets.cli import main, root_cause
 from mantle_assets.definitions import defs
 from mantle_assets.entities import EntityStore
+from mantle_assets.imaging.segmentation import SegmentationResult
 from mantle_assets.models.bundling import bundle_model
+from mantle_assets.models.styles import StyleClusters, StyleSplit, split_by_style
 from mantle_assets.models.training import (
+    ALL_HELD_OUT,
+    AnnotatedSet,
+    Augmentation,
     TrainingParameters,
+    augment_intensity,
     average_precision,
     check_model_name,
+    evaluate_styles,
     find_annotated_pairs,
     initial_weights,
     load_annotated_set,
     parse_named_path,
     sampling_probabilities,
+    sets_by_style,
     small_object_recall,
+    train_augmented,
 )
 from mantle_assets.settings import OutsideDataRootsError
 
@@ -236,3 +245,111 @@ def test_a_bundle_name_that_is_a_path_is_refused(tmp_path, bundled_model_name):
         bundle_model(resolve_model(bundled_model_name).path, "../../escape", {"diam_mean": 17.0},
                      bundled_dir=tmp_path / "bundled")
     assert not (tmp_path / "bundled").exists() and not (tmp_path / "escape").exists()
+
+
+def test_balanced_sets_share_the_rest_equally_whatever_their_size():
+    p = sampling_probabilities({"bbbc": 10, "style0": 90, "style1": 30}, {"bbbc": 0.4}, balanced=True)
+    assert p[:10].sum() == pytest.approx(0.4)
+    assert p[10:100].sum() == pytest.approx(0.3) and p[100:].sum() == pytest.approx(0.3)
+
+
+def normalised_crop():
+    rng = np.random.default_rng(0)
+    crop = np.zeros((2, 64, 64), np.float32)
+    crop[0] = rng.uniform(0.0, 1.0, (64, 64))
+    crop[0, 20:40, 20:40] += 2.0
+    return crop
+
+
+def test_without_augmentation_a_crop_is_normalised_as_cellpose_normalises():
+    from cellpose.transforms import normalize99
+
+    crop = normalised_crop()
+    out = augment_intensity(crop, np.random.default_rng(0), Augmentation(probability=0.0))
+    np.testing.assert_allclose(out[0], normalize99(crop[0]), atol=1e-5)
+    np.testing.assert_array_equal(out[1], crop[1])
+
+
+def test_augmentation_is_a_function_of_the_generator_state():
+    crop, augmentation = normalised_crop(), Augmentation(probability=1.0)
+    first = augment_intensity(crop, np.random.default_rng(5), augmentation)
+    np.testing.assert_array_equal(first, augment_intensity(crop, np.random.default_rng(5), augmentation))
+    assert not np.allclose(first, augment_intensity(crop, np.random.default_rng(6), augmentation))
+    low, high = np.percentile(first[0], [1, 99])
+    assert low == pytest.approx(0.0, abs=1e-5) and high == pytest.approx(1.0, abs=1e-5)
+
+
+def test_noise_and_blur_change_what_normalisation_cannot_undo():
+    crop = np.zeros((2, 64, 64), np.float32)
+    crop[0, 16:48, 16:48] = 1.0
+    crop[0, 16:48:2, 16:48:2] = 0.5  # a fine texture inside a flat-edged square
+    only = {"probability": 1.0, "max_gamma": 1.0, "max_background": 0.0}
+    noisy = augment_intensity(crop, np.random.default_rng(1), Augmentation(**only, max_blur_sigma=0.0, max_noise=1.0))
+    blurred = augment_intensity(crop, np.random.default_rng(1), Augmentation(**only, max_blur_sigma=3.0, max_noise=0.0))
+    plain = augment_intensity(crop, np.random.default_rng(1), Augmentation(probability=0.0))
+
+    def roughness(image, region):
+        return np.abs(np.diff(image[0][region], axis=1)).mean()
+
+    background, texture = np.s_[:12, :], np.s_[20:44, 20:44]
+    assert roughness(plain, background) == 0.0 and roughness(noisy, background) > 0.01
+    assert roughness(blurred, texture) < 0.5 * roughness(plain, texture)
+
+
+def test_augmented_training_checkpoints_resumes_and_writes_a_cellpose_model(tmp_path):
+    from cellpose import models
+
+    images, masks = [], []
+    for offset in (0, 2, 4):
+        labels = squares(offset)
+        masks.append(labels)
+        images.append(np.where(labels > 0, 200.0, 20.0).astype(np.float32))
+    train_sets = {"a": AnnotatedSet(["0", "1"], images[:2], masks[:2]), "b": AnnotatedSet(["2"], images[2:], masks[2:])}
+    params = TrainingParameters(batch_size=2, crop_size=64, min_train_masks=1, precision="float32")
+    lines = []
+    first = train_augmented(train_sets, tmp_path, "tiny", params, n_steps=2, warmup_steps=1, log=lines.append)
+    assert first.steps == 2 and len(first.losses) == 2 and (tmp_path / "checkpoint.pt").is_file()
+    resumed = train_augmented(train_sets, tmp_path, "tiny", params, n_steps=3, warmup_steps=1, log=lines.append)
+    assert "resumed at step 2 of 3" in lines
+    assert resumed.steps == 3 and resumed.losses[:2] == first.losses
+    model = models.CellposeModel(pretrained_model=str(resumed.model_path))
+    assert model.net.diam_labels.item() == pytest.approx(resumed.diam_labels)
+    masks_out = model.eval(images[0], channels=[0, 0], diameter=17.0)[0]
+    assert masks_out.shape == images[0].shape
+
+
+class LabelsAsMasks:
+    """A segmenter for images that are their own label images: exact where ``exact``, else finding nothing."""
+
+    def __init__(self, exact):
+        self.exact = exact
+
+    def segment(self, image, settings):
+        masks = image.astype(np.int32) if self.exact(image) else np.zeros(image.shape, np.int32)
+        return SegmentationResult(masks, settings.diameter or 10.0, settings.diameter is None)
+
+
+def test_held_out_styles_are_scored_each_and_together():
+    found = AnnotatedSet(["a", "b"], [squares().astype(np.float32)] * 2, [squares()] * 2)
+    missed = AnnotatedSet(["c"], [squares(offset=1).astype(np.float32)], [squares(offset=1)])
+    segmenter = LabelsAsMasks(lambda image: image[5, 5] > 0)
+    scores = evaluate_styles(segmenter, {"s/style0": found, "s/style2": missed}, annotated_diameters=True)
+    assert scores["s/style0"]["ap50"] == 1.0 and scores["s/style2"]["ap50"] == 0.0
+    assert scores[ALL_HELD_OUT]["ap50"] == pytest.approx(2 / 3) and scores[ALL_HELD_OUT]["n_images"] == 3
+
+
+def test_sets_by_style_keep_whole_styles_apart():
+    annotated = AnnotatedSet(list("abcde"), [np.zeros((4, 4))] * 5, [np.zeros((4, 4), np.int32)] * 5)
+    labels = np.array([0, 1, 2, 1, 0])
+    split = StyleSplit(StyleClusters(labels, np.zeros((3, 6))), [1], *split_by_style(labels, [1]))
+    train, held_out = sets_by_style("dsb", annotated, split)
+    assert {k: v.names for k, v in train.items()} == {"dsb/style0": ["a", "e"], "dsb/style2": ["c"]}
+    assert {k: v.names for k, v in held_out.items()} == {"dsb/style1": ["b", "d"]}
+
+
+def test_holding_out_styles_of_a_set_that_is_not_trained_on_is_refused():
+    from mantle_assets.orchestration.training import hold_out_styles
+
+    with pytest.raises(ValueError, match="hold_out_styles_of='dsb' is not a training set name: use one of a, b"):
+        hold_out_styles({"a": None, "b": None}, "dsb")
+    assert hold_out_styles({"a": None}, None) == ({}, [])

@@ -1,0 +1,77 @@
+"""Train mantle-nuclei-v2: v1 fine-tuned with intensity augmentation, a wider scale range and balanced styles.
+
+Holds out whole acquisition styles of dsb2018_fluo (``mantle_assets.models.styles``), trains on the
+other styles and bbbc039_train with ``train_augmented``, checkpointing into ``--work`` (rerun the same
+command to resume), then fits Cellpose's size model. Example (from the project root):
+
+    nice -n 15 python benchmarks/train_nuclei_v2.py --data ../shared/data/nuclei_gt --work runs/v2-train \
+        --steps 120 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mantle_assets.models.cellpose_import import import_cellpose
+from mantle_assets.models.styles import split_annotated_by_style
+from mantle_assets.models.training import (
+    Augmentation,
+    TrainingParameters,
+    load_annotated_set,
+    sampling_probabilities,
+    sets_by_style,
+    train_augmented,
+    train_size_model,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="nuclei_gt folder")
+    parser.add_argument("--work", type=Path, default=Path("runs/v2-train"))
+    parser.add_argument("--name", default="mantle-nuclei-v2")
+    parser.add_argument("--init", default="mantle-nuclei-v1")
+    parser.add_argument("--steps", type=int, default=120, help="batches of 8 crops in all")
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--learning-rate", type=float, default=0.003)
+    parser.add_argument("--bbbc039-share", type=float, default=0.4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-seconds", type=float, default=240.0)
+    parser.add_argument("--size-model", action="store_true", help="fit Cellpose's size model after the last step")
+    args = parser.parse_args()
+
+    dsb = load_annotated_set(args.data / "dsb2018_fluo")
+    split = split_annotated_by_style(dsb.images, dsb.masks)
+    train_styles, held_out = sets_by_style("dsb2018_fluo", dsb, split)
+    train_sets = {"bbbc039_train": load_annotated_set(args.data / "bbbc039_train"), **train_styles}
+    params = TrainingParameters(
+        learning_rate=args.learning_rate, seed=args.seed, initial_model=args.init,
+        set_weights={"bbbc039_train": args.bbbc039_share},
+    )
+    augmentation = Augmentation()
+    print(json.dumps({"train": {k: len(v) for k, v in train_sets.items()},
+                      "held_out": {k: len(v) for k, v in held_out.items()},
+                      "styles": [split.clusters.describe(k) for k in range(len(split.clusters.centres))],
+                      "augmentation": augmentation.to_json()}, indent=1), flush=True)
+    result = train_augmented(
+        train_sets, args.work, args.name, params, augmentation, n_steps=args.steps, warmup_steps=args.warmup_steps,
+        checkpoint_seconds=args.checkpoint_seconds, log=lambda line: print(line, flush=True),
+    )
+    print(json.dumps({"model": str(result.model_path), "steps": result.steps, "wall_seconds": result.wall_seconds,
+                      "hardware": result.hardware, "precision": result.precision}), flush=True)
+    if args.size_model:
+        import_cellpose()
+        from cellpose import models
+
+        images = [im for s in train_sets.values() for im in s.images]
+        masks = [m for s in train_sets.values() for m in s.masks]
+        probabilities = sampling_probabilities({k: len(v) for k, v in train_sets.items()}, params.set_weights,
+                                               balanced=True)
+        net = models.CellposeModel(pretrained_model=str(result.model_path)).net
+        print("size model", train_size_model(net, result.model_path, images, masks, probabilities, params), flush=True)
+
+
+if __name__ == "__main__":
+    main()
