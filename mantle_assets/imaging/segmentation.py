@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import fastremap
 import numpy as np
+from scipy import ndimage
 
 from mantle_assets.imaging.io import format_bytes, format_shape
 from mantle_assets.imaging.precision import run_network_in
@@ -409,6 +411,60 @@ def load_size_parameters(path: str | Path) -> dict:
     return params
 
 
+def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int) -> np.ndarray:
+    """Fill each mask's holes and remove masks under ``min_size`` pixels, whatever numbers the labels have.
+
+    The steps of Cellpose's ``utils.fill_holes_and_remove_small_masks`` (remove
+    small masks, fill holes, remove the masks still small, renumber), with
+    each mask's pixels counted by its label. Cellpose 3.1.1.3 takes the count
+    of the k-th label present for label k's, which holds only for labels
+    1..N; ``dynamics.remove_bad_flow_masks`` leaves gaps, so after a mask
+    rejected for its flows Cellpose removes, for a small mask above the gap,
+    the mask numbered like its rank, whatever its size (the small one goes in
+    a second pass, but the other is lost).
+    :class:`CellposeSegmenter` hence asks Cellpose for ``min_size=-1``, which
+    fills holes and renumbers but removes nothing, and calls this.
+
+    Parameters
+    ----------
+    masks : ndarray
+        2-D or 3-D label image, 0 = background; labels need not be consecutive.
+    min_size : int
+        Masks with fewer pixels are removed; 0 keeps every mask.
+
+    Returns
+    -------
+    ndarray
+        A new label image of the same dtype, masks numbered 1..N in the order they first occur, row by row.
+
+    Examples
+    --------
+    >>> masks = np.zeros((6, 12), np.uint16)
+    >>> masks[:, :4], masks[:, 5:9], masks[0, 11] = 2, 4, 7  # labels 1, 3, 5 and 6 missing
+    >>> masks[2, 1] = 0  # a hole
+    >>> filtered = fill_holes_and_remove_small_masks(masks, min_size=2)
+    >>> labels, counts = np.unique(filtered, return_counts=True)
+    >>> labels.tolist(), counts.tolist()  # background, then the two large masks, the hole filled
+    ([0, 1, 2], [24, 24, 24])
+    """
+    masks = _without_masks_under(masks, min_size)
+    for label, box in enumerate(ndimage.find_objects(masks), start=1):
+        if box is not None:
+            masks[box][ndimage.binary_fill_holes(masks[box] == label)] = label
+    masks = _without_masks_under(masks, min_size)
+    # Numbered as Cellpose numbers them (in the order the masks first occur, row by row); in place, renumber keeps
+    # the dtype (the array it returns may be narrower).
+    fastremap.renumber(masks, in_place=True)
+    return masks
+
+
+def _without_masks_under(masks: np.ndarray, min_size: int) -> np.ndarray:
+    """A copy of ``masks`` without the masks of fewer than ``min_size`` pixels."""
+    small = np.bincount(masks.ravel()) < min_size
+    small[0] = False
+    return np.where(small[masks], 0, masks).astype(masks.dtype, copy=False)
+
+
 @dataclass(frozen=True)
 class SegmentationSettings:
     """Cellpose evaluation options besides the channels (Cellpose's defaults).
@@ -543,12 +599,15 @@ class CellposeSegmenter:
                 diameter=diameter,
                 flow_threshold=settings.flow_threshold,
                 cellprob_threshold=settings.cellprob_threshold,
-                min_size=settings.min_size,
+                # Cellpose's own size filter deletes the wrong masks (see fill_holes_and_remove_small_masks);
+                # at -1 it fills holes only.
+                min_size=-1,
                 batch_size=batch_size,
             )
             return np.asarray(masks)
 
-        return with_smaller_batches_on_oom(evaluate, settings.batch_size)
+        masks = with_smaller_batches_on_oom(evaluate, settings.batch_size)
+        return fill_holes_and_remove_small_masks(masks, settings.min_size)
 
     def estimate_diameter(self, image: np.ndarray, settings: SegmentationSettings = SegmentationSettings()) -> float:
         """Estimate the median object diameter of an image, in pixels.

@@ -2,16 +2,22 @@ import math
 
 import numpy as np
 import pytest
+import tifffile
 
 from mantle_assets.imaging.segmentation import (
+    CellposeSegmenter,
     ParameterError,
+    SegmentationSettings,
     check_channels,
+    fill_holes_and_remove_small_masks,
     load_size_parameters,
     parse_diameter,
     resolve_channel,
     select_channels,
     with_smaller_batches_on_oom,
 )
+from mantle_assets.models.registry import resolve_model
+from mantle_assets_tests.conftest import bbbc014_images, missing_data
 
 
 @pytest.mark.parametrize("text", ["None", "none", " None ", ""])
@@ -150,8 +156,6 @@ def test_out_of_memory_at_batch_one_is_raised():
 
 
 def test_size_model_is_read_without_unpickling_code(bundled_model_name):
-    from mantle_assets.models.registry import resolve_model
-
     size_file = f"{resolve_model(bundled_model_name).path}_size.npy"
     expected = np.load(size_file, allow_pickle=True).item()
     params = load_size_parameters(size_file)
@@ -177,3 +181,75 @@ def test_plain_array_is_not_a_size_model(tmp_path):
     np.save(array, np.zeros(3))
     with pytest.raises(ValueError, match="array_size.npy: not a Cellpose size model"):
         load_size_parameters(array)
+
+
+def nuclei_with_a_gap() -> np.ndarray:
+    """Four 10x10 nuclei, the second with a hole, and a 3x3 fragment; label 2 is missing, as after a flow rejection."""
+    masks = np.zeros((40, 40), np.uint16)
+    masks[2:12, 2:12] = 1
+    masks[2:12, 20:30] = 3
+    masks[6, 25] = 0
+    masks[20:23, 20:23] = 4
+    masks[30:40, 2:12] = 5
+    masks[30:40, 28:38] = 6
+    return masks
+
+
+def pixels_of(masks: np.ndarray) -> set[frozenset]:
+    """Each mask as the set of its pixels' flat indices, whatever its label."""
+    flat = masks.ravel()
+    return {frozenset(np.flatnonzero(flat == label).tolist()) for label in np.unique(flat[flat > 0])}
+
+
+def test_small_masks_are_removed_by_their_own_size_when_labels_have_gaps():
+    from cellpose.utils import fill_holes_and_remove_small_masks as cellpose_filter
+
+    masks = nuclei_with_a_gap()
+    expected = {
+        frozenset(np.flatnonzero(masks.ravel() == label).tolist()) | ({6 * 40 + 25} if label == 3 else set())
+        for label in (1, 3, 5, 6)
+    }
+    # Cellpose 3.1.1.3 removes nucleus 3 (the second label present) for the fragment's size: the bug.
+    assert len(pixels_of(cellpose_filter(masks.copy(), min_size=15))) == 3
+    filtered = fill_holes_and_remove_small_masks(masks, min_size=15)
+    assert pixels_of(filtered) == expected
+    assert sorted(np.unique(filtered).tolist()) == [0, 1, 2, 3, 4] and filtered.dtype == masks.dtype
+    assert np.array_equal(masks, nuclei_with_a_gap())
+
+
+def test_without_gaps_the_filter_gives_cellposes_masks_and_labels():
+    from cellpose.utils import fill_holes_and_remove_small_masks as cellpose_filter
+    from scipy import ndimage
+
+    # Near the percolation threshold: labels 1..N, hundreds of fragments under 15 pixels, large masks full of holes,
+    # some holding others.
+    masks = ndimage.label(np.random.default_rng(0).random((128, 128)) < 0.6)[0].astype(np.uint16)
+    sizes = np.bincount(masks.ravel())[1:]
+    assert (sizes < 15).sum() > 100 and (sizes >= 15).sum() > 20
+    assert np.array_equal(fill_holes_and_remove_small_masks(masks, 15), cellpose_filter(masks.copy(), min_size=15))
+
+
+def test_min_size_zero_keeps_every_mask():
+    masks = nuclei_with_a_gap()
+    assert len(pixels_of(fill_holes_and_remove_small_masks(masks, 0))) == 5
+
+
+def bbbc014_dna(well: str, rows: slice, columns: slice) -> np.ndarray:
+    images = bbbc014_images()
+    if images is None:
+        missing_data("BBBC014 demo plate not found")
+    return tifffile.imread(images / f"Channel2-{well}.tif")[rows, columns].astype(np.float32)
+
+
+def test_segmentation_removes_the_small_mask_cellpose_removes_on_a_crop_without_the_label_gap(bundled_model_name):
+    field = bbbc014_dna("01-A-01", slice(512, 640), slice(256, 512))
+    segmenter = CellposeSegmenter(resolve_model(bundled_model_name).path, gpu=False)
+    settings = SegmentationSettings(diameter=13.0)
+    options = dict(channels=[0, 0], diameter=13.0, flow_threshold=settings.flow_threshold,
+                   cellprob_threshold=settings.cellprob_threshold)
+    unfiltered = segmenter.model.eval(field, min_size=-1, **options)[0]
+    assert (np.bincount(unfiltered.ravel())[1:] < settings.min_size).sum() == 1, "the crop must have a small mask"
+    masks = segmenter.segment(field, settings).masks
+    assert masks.max() == unfiltered.max() - 1 and np.bincount(masks.ravel())[1:].min() >= settings.min_size
+    assert np.array_equal(masks, segmenter.model.eval(field, min_size=settings.min_size, **options)[0])
+
