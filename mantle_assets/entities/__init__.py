@@ -3,21 +3,18 @@
 Framework-free; the Dagster layer and the CLI build on it.
 """
 
-from mantle_assets.entities.store import (
-    SCHEMA_VERSION,
-    Entity,
+from mantle_assets.entities.database import default_database_path
+from mantle_assets.entities.errors import (
     EntityNotFoundError,
-    EntityStore,
-    LineageEdge,
     NotAStoreError,
-    PropertyChange,
     SchemaVersionError,
     StoreBusyError,
     StoreCorruptedError,
     StoreDiskFullError,
     StoreUnusableError,
-    default_database_path,
 )
+from mantle_assets.entities.schema import SCHEMA_VERSION
+from mantle_assets.entities.store import Entity, EntityStore, LineageEdge, PropertyChange
 from mantle_assets.entities.types import (
     DATA_TYPES,
     ENTITY_ID_PATTERN,

@@ -1,257 +1,43 @@
-"""The entity store: entities, their property history and lineage in one DuckDB file.
+"""The entity store: entities, their property history and lineage, and the outputs pipeline runs record.
 
-DuckDB lets one process at a time open a database file read-write, and while
-it does, other processes cannot open it at all. Concurrent pipeline steps run
-in separate processes, so every public operation here opens a short-lived
-connection inside an inter-process file lock, runs one transaction and closes
-the connection before releasing the lock. Nothing holds the file between
-operations. People browse a copy (:meth:`EntityStore.reader`, :meth:`EntityStore.snapshot`):
-a connection of theirs to the file itself would lock the pipeline out.
-
-Beyond one machine the same store runs on any catalog DuckDB can ``ATTACH``
-(``MANTLE_ENTITY_STORE=ducklake:postgres:...``, ``md:mantle``, ...): those
-serialise concurrent writers themselves, so no file lock is taken, and a
-write conflict surfaces as :class:`StoreBusyError`, which pipeline steps retry.
-A store that no retry can mend (a full disk, a file that is not a Mantle store,
-a corrupted one) raises a :class:`StoreUnusableError` instead, naming the file.
+Framework-free: :class:`EntityStore` is what the Dagster layer and the CLI
+use. How the database is opened, locked and kept to its schema lives in
+:mod:`mantle_assets.entities.database` and :mod:`mantle_assets.entities.schema`;
+the measurement and readout rows an output carries in
+:mod:`mantle_assets.entities.measurement_tables`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-import re
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import filelock
 
+from mantle_assets.entities.database import StoreDatabase, one_line, utc_now
+from mantle_assets.entities.errors import EntityNotFoundError
+from mantle_assets.entities.measurement_tables import record_readout, replace_measurements
 from mantle_assets.entities.types import PropertyValidationError, get_data_type
-from mantle_assets.settings import mantle_home
 
 __all__ = [
-    "SCHEMA_VERSION",
     "Entity",
     "EntityNotFoundError",
     "EntityStore",
     "LineageEdge",
-    "NotAStoreError",
     "PropertyChange",
-    "SchemaVersionError",
-    "StoreBusyError",
-    "StoreCorruptedError",
-    "StoreDiskFullError",
-    "StoreUnusableError",
-    "default_database_path",
 ]
-
-SCHEMA_VERSION = 1
-
-_SCHEMA_STATEMENTS: tuple[str, ...] = (
-    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-    "CREATE SEQUENCE IF NOT EXISTS entity_id_seq START 1",
-    "CREATE SEQUENCE IF NOT EXISTS property_change_seq START 1",
-    """
-    CREATE TABLE IF NOT EXISTS entity_records (
-        entity_id VARCHAR PRIMARY KEY,
-        data_type VARCHAR NOT NULL,
-        name VARCHAR NOT NULL,
-        properties VARCHAR NOT NULL,   -- JSON text
-        version INTEGER NOT NULL,
-        archived BOOLEAN NOT NULL,
-        created_at TIMESTAMP NOT NULL, -- UTC
-        updated_at TIMESTAMP NOT NULL  -- UTC
-    )
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS property_history (
-        change_id BIGINT PRIMARY KEY,  -- orders changes made in the same transaction
-        entity_id VARCHAR NOT NULL,
-        property VARCHAR NOT NULL,
-        old_value VARCHAR,             -- JSON text, NULL when unset
-        new_value VARCHAR,             -- JSON text, NULL when unset
-        changed_at TIMESTAMP NOT NULL, -- UTC
-        run_id VARCHAR
-    )
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS lineage_edges (
-        parent_id VARCHAR NOT NULL,
-        child_id VARCHAR NOT NULL,
-        pipeline VARCHAR NOT NULL,
-        run_id VARCHAR NOT NULL,
-        parameters VARCHAR NOT NULL,   -- JSON text
-        created_at TIMESTAMP NOT NULL, -- UTC
-        PRIMARY KEY (parent_id, child_id, run_id)
-    )
-    """,
-    """
-    CREATE VIEW IF NOT EXISTS entities AS
-    SELECT entity_id, data_type, name, CAST(properties AS JSON) AS properties,
-           version, archived, created_at, updated_at
-    FROM entity_records
-    """,
-    """
-    CREATE VIEW IF NOT EXISTS lineage AS
-    SELECT parent_id, child_id, pipeline, run_id, CAST(parameters AS JSON) AS parameters, created_at
-    FROM lineage_edges
-    """,
-)
-
-# Created with the first readout, like cell_measurements with the first measurements, so that stores
-# of schema version 1 gain them without a migration.
-_READOUT_WELL_COLUMNS = (
-    "well", "treatment", "dose", "control", "n_cells", "median", "too_few_cells", "low_count_vs_plate", "used"
-)
-_READOUT_STATEMENTS: tuple[str, ...] = (
-    """
-    CREATE TABLE IF NOT EXISTS assay_readouts (
-        entity_id VARCHAR NOT NULL,        -- the assay_readout entity
-        run_id VARCHAR NOT NULL,
-        image_directory VARCHAR NOT NULL,  -- the plate's image_directory entity
-        readout VARCHAR NOT NULL,          -- the per-object column summarised, e.g. NFkB_ratio
-        n_cells BIGINT NOT NULL,
-        z_prime DOUBLE,                    -- NULL when not computed (see the entity's notes)
-        ec50 DOUBLE,                       -- NULL without a 4PL fit
-        ec50_ci95_low DOUBLE,
-        ec50_ci95_high DOUBLE,
-        hill DOUBLE,
-        bottom DOUBLE,
-        top DOUBLE,
-        r_squared DOUBLE,
-        recorded_at TIMESTAMP NOT NULL,    -- UTC
-        PRIMARY KEY (entity_id, run_id)
-    )
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS readout_wells (
-        entity_id VARCHAR NOT NULL,
-        run_id VARCHAR NOT NULL,
-        image_directory VARCHAR NOT NULL,
-        well VARCHAR NOT NULL,
-        treatment VARCHAR,
-        dose DOUBLE,                       -- NULL for wells the plate layout does not list
-        control INTEGER,                   -- -1 negative, 0 dose point, 1 positive control
-        n_cells BIGINT NOT NULL,
-        median DOUBLE,                     -- median readout of the well's objects
-        too_few_cells BOOLEAN NOT NULL,
-        low_count_vs_plate BOOLEAN NOT NULL,
-        used BOOLEAN NOT NULL,             -- counted towards Z' and the fit
-        PRIMARY KEY (entity_id, run_id, well)
-    )
-    """,
-    """
-    CREATE VIEW IF NOT EXISTS current_assay_readouts AS
-    SELECT a.* FROM assay_readouts a JOIN entity_records e ON e.entity_id = a.entity_id AND NOT e.archived
-    QUALIFY row_number() OVER (PARTITION BY a.image_directory ORDER BY a.recorded_at DESC, a.run_id DESC) = 1
-    """,
-    """
-    CREATE VIEW IF NOT EXISTS current_readout_wells AS
-    SELECT w.* FROM readout_wells w JOIN current_assay_readouts c ON c.entity_id = w.entity_id AND c.run_id = w.run_id
-    """,
-)
 
 _ENTITY_COLUMNS = "entity_id, data_type, name, properties, version, archived, created_at, updated_at"
 _EDGE_COLUMNS = "parent_id, child_id, pipeline, run_id, parameters, created_at"
 
 # Pseudo-property under which archiving shows up in an entity's history.
 _ARCHIVED_PROPERTY = "archived"
-
-_FIRST_RETRY_DELAY = 0.05
-_MAX_RETRY_DELAY = 1.0
-
-STORE_ENVIRONMENT_VARIABLE = "MANTLE_ENTITY_STORE"
-_CATALOG_ALIAS = "mantle_store"
-# "ducklake:...", "md:...", "postgres:...", "duckdb:...": DuckDB ATTACH strings, not file paths.
-_CATALOG_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+_-]+:")
-
-# Every DuckDB database file holds these bytes after its header's 8-byte checksum.
-_DUCKDB_MAGIC = b"DUCK"
-_DUCKDB_MAGIC_OFFSET = 8
-# DuckDB reports a failed write with the C library's words for the errno.
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_DISK_FULL_REASONS = tuple(os.strerror(number) for number in _DISK_FULL_ERRNOS)
-# DuckDB's DataCorruptionException ("Corrupt database file: ... checksum", "Corrupted ... segment",
-# "Corrupt WAL file") and its read of a file cut short.
-_CORRUPTION_MARKERS = ("corrupt", "could not read enough bytes")
-_NOT_DUCKDB_MARKER = "not a valid duckdb database file"
-# DuckDB quotes the file names in its messages; the markers are matched without them (a folder may be "corrupt").
-_QUOTED_NAME = re.compile(r'"[^"]*"')
-_WHAT_TO_DO_WITH_A_FOREIGN_FILE = "it was left unchanged: point MANTLE_ENTITY_STORE at another file, or move it away"
-
-
-def is_catalog_uri(database: str) -> bool:
-    """Whether ``database`` names a catalog to ATTACH rather than a local DuckDB file.
-
-    Examples
-    --------
-    >>> is_catalog_uri("ducklake:postgres:dbname=mantle"), is_catalog_uri("md:mantle")
-    (True, True)
-    >>> is_catalog_uri("/data/mantle.duckdb"), is_catalog_uri("mantle.duckdb")
-    (False, False)
-    """
-    return bool(_CATALOG_URI.match(database))
-
-
-def default_database_path() -> Path:
-    """The database used when none is given.
-
-    Returns
-    -------
-    Path
-        ``$MANTLE_HOME/mantle.duckdb``, with ``MANTLE_HOME`` defaulting to
-        ``.mantle`` in the working directory.
-    """
-    return mantle_home() / "mantle.duckdb"
-
-
-class EntityNotFoundError(KeyError):
-    """No entity has the given id."""
-
-    def __init__(self, entity_id: str) -> None:
-        super().__init__(f"no entity {entity_id}")
-        self.entity_id = entity_id
-
-    def __str__(self) -> str:
-        # KeyError would quote the message.
-        return str(self.args[0])
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keeps the message intact when the error crosses a process boundary.
-        return (type(self), (self.entity_id,))
-
-
-class StoreBusyError(RuntimeError):
-    """The database stayed locked by another process for longer than the lock timeout."""
-
-
-class StoreUnusableError(RuntimeError):
-    """The database cannot be used as it is, and waiting will not change that: nothing retries it."""
-
-
-class SchemaVersionError(StoreUnusableError):
-    """The database was written by a newer version of the store."""
-
-
-class StoreDiskFullError(StoreUnusableError):
-    """The disk holding the database has no space left; the transaction was rolled back."""
-
-
-class NotAStoreError(StoreUnusableError):
-    """The database is not a Mantle entity store: not a DuckDB file, or a DuckDB file of other tables."""
-
-
-class StoreCorruptedError(StoreUnusableError):
-    """DuckDB found the database damaged (failed checksums, a truncated file)."""
 
 
 @dataclass(frozen=True)
@@ -284,6 +70,7 @@ class Entity:
     archived: bool
     created_at: datetime
     updated_at: datetime
+
 
 
 @dataclass(frozen=True)
@@ -338,11 +125,6 @@ class LineageEdge:
     created_at: datetime
 
 
-def _utc_now() -> datetime:
-    # Stored naive in a TIMESTAMP column; the store's convention is UTC.
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
 def _as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC)
 
@@ -353,23 +135,6 @@ def _to_json(value: Any) -> str:
 
 def _from_json(text: str | None) -> Any:
     return None if text is None else json.loads(text)
-
-
-def _is_foreign_lock_error(error: duckdb.Error) -> bool:
-    message = str(error).lower()
-    return "could not set lock" in message or "conflicting lock" in message
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
-def _has_duckdb_header(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with path.open("rb") as file:
-        file.seek(_DUCKDB_MAGIC_OFFSET)
-        return file.read(len(_DUCKDB_MAGIC)) == _DUCKDB_MAGIC
 
 
 def _entity_from_row(row: tuple[Any, ...]) -> Entity:
@@ -398,10 +163,6 @@ def _edge_from_row(row: tuple[Any, ...]) -> LineageEdge:
     )
 
 
-def _quoted(identifier: str) -> str:
-    return '"' + str(identifier).replace('"', '""') + '"'
-
-
 def _check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} must be a non-empty string, got {value!r}")
@@ -418,42 +179,29 @@ class EntityStore:
     ----------
     database : path or str, optional
         The DuckDB file, or a catalog for DuckDB to ATTACH (see
-        :func:`is_catalog_uri`); if ``None``, ``$MANTLE_ENTITY_STORE`` or else
-        :func:`default_database_path`. A file's folder is created on first
-        use, not here.
+        :func:`~mantle_assets.entities.database.is_catalog_uri`); if ``None``,
+        ``$MANTLE_ENTITY_STORE`` or else
+        :func:`~mantle_assets.entities.database.default_database_path`. A
+        file's folder is created on first use, not here.
     lock_timeout : float
         Seconds an operation waits for other processes before raising
         :class:`StoreBusyError`.
     """
 
     def __init__(self, database: str | os.PathLike | None = None, *, lock_timeout: float = 300.0) -> None:
-        if database is None:
-            database = os.environ.get(STORE_ENVIRONMENT_VARIABLE) or default_database_path()
-        if str(database) == ":memory:":
-            raise ValueError("EntityStore needs a database file; ':memory:' would vanish between operations")
-        self._lock_timeout = float(lock_timeout)
-        if is_catalog_uri(str(database)):
-            self._database: Path | str = str(database)
-            self._lock = None
-        else:
-            # Absolute now, so that a later chdir does not move the store.
-            self._database = Path(os.path.abspath(os.path.expanduser(database)))
-            self._lock = filelock.FileLock(str(self._database) + ".lock", timeout=self._lock_timeout)
-        # The connection of the open session(), if any, that every operation reuses.
-        self._session_connection: duckdb.DuckDBPyConnection | None = None
+        self._database = StoreDatabase(database, lock_timeout=lock_timeout)
 
     @property
     def database(self) -> Path | str:
         """Path or str: the DuckDB file, or the attached catalog."""
-        return self._database
+        return self._database.location
 
     def __repr__(self) -> str:
-        return f"EntityStore({str(self._database)!r})"
+        return f"EntityStore({str(self._database.location)!r})"
 
     # -- connection handling -------------------------------------------------
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[None]:
+    def session(self) -> contextlib.AbstractContextManager[None]:
         """Answer every operation inside the block on one connection, opened once under the lock.
 
         Opening the file costs more than most queries, so a sensor tick or a
@@ -469,19 +217,7 @@ class EntityStore:
         StoreUnusableError
             If the database cannot be opened as a Mantle store.
         """
-        if self._session_connection is not None:
-            yield
-            return
-        with self._exclusive():
-            # Only opening is translated: an OSError of the caller's own work in the block is not the store's.
-            with self._unusable_store_errors():
-                connection = self._connect()
-            self._session_connection = connection
-            try:
-                yield
-            finally:
-                self._session_connection = None
-                connection.close()
+        return self._database.session()
 
     def snapshot(self, destination: str | os.PathLike) -> Path:
         """Copy the store as of its last commit to ``destination``, for reading with any DuckDB client.
@@ -513,27 +249,9 @@ class EntityStore:
         StoreUnusableError
             If the database cannot be opened as a Mantle store.
         """
-        if self._lock is None:
-            raise ValueError(f"{self._database} is a catalog: read it directly, it admits readers beside writers")
-        if self._session_connection is not None:
-            raise RuntimeError("EntityStore.snapshot() cannot run inside session()")
-        destination = Path(os.path.abspath(destination))
-        partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
-        with self._exclusive():
-            # Creates an empty store's schema and refuses a foreign file; closing the connection checkpoints,
-            # so the file holds every commit and no write-ahead log is left to copy.
-            with self._transaction():
-                pass
-            try:
-                shutil.copyfile(self._database, partial)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-        os.replace(partial, destination)
-        return destination
+        return self._database.snapshot(destination)
 
-    @contextlib.contextmanager
-    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def reader(self) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
         """A read-only connection for SQL over the store that neither waits for pipeline runs nor blocks them.
 
         A DuckDB file admits no reader beside a writer, so the connection is
@@ -545,215 +263,11 @@ class EntityStore:
         duckdb.DuckDBPyConnection
             With the store's tables and views (``entities``, ``lineage``, ...) in its current schema.
         """
-        if self._lock is None:
-            connection = self._attach(read_only=True)
-            try:
-                yield connection
-            finally:
-                connection.close()
-            return
-        with tempfile.TemporaryDirectory(prefix="mantle-sql-") as folder:
-            copy = self.snapshot(Path(folder) / self._database.name)
-            connection = duckdb.connect(str(copy), read_only=True)
-            try:
-                yield connection
-            finally:
-                connection.close()
+        return self._database.reader()
 
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """The session's connection, or a connection of its own inside the lock, closed before the lock is released."""
-        if self._session_connection is not None:
-            yield self._session_connection
-            return
-        with self._exclusive():
-            connection = self._connect()
-            try:
-                yield connection
-            finally:
-                connection.close()
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Run one transaction on a connection of its own (see :meth:`_connection`) or the session's.
-
-        Commits when the block finishes, rolls back when it raises; a
-        connection of its own is closed before the lock is released so that
-        the next process can open the file. DuckDB and OS errors that mean the
-        store is unusable, wherever they arise, become a :class:`StoreUnusableError`.
-        """
-        with self._unusable_store_errors(), self._connection() as connection:
-            connection.execute("BEGIN TRANSACTION")
-            try:
-                # Checked every time: it is cheap next to opening the file,
-                # and the file may have been replaced since the last call.
-                self._ensure_schema(connection)
-                yield connection
-            except BaseException:
-                # Keep the real error; a session's connection must not stay inside the failed transaction.
-                with contextlib.suppress(duckdb.Error):
-                    connection.execute("ROLLBACK")
-                raise
-            try:
-                connection.execute("COMMIT")
-            except duckdb.TransactionException as error:
-                # A full disk fails the commit with the same exception type as a write conflict.
-                raise self._busy_unless_unusable(error, "write conflict on") from None
-
-    @contextlib.contextmanager
-    def _unusable_store_errors(self) -> Iterator[None]:
-        """Raise the :class:`StoreUnusableError` that a DuckDB or OS error stands for; others pass unchanged."""
-        try:
-            yield
-        except (duckdb.Error, OSError) as error:
-            unusable = self._unusable(error)
-            if unusable is None:
-                raise
-            raise unusable from None
-
-    def _unusable(self, error: BaseException) -> StoreUnusableError | None:
-        """The store error meant by ``error``, or ``None`` when it does not say the store is unusable."""
-        if isinstance(error, OSError):
-            words = ""
-            reason = os.strerror(error.errno) if error.errno in _DISK_FULL_ERRNOS else None
-        else:
-            words = _QUOTED_NAME.sub('""', str(error)).lower()
-            reason = next((reason for reason in _DISK_FULL_REASONS if reason.lower() in words), None)
-        if reason is not None:
-            return StoreDiskFullError(
-                f"the disk holding {self._database} is full ({reason}); nothing was written: "
-                "free some space, then run again"
-            )
-        if _NOT_DUCKDB_MARKER in words:
-            return self._not_duckdb()
-        if any(marker in words for marker in _CORRUPTION_MARKERS):
-            return StoreCorruptedError(
-                f"{self._database} is corrupted ({_one_line(error)}): restore it from a backup, "
-                "or move it away to start an empty store"
-            )
-        return None
-
-    def _busy_unless_unusable(self, error: duckdb.Error, what: str) -> Exception:
-        # Errors of a busy store and of an unusable one share DuckDB's exception types; only the text tells.
-        return self._unusable(error) or StoreBusyError(f"{what} {self._database}: {_one_line(error)}")
-
-    def _not_duckdb(self) -> NotAStoreError:
-        # A folder (a mistaken MANTLE_ENTITY_STORE) or an empty file holds nothing to lose: say so.
-        kind = ""
-        if isinstance(self._database, Path) and self._database.is_dir():
-            kind = " (it is a directory)"
-        elif isinstance(self._database, Path) and self._database.is_file() and not self._database.stat().st_size:
-            kind = " (it is empty)"
-        return NotAStoreError(f"{self._database} is not a DuckDB database{kind}; {_WHAT_TO_DO_WITH_A_FOREIGN_FILE}")
-
-    @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """Hold the file's inter-process lock; attached catalogs order their writers themselves."""
-        if self._lock is None:
-            yield
-            return
-        self._database.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._lock.acquire()
-        except filelock.Timeout:
-            raise StoreBusyError(
-                f"timed out after {self._lock_timeout:g}s waiting for {self._lock.lock_file} "
-                f"(another process is using {self._database})"
-            ) from None
-        try:
-            yield
-        finally:
-            self._lock.release()
-
-    def _connect(self) -> duckdb.DuckDBPyConnection:
-        if self._lock is None:
-            return self._attach()
-        creating = not os.path.lexists(self._database)
-        # DuckDB hands a file of a format it knows (SQLite) to an extension, which it would try to
-        # download, rather than refuse it; the header tells first.
-        if not creating and not _has_duckdb_header(self._database):
-            raise self._not_duckdb()
-        # Processes that take our lock never collide here; this retry is for
-        # others holding the file, such as someone's DuckDB CLI.
-        deadline = time.monotonic() + self._lock_timeout
-        delay = _FIRST_RETRY_DELAY
-        while True:
-            try:
-                return duckdb.connect(str(self._database))
-            except duckdb.IOException as error:
-                if not _is_foreign_lock_error(error):
-                    if creating:
-                        # Left behind (empty, on a full disk), it would read as "not a DuckDB database".
-                        self._database.unlink(missing_ok=True)
-                    raise
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise StoreBusyError(
-                        f"{self._database} stayed locked by another process for {self._lock_timeout:g}s: "
-                        f"{_one_line(error)}"
-                    ) from None
-                time.sleep(min(delay, remaining))
-                delay = min(delay * 2, _MAX_RETRY_DELAY)
-
-    def _attach(self, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-        connection = duckdb.connect()
-        try:
-            # ATTACH takes no bound parameters; the target is the operator's configuration, quoted here.
-            target = str(self._database).replace("'", "''")
-            connection.execute(f"ATTACH '{target}' AS {_CATALOG_ALIAS}" + (" (READ_ONLY)" if read_only else ""))
-            connection.execute(f"USE {_CATALOG_ALIAS}")
-        except duckdb.Error as error:
-            connection.close()
-            raise self._busy_unless_unusable(error, "cannot attach entity store") from None
-        return connection
-
-    def _ensure_schema(self, connection: duckdb.DuckDBPyConnection) -> None:
-        """Check that the database is a Mantle store of a version this code reads; give an empty one the schema.
-
-        The ``schema_version`` table marks a Mantle store. A database without it
-        that holds tables, views or sequences belongs to someone else and is
-        refused untouched rather than filled with Mantle's tables beside its own.
-        """
-        # The current schema rather than "main": an attached PostgreSQL catalog's is "public".
-        exists = connection.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-            "AND schema_name = current_schema() AND table_name = 'schema_version'"
-        ).fetchone()[0]
-        if exists:
-            row = connection.execute("SELECT max(version) FROM schema_version").fetchone()
-            version = row[0] if row else None
-            if version is not None and version > SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"{self._database} has schema version {version}, but this mantle_assets understands "
-                    f"up to {SCHEMA_VERSION}; upgrade mantle_assets"
-                )
-            if version == SCHEMA_VERSION:
-                return
-        else:
-            self._refuse_foreign(connection)
-        for statement in _SCHEMA_STATEMENTS:
-            connection.execute(statement)
-        connection.execute("DELETE FROM schema_version")
-        connection.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
-
-    def _refuse_foreign(self, connection: duckdb.DuckDBPyConnection) -> None:
-        """Raise :class:`NotAStoreError` if the database, which lacks Mantle's marker, holds anything."""
-        where = "WHERE database_name = current_database() AND schema_name = current_schema()"
-        names = [
-            name
-            for (name,) in connection.execute(
-                f"SELECT table_name FROM duckdb_tables() {where} "
-                f"UNION ALL SELECT view_name FROM duckdb_views() {where} AND NOT internal "
-                f"UNION ALL SELECT sequence_name FROM duckdb_sequences() {where} ORDER BY 1"
-            ).fetchall()
-        ]
-        if names:
-            # repr() and a cut keep a hostile name to one short line.
-            shown = ", ".join(repr(name[:40]) for name in names[:3]) + (", ..." if len(names) > 3 else "")
-            raise NotAStoreError(
-                f"{self._database} is a DuckDB database but not a Mantle entity store (it holds {shown} and no "
-                f"schema_version table); {_WHAT_TO_DO_WITH_A_FOREIGN_FILE}"
-            )
+    def _transaction(self) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """One transaction, on the session's connection or one of its own (see :meth:`StoreDatabase.transaction`)."""
+        return self._database.transaction()
 
     # -- helpers that run inside a transaction ---------------------------------
 
@@ -811,7 +325,7 @@ class EntityStore:
         # Taken last: a sequence value is not given back on rollback.
         number = connection.execute("SELECT nextval('entity_id_seq')").fetchone()[0]
         entity_id = f"E{number:06d}"
-        now = _utc_now()
+        now = utc_now()
         connection.execute(
             f"INSERT INTO entity_records ({_ENTITY_COLUMNS}) VALUES (?, ?, ?, ?, 1, FALSE, ?, ?)",
             [entity_id, data_type, name, _to_json(properties), now, now],
@@ -836,7 +350,7 @@ class EntityStore:
         if not changed and not removed:
             return entity
         self._check_references(connection, entity.data_type, changed)
-        now = _utc_now()
+        now = utc_now()
         merged = {prop: value for prop, value in {**entity.properties, **changed}.items() if prop not in removed}
         changed.update(dict.fromkeys(removed))
         connection.execute(
@@ -1067,7 +581,7 @@ class EntityStore:
                 "SELECT nextval('entity_id_seq') FROM range(?) ORDER BY 1", [len(validated)]
             ).fetchall()
             ids = [f"E{number:06d}" for (number,) in numbers]
-            now = _utc_now()
+            now = utc_now()
             connection.execute(
                 f"INSERT INTO entity_records ({_ENTITY_COLUMNS}) "
                 "SELECT unnest(?), ?, unnest(?), unnest(?), 1, FALSE, ?, ?",
@@ -1259,7 +773,7 @@ class EntityStore:
             entity = self._fetch(connection, entity_id)
             if entity.archived:
                 return entity
-            now = _utc_now()
+            now = utc_now()
             connection.execute(
                 "UPDATE entity_records SET archived = TRUE, version = version + 1, updated_at = ? "
                 "WHERE entity_id = ?",
@@ -1357,7 +871,7 @@ class EntityStore:
             Stored in the same transaction as one ``assay_readouts`` row and
             one ``readout_wells`` row per well, keyed by output and ``run_id``:
             a retried run replaces its own rows, older runs' rows stay (see
-            :meth:`_record_readout`).
+            :func:`~mantle_assets.entities.measurement_tables.record_readout`).
         before_writing : callable, optional
             Called with no argument inside the transaction, under the store's
             lock, before anything is written; an exception from it ends the
@@ -1391,7 +905,7 @@ class EntityStore:
             parameters_json = _to_json(dict(parameters))
         except (TypeError, ValueError) as error:
             raise ValueError(
-                f"parameters of pipeline {pipeline!r} are not JSON-serialisable: {_one_line(error)}"
+                f"parameters of pipeline {pipeline!r} are not JSON-serialisable: {one_line(error)}"
             ) from None
 
         with self._transaction() as connection:
@@ -1406,7 +920,7 @@ class EntityStore:
                 child = self._apply_changes(
                     connection, self._fetch(connection, child_id), validated, run_id, replace=True
                 )
-            now = _utc_now()
+            now = utc_now()
             for parent_id in unique_parents:
                 connection.execute(
                     f"INSERT INTO lineage_edges ({_EDGE_COLUMNS}) "
@@ -1416,72 +930,10 @@ class EntityStore:
                      parent_id, child.entity_id, run_id],
                 )
             if measurements is not None:
-                self._replace_measurements(connection, child.entity_id, measurements)
+                replace_measurements(connection, child.entity_id, measurements)
             if readout is not None:
-                self._record_readout(connection, child.entity_id, run_id, readout)
+                record_readout(connection, child.entity_id, run_id, readout)
             return child
-
-    @staticmethod
-    def _replace_measurements(connection: duckdb.DuckDBPyConnection, entity_id: str, table: Any) -> None:
-        # Long form keeps one schema whatever the channels are called; PIVOT gives the wide table back.
-        keys = ("field", "label", "well")
-        missing = [key for key in keys if key not in table.columns]
-        if missing:
-            raise ValueError(f"measurements of {entity_id} lack column(s) {', '.join(missing)}")
-        connection.execute(
-            "CREATE TABLE IF NOT EXISTS cell_measurements (entity_id VARCHAR NOT NULL, field VARCHAR NOT NULL, "
-            "label BIGINT NOT NULL, well VARCHAR, measurement VARCHAR NOT NULL, value DOUBLE, "
-            "PRIMARY KEY (entity_id, field, label, measurement))"
-        )
-        connection.execute("DELETE FROM cell_measurements WHERE entity_id = ?", [entity_id])
-        values = [column for column in table.columns if column not in keys]
-        not_numeric = [column for column in values if table[column].dtype.kind not in "biuf"]
-        if not_numeric:
-            raise ValueError(f"measurements of {entity_id} must be numeric, not column(s) {', '.join(not_numeric)}")
-        if table.empty or not values:
-            return
-        # Registered on this short-lived connection only; it goes when the connection closes.
-        connection.register("new_measurements", table)
-        connection.execute(
-            "INSERT INTO cell_measurements SELECT ?, field, label, well, measurement, value FROM new_measurements "
-            f"UNPIVOT INCLUDE NULLS (value FOR measurement IN ({', '.join(_quoted(column) for column in values)}))",
-            [entity_id],
-        )
-
-    @staticmethod
-    def _record_readout(connection: duckdb.DuckDBPyConnection, entity_id: str, run_id: str, readout: Mapping) -> None:
-        """Write a run's plate readout as rows of ``assay_readouts`` and ``readout_wells``.
-
-        EC50 and Z' are columns of a table written with the run rather than a
-        view over the entity's properties: the properties hold only the
-        latest run's values, while rows keyed by (entity, run) keep every
-        run's, so a plate's Z' across reruns and the wells behind each value
-        are plain queries. Both are written in the transaction that records
-        the entity, so a run that fails records neither. The views
-        ``current_assay_readouts`` and ``current_readout_wells`` keep, per
-        image directory, the latest run of its unarchived readouts.
-        """
-        for statement in _READOUT_STATEMENTS:
-            connection.execute(statement)
-        for table in ("assay_readouts", "readout_wells"):
-            connection.execute(f"DELETE FROM {table} WHERE entity_id = ? AND run_id = ?", [entity_id, run_id])
-        fit = readout.get("fit") or {}
-        low, high = fit.get("ec50_ci95") or (None, None)
-        connection.execute(
-            "INSERT INTO assay_readouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [entity_id, run_id, readout["image_directory"], readout["readout"], readout["n_cells"],
-             readout.get("z_prime"), fit.get("ec50"), low, high, fit.get("hill"), fit.get("bottom"), fit.get("top"),
-             fit.get("r_squared"), _utc_now()],
-        )
-        wells = readout["wells"]
-        if not wells:
-            return
-        # One statement for all wells: unnested parallel lists, in the table's column order.
-        columns = [[well.get(column) for well in wells] for column in _READOUT_WELL_COLUMNS]
-        connection.execute(
-            f"INSERT INTO readout_wells SELECT ?, ?, ?, {', '.join('unnest(?)' for _ in columns)}",
-            [entity_id, run_id, readout["image_directory"], *columns],
-        )
 
     def parents(self, entity_id: str) -> list[LineageEdge]:
         """Read the edges from which an entity was made.
