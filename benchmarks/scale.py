@@ -142,6 +142,7 @@ def measure(plates: int, work: Path, one_by_one: int, figures: dict[str, float],
     from mantle_assets.entities import EntityStore
     from mantle_assets.imaging.fields import group_fields
     from mantle_assets.orchestration.assets import segmentation_masks
+    from mantle_assets.orchestration.partitions import partition_key
     from mantle_assets.orchestration.schedules import stale_segmentation_schedule
     from mantle_assets.orchestration.sensors import new_image_directory_sensor, segmented_directory_sensor
     from mantle_assets.registration import IMAGE_DIRECTORY, image_directory_properties, register_image_directory
@@ -216,7 +217,9 @@ def measure(plates: int, work: Path, one_by_one: int, figures: dict[str, float],
         assert not requests, [r.tags for r in requests][:3]
 
         for plate in entities[:MATERIALIZATIONS]:
-            instance.report_runless_asset_event(AssetMaterialization(segmentation_masks.key, partition=plate.entity_id))
+            instance.report_runless_asset_event(
+                AssetMaterialization(segmentation_masks.key, partition=partition_key(plate))
+            )
 
         def measurement_tick(cursor):
             context = build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources)

@@ -6,7 +6,6 @@ import os
 import re
 from pathlib import Path
 
-from mantle_assets.imaging.io import MAX_FIELD_PIXELS
 from mantle_assets.storage import is_uri, normalised_uri
 
 DEFAULT_MANTLE_HOME = ".mantle"
@@ -87,6 +86,9 @@ def max_field_pixels() -> int:
         One line naming the variable when it is set to anything but a
         positive whole number.
     """
+    # Imported here: the default is the image reader's, and reading settings must not import numpy.
+    from mantle_assets.imaging.io import MAX_FIELD_PIXELS
+
     value = os.environ.get(MAX_FIELD_PIXELS_ENV, "").strip()
     if not value:
         return MAX_FIELD_PIXELS

@@ -313,3 +313,25 @@ def test_register_says_what_it_found_and_takes_a_pattern(tmp_path, mantle_home):
                        "--diameter", "12", check=False)
     # Read with the recorded pattern at run time too: the blank field is segmented (and found empty).
     assert "0 objects in the only field" in segmented.stderr.splitlines()[-1]
+
+
+# Runs a command in-process, then prints which heavy packages it had imported by the end.
+IMPORTED_BY = """
+import sys
+from mantle_assets.cli import main
+main({arguments!r}, standalone_mode=False)
+print(sorted(name for name in ("numpy", "pandas", "dagster", "torch", "cellpose") if name in sys.modules))
+"""
+
+
+def test_listing_and_showing_entities_import_neither_science_nor_dagster(mantle_home, tmp_path):
+    # Start-up is most of what these commands take (benchmarks/scale.py); numpy alone would add a third.
+    plate = tmp_path / "plate"
+    plate.mkdir()
+    tifffile.imwrite(plate / "A01_s1.tif", np.zeros((8, 8), np.uint8))
+    entity_id = register(str(plate))
+    for arguments in (["entities", "--json"], ["entities"], ["show", entity_id], ["show", entity_id, "--json"]):
+        completed = subprocess.run([sys.executable, "-c", IMPORTED_BY.format(arguments=arguments)],
+                                   capture_output=True, text=True, env=os.environ.copy(), timeout=300, check=True)
+        assert entity_id in completed.stdout
+        assert completed.stdout.splitlines()[-1] == "[]", (arguments, completed.stdout.splitlines()[-1])

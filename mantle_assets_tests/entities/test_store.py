@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import pickle
 import time
@@ -547,6 +548,22 @@ def test_list_and_entity_ids_select_some_entities(store, images):
     assert [e.entity_id for e in store.list(entity_ids=[c.entity_id, "E999999", a.entity_id])] == [
         a.entity_id, c.entity_id]
     assert store.list(entity_ids=[]) == []
+
+
+def test_list_json_is_each_listed_entity_as_json(store, images, tmp_path):
+    plate = store.register("image_directory", 'plate "1" – é', {"image_directory": images, "file_count": 3,
+                                                              "experiment_name": "dose\n½"})
+    other = store.register("image_directory", "other", {"image_directory": images})
+    store.archive(other.entity_id)
+    store.record_output("segmentation_mask_directory", "masks", _mask_properties(tmp_path / "masks", plate.entity_id,
+                                                                                 extra_parameters={"flow": 0.1 + 0.2}),
+                        parents=[plate.entity_id], pipeline="segment", run_id="run-1", parameters={})
+    for data_type, archived in ((None, False), (None, True), ("image_directory", True), ("image_directory", False)):
+        texts = store.list_json(data_type, include_archived=archived)
+        entities = store.list(data_type, include_archived=archived)
+        assert [json.loads(text) for text in texts] == [entity.to_json() for entity in entities]
+        assert texts == [json.dumps(entity.to_json()) for entity in entities]
+    assert len(store.list_json(include_archived=True)) == 3 and store.list_json("cellpose_model") == []
 
 
 def test_children_of_many_entities_matches_children_of_each(store, images, tmp_path):
