@@ -3,7 +3,7 @@
 import contextlib
 import os
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dagster import (
@@ -28,7 +28,13 @@ from mantle_assets.entities import Entity, EntityStore, StoreBusyError, StoreUnu
 from mantle_assets.imaging.fields import MASK_SUFFIX, FieldGrouping, ImageDirectoryError, group_fields
 from mantle_assets.imaging.pipeline import DirectorySegmentation, segment_directory
 from mantle_assets.imaging.segmentation import check_channels
-from mantle_assets.models.registry import resolve_model
+from mantle_assets.models.registry import (
+    ModelResolutionError,
+    ModelSpec,
+    builtin_model_names,
+    builtin_spec,
+    resolve_model,
+)
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.partitions import image_directory_partitions, keys_by_entity_id, partition_key
 from mantle_assets.orchestration.recovery import RunEndedError, check_run_not_ended
@@ -154,7 +160,13 @@ def staged_image_directory(source: Entity, prefix: str = "") -> Iterator[tuple[F
         yield grouping, fingerprint
 
 
-def check_segmentation(source: Entity, config: SegmentationConfig, n_channels: int | None):
+# A model name or file to its weights (see check_segmentation).
+ModelResolver = Callable[[str], ModelSpec]
+
+
+def check_segmentation(
+    source: Entity, config: SegmentationConfig, n_channels: int | None, resolve: ModelResolver = resolve_model
+):
     """Check a segmentation request's parameters and model against an image directory's channels.
 
     Parameters
@@ -166,6 +178,9 @@ def check_segmentation(source: Entity, config: SegmentationConfig, n_channels: i
     n_channels : int or None
         The channels of its fields: as grouped from the images, or as recorded at registration
         (``field_grouping.n_channels``) to check before any image is read; None checks no range.
+    resolve : callable
+        Finds the model by name: :func:`~mantle_assets.models.registry.resolve_model`, or, where no
+        download may start (the run queue), :func:`resolve_model_without_download`.
 
     Returns
     -------
@@ -180,9 +195,23 @@ def check_segmentation(source: Entity, config: SegmentationConfig, n_channels: i
     config = config.resolved_for(source)
     settings = config.settings()
     check_channels(config.nuclei_channel, config.cytoplasm_channel, n_channels)
-    spec = resolve_model(config.cellpose_model)
+    spec = resolve(config.cellpose_model)
     spec.check_channels(config.nuclei_channel, config.cytoplasm_channel)
     return settings, spec
+
+
+def resolve_model_without_download(name_or_path: str) -> ModelSpec:
+    """:func:`~mantle_assets.models.registry.resolve_model`, taking a Cellpose built-in that is not cached yet as found.
+
+    For checks made where a download must not start (the webserver's or the daemon's run queue): the run's
+    step downloads it, or refuses it in its first second when it cannot.
+    """
+    try:
+        return resolve_model(name_or_path, download=False)
+    except ModelResolutionError:
+        if name_or_path.strip() in builtin_model_names():
+            return builtin_spec(name_or_path.strip())
+        raise
 
 
 def prepare_segmentation(store: EntityStore, entity_id: str, config: SegmentationConfig):
@@ -205,13 +234,17 @@ def prepare_segmentation(store: EntityStore, entity_id: str, config: Segmentatio
         return (source, grouping, *check_segmentation(source, config, grouping.n_channels))
 
 
-def refused_requests(store: EntityStore, entity_ids: list[str], config: SegmentationConfig) -> dict[str, Exception]:
+def refused_requests(
+    store: EntityStore, entity_ids: list[str], config: SegmentationConfig, resolve: ModelResolver = resolve_model
+) -> dict[str, Exception]:
     """The image directories of a run whose request cannot work, found reading no image and building no network.
 
     A run checks what it is asked for every directory in its first second, before any is staged or
     segmented: the entity, the parameters (resolved for each directory, whose channel names and
     defaults may differ) and the model. Channels are checked against those recorded at registration;
-    each directory is checked again once its images are grouped (:func:`check_segmentation`).
+    each directory is checked again once its images are grouped (:func:`check_segmentation`). The run
+    queue makes the same check before it queues the run (:mod:`mantle_assets.orchestration.coordinator`),
+    with ``resolve`` that starts no download.
 
     Returns
     -------
@@ -230,7 +263,7 @@ def refused_requests(store: EntityStore, entity_ids: list[str], config: Segmenta
         try:
             source = image_directory_entity(store, entity_id)
             recorded = (source.properties.get("field_grouping") or {}).get("n_channels")
-            check_segmentation(source, config, recorded)
+            check_segmentation(source, config, recorded, resolve)
         except REFUSALS as error:
             refused[entity_id] = error
     if len(refused) == len(entity_ids) == 1:

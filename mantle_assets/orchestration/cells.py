@@ -38,6 +38,7 @@ from mantle_assets.models.registry import resolve_model
 from mantle_assets.orchestration.assets import (
     GPU_OP_TAGS,
     MASK_DIRECTORY,
+    ModelResolver,
     cellpose_version,
     current_masks,
     current_output,
@@ -157,8 +158,12 @@ def cell_channels(config: CellConfig, source: Entity, nuclei: Entity, n_channels
     return nuclear, cytoplasm
 
 
-def check_cell_request(config: CellConfig, source: Entity, nuclei: Entity, n_channels: int | None):
+def check_cell_request(
+    config: CellConfig, source: Entity, nuclei: Entity, n_channels: int | None, resolve: ModelResolver = resolve_model
+):
     """Everything a cell request can be refused for, before any image is read.
+
+    ``resolve`` finds the cellpose method's model (see :func:`~mantle_assets.orchestration.assets.check_segmentation`).
 
     Returns
     -------
@@ -176,9 +181,34 @@ def check_cell_request(config: CellConfig, source: Entity, nuclei: Entity, n_cha
             raise ParameterError("threshold_correction applies to the automatic threshold: leave it 1 with threshold")
         return nuclear, cytoplasm, None, None
     settings = SegmentationSettings(diameter=parse_diameter(config.diameter_text()))
-    spec = resolve_model(config.cellpose_model)
+    spec = resolve(config.cellpose_model)
     spec.check_channels(nuclear, cytoplasm)
     return nuclear, cytoplasm, spec, settings
+
+
+def checked_cell_request(
+    store: EntityStore, entity_id: str, config: CellConfig, resolve: ModelResolver = resolve_model
+) -> tuple[Entity, Entity]:
+    """Check a cell request for a partition reading no image: the entity, its current nuclei masks, the parameters.
+
+    The step's first check, and the run queue's before it queues the run
+    (:mod:`mantle_assets.orchestration.coordinator`, with ``resolve`` that starts no download).
+
+    Returns
+    -------
+    (Entity, Entity)
+        The image directory and its current nuclei masks.
+
+    Raises
+    ------
+    ValueError
+        One line naming the entity, the parameter or the model.
+    """
+    source = image_directory_entity(store, entity_id)
+    nuclei = current_nuclei_of(store, source.entity_id)
+    recorded_channels = (source.properties.get("field_grouping") or {}).get("n_channels")
+    check_cell_request(config, source, nuclei, recorded_channels, resolve)
+    return source, nuclei
 
 
 def current_cell_masks(store: EntityStore, entity_id: str) -> Entity | None:
@@ -230,10 +260,7 @@ def grow_partition(
 ) -> MaterializeResult:
     run_id = context.run.run_id
     with refusals_as_failures():
-        source = image_directory_entity(store, entity_id_of(context.partition_key))
-        nuclei = current_nuclei_of(store, source.entity_id)
-        recorded_channels = (source.properties.get("field_grouping") or {}).get("n_channels")
-        check_cell_request(config, source, nuclei, recorded_channels)
+        source, nuclei = checked_cell_request(store, entity_id_of(context.partition_key), config)
     root = mask_root()
     # Not in the nuclei's <entity>/<run> (one run may make both), but in the same two-level layout, which the
     # cleanup of failed and canceled runs (clean_up_ended_runs) searches for unrecorded outputs.

@@ -27,14 +27,20 @@ def instance_settings(*, max_concurrent_runs: int, gpu_slots: int) -> str:
     Runs queue beyond ``max_concurrent_runs``. Automatic runs (sensors, schedules) start
     after hand-launched ones and hold at most ``max_concurrent_runs - 1`` slots, so a run
     a person launches behind a backlog of automatic ones starts at the next free slot
-    (with one slot in all, automatic runs may take it). Steps in the ``gpu`` pool (the
-    only pool) run at most ``gpu_slots`` at a time across all runs. Run monitoring (in
+    (with one slot in all, automatic runs may take it). The queue is Dagster's with a check
+    before it: a run whose request cannot work fails there with its one-line reason and is
+    never queued (:class:`~mantle_assets.orchestration.coordinator.RefusingRunCoordinator`).
+    Steps in the ``gpu`` pool (the only pool) run at most ``gpu_slots`` at a time across all
+    runs. Run monitoring (in
     ``dagster-daemon``) fails runs stuck starting or canceling and frees the pool slots
     a run still holds 5 s after it ended, e.g. when its worker was killed.
     """
     automatic_limit = max(1, max_concurrent_runs - 1)
     return (
         "# Written by mantle on first use; edit freely (mantle never overwrites it).\n"
+        "run_coordinator:\n"
+        "  module: mantle_assets.orchestration.coordinator\n"
+        "  class: RefusingRunCoordinator\n"
         "concurrency:\n"
         "  runs:\n"
         f"    max_concurrent_runs: {max_concurrent_runs}\n"
