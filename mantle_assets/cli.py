@@ -411,6 +411,9 @@ def segment(entity_id: str, **parameters) -> None:
 @click.argument("entity_id", required=False)
 @click.option("--experiment", "experiment_name", help="Set the defaults of every image directory of this experiment.")
 @_segmentation_options
+@click.option("--cell-method", default=None,
+              help="Whole cells the automation grows around new nuclei masks, then measures with: propagate, "
+              "cellpose or none.")
 def defaults(entity_id: str | None, experiment_name: str | None, **parameters) -> None:
     """Set default segmentation parameters of ENTITY_ID or of an experiment; print them.
 

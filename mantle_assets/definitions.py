@@ -16,11 +16,16 @@ from mantle_assets.orchestration.measurements import assay_readout, cell_measure
 from mantle_assets.orchestration.recovery import ended_run_cleanup_sensor
 from mantle_assets.orchestration.registration_jobs import register_image_directory_job, set_segmentation_defaults_job
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource, InboxResource
-from mantle_assets.orchestration.schedules import image_directory_observation_schedule, stale_segmentation_schedule
+from mantle_assets.orchestration.schedules import (
+    image_directory_observation_schedule,
+    stale_cell_schedule,
+    stale_segmentation_schedule,
+)
 from mantle_assets.orchestration.sensors import (
     inbox_sensor,
     new_image_directory_sensor,
     segmented_directory_sensor,
+    segmented_nuclei_cell_sensor,
 )
 from mantle_assets.orchestration.training import trained_cellpose_model
 
@@ -36,8 +41,14 @@ defs = Definitions(
         register_image_directory_job,
         set_segmentation_defaults_job,
     ],
-    sensors=[new_image_directory_sensor, inbox_sensor, segmented_directory_sensor, ended_run_cleanup_sensor],
-    schedules=[stale_segmentation_schedule, image_directory_observation_schedule],
+    sensors=[
+        new_image_directory_sensor,
+        inbox_sensor,
+        segmented_directory_sensor,
+        segmented_nuclei_cell_sensor,
+        ended_run_cleanup_sensor,
+    ],
+    schedules=[stale_segmentation_schedule, stale_cell_schedule, image_directory_observation_schedule],
     executor=mantle_executor,
     resources={
         "entity_store": EntityStoreResource(),

@@ -48,7 +48,7 @@ from mantle_assets.orchestration.assets import (
     staged_image_directory,
     summary_metadata,
 )
-from mantle_assets.orchestration.config import coerce_segmentation_parameters
+from mantle_assets.orchestration.config import CELL_METHODS, coerce_segmentation_parameters
 from mantle_assets.orchestration.partitions import entity_id_of, image_directory_partitions
 from mantle_assets.orchestration.recovery import check_run_not_ended
 from mantle_assets.orchestration.resources import CellposeResource, EntityStoreResource
@@ -65,7 +65,7 @@ CELLS = "cells"
 class CellConfig(Config):
     """Run parameters of ``cell_masks``; unset channels follow the nuclei masks."""
 
-    method: Literal["propagate", "cellpose"] = Field(
+    method: Literal[CELL_METHODS] = Field(
         default="propagate",
         description="propagate: grow each nucleus into its cell on the cytoplasm channel (offline, CPU); "
         "cellpose: segment whole cells with cellpose_model, then match the nuclei to them.",
@@ -215,13 +215,18 @@ def current_cell_masks(store: EntityStore, entity_id: str) -> Entity | None:
     return current_output(store, entity_id, CELL_PIPELINE, MASK_DIRECTORY)
 
 
+def grown_from(cells: Entity | None, nuclei: Entity | None) -> bool:
+    """Whether cell masks were grown from these nuclei masks, as the nuclei's run made them."""
+    if cells is None or nuclei is None:
+        return False
+    made_from = (cells.properties.get("nuclei_mask_entity"), cells.properties.get("nuclei_run_id"))
+    return made_from == (nuclei.entity_id, nuclei.properties.get("run_id"))
+
+
 def cells_of(store: EntityStore, entity_id: str, nuclei: Entity | None) -> Entity | None:
     """The partition's current cell masks if they were grown from ``nuclei`` (as that run made them), else None."""
-    cells = current_cell_masks(store, entity_id)
-    if cells is None or nuclei is None:
-        return None
-    made_from = (cells.properties.get("nuclei_mask_entity"), cells.properties.get("nuclei_run_id"))
-    return cells if made_from == (nuclei.entity_id, nuclei.properties.get("run_id")) else None
+    cells = current_cell_masks(store, entity_id) if nuclei is not None else None
+    return cells if grown_from(cells, nuclei) else None
 
 
 def current_nuclei_of(store: EntityStore, entity_id: str) -> Entity:

@@ -31,6 +31,10 @@ from mantle_assets.imaging.segmentation import (
 
 DEFAULT_MODEL = "mantle-nuclei-v1"
 
+# How cell_masks grows cells (CellConfig.method); a plate whose defaults name one gets cells automatically.
+CELL_METHODS = ("propagate", "cellpose")
+NO_CELLS = "none"
+
 # Used for a parameter that neither the run nor the experiment's defaults set.
 PLATFORM_DEFAULTS = {
     "cellpose_model": DEFAULT_MODEL,
@@ -41,6 +45,7 @@ PLATFORM_DEFAULTS = {
     "cellprob_threshold": 0.0,
     "min_size": 15,
     "batch_size": 8,
+    "cell_method": NO_CELLS,
 }
 
 _UNSET = " Leave empty (null) for the experiment's default"
@@ -77,6 +82,12 @@ class SegmentationConfig(Config):
         default=None, description=f"Smallest object kept, in pixels.{_UNSET}, else 15."
     )
     batch_size: int | None = Field(default=None, description=f"Cellpose's batch size.{_UNSET}, else 8.")
+    cell_method: str | None = Field(
+        default=None,
+        description="As an experiment's default: whole cells the automation grows around each new nuclei mask "
+        f"(cell_job, then measurements with cytoplasm: cell): {', '.join(CELL_METHODS)} or {NO_CELLS}; a "
+        f"segmentation run itself ignores it.{_UNSET}, else {NO_CELLS}.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -239,6 +250,10 @@ def coerce_segmentation_parameters(values: Mapping, where: str = "") -> dict:
             coerced[name] = value.strip() if isinstance(value, str) else str(value)
         elif value is None:
             continue
+        elif name == "cell_method":
+            if value not in (*CELL_METHODS, NO_CELLS):
+                raise refuse(name, value, f"one of {', '.join((*CELL_METHODS, NO_CELLS))}")
+            coerced[name] = value
         elif name == "cellpose_model":
             if not isinstance(value, str) or not value.strip():
                 raise refuse(name, value, "a model name or file")

@@ -2,12 +2,17 @@
 
 from dagster import define_asset_job
 
+from mantle_assets.orchestration.cells import CellConfig
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.partitions import image_directory_partitions
 
 
 def segmentation_run_config(config: SegmentationConfig) -> dict:
     return {"ops": {"segmentation_masks": {"config": config.model_dump()}}}
+
+
+def cell_run_config(config: CellConfig) -> dict:
+    return {"ops": {"cell_masks": {"config": config.model_dump()}}}
 
 
 segmentation_job = define_asset_job(

@@ -48,7 +48,7 @@ from mantle_assets.orchestration.assets import (
     staged_image_directory,
     summary_metadata,
 )
-from mantle_assets.orchestration.cells import cell_masks, cells_of
+from mantle_assets.orchestration.cells import CELL_PIPELINE, cell_masks, cells_of, grown_from
 from mantle_assets.orchestration.partitions import entity_id_of, image_directory_partitions
 from mantle_assets.orchestration.recovery import check_run_not_ended
 from mantle_assets.orchestration.resources import EntityStoreResource
@@ -97,17 +97,31 @@ def made_from(measured: Entity, masks: Entity) -> bool:
     )
 
 
-def needs_measuring(store: EntityStore, entity_ids: Collection[str]) -> set[str]:
-    """The image directories among ``entity_ids`` with current masks that no measurement table measured yet.
+def used_cells(measured: Entity, cells: Entity) -> bool:
+    """Whether a measurement table's cytoplasm was these cell masks (as their run made them) minus the nuclei."""
+    return (measured.properties.get("cell_mask_entity"), measured.properties.get("cell_mask_run_id")) == (
+        cells.entity_id, cells.properties.get("run_id")
+    )
 
-    Two store queries, however many directories.
+
+def needs_measuring(store: EntityStore, entity_ids: Collection[str]) -> set[str]:
+    """The image directories among ``entity_ids`` with current masks that no measurement table measured yet,
+    or whose measurements did not use the cells grown from those masks since (``cytoplasm: ring`` before them).
+
+    Three store queries, however many directories.
     """
     masks = store.current_outputs(SEGMENTATION_PIPELINE, MASK_DIRECTORY, entity_ids)
+    cells = store.current_outputs(CELL_PIPELINE, MASK_DIRECTORY, list(masks))
     measured = store.current_outputs(MEASUREMENT_PIPELINE, MEASUREMENT_TABLE, list(masks))
-    return {
-        entity_id for entity_id, current in masks.items()
-        if entity_id not in measured or not made_from(measured[entity_id], current)
-    }
+
+    def current(entity_id: str, nuclei: Entity) -> bool:
+        table = measured.get(entity_id)
+        if table is None or not made_from(table, nuclei):
+            return False
+        grown = cells.get(entity_id)
+        return not grown_from(grown, nuclei) or used_cells(table, grown)
+
+    return {entity_id for entity_id, nuclei in masks.items() if not current(entity_id, nuclei)}
 
 
 def current_measurements_of(store: EntityStore, entity_id: str) -> Entity:

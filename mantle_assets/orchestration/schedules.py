@@ -1,7 +1,8 @@
 """The nightly backfill: segment every partition whose masks are missing, failed or stale.
 
 An hour before it, the image directories are observed (fingerprinted) in a run of their own, so that the
-backfill's tick reads recorded data versions instead of listing every plate.
+backfill's tick reads recorded data versions instead of listing every plate. Half an hour after it, the
+cells of plates that ask for them (``cell_method``) are grown again where missing, failed or stale.
 """
 
 import itertools
@@ -33,12 +34,18 @@ from mantle_assets.orchestration.assets import (
     segmentation_masks,
     version_has_fingerprint,
 )
+from mantle_assets.orchestration.cells import CELL_PIPELINE, CellConfig, cell_masks, grown_from
 from mantle_assets.orchestration.config import SegmentationConfig
 from mantle_assets.orchestration.instance import automatic_run_tags
-from mantle_assets.orchestration.jobs import observe_image_directories_job, segmentation_job
+from mantle_assets.orchestration.jobs import cell_job, cell_run_config, observe_image_directories_job, segmentation_job
 from mantle_assets.orchestration.partitions import entity_id_of, image_directory_partitions
 from mantle_assets.orchestration.resources import EntityStoreResource
-from mantle_assets.orchestration.sensors import default_segmentation_config, run_defaults, segmentation_run_config
+from mantle_assets.orchestration.sensors import (
+    cell_method,
+    default_segmentation_config,
+    run_defaults,
+    segmentation_run_config,
+)
 from mantle_assets.registration import IMAGE_DIRECTORY, directory_fingerprint
 from mantle_assets.settings import gpu_count, plates_per_run
 from mantle_assets.storage import is_directory
@@ -255,6 +262,68 @@ def stale_segmentation_schedule(context: ScheduleEvaluationContext, entity_store
         batch_run_request(keys, reason, entities[entity_id_of(keys[0])], night)
         for keys, reason in batches(stale, partition_keys, size)
     ]
+
+
+def stale_cell_reason(entity: Entity, nuclei: Entity | None, cells: Entity | None, failed: bool) -> str | None:
+    """Why a partition needs its cells grown again, or None when they are current or the plate asks for none.
+
+    A plate asks for cells with its ``cell_method`` default; its cells are compared with its current nuclei
+    masks (``nuclei``; None: there is nothing to grow them from) and with the cell parameters a run would use
+    now (that method, the platform's other parameters). ``failed``: Dagster's status of the partition of
+    ``cell_masks`` is failed.
+    """
+    method = cell_method(entity)
+    if method is None or nuclei is None:
+        return None
+    if cells is None:
+        return "no cells"
+    if failed:
+        return "last run failed"
+    if not grown_from(cells, nuclei):
+        return "nuclei segmented again"
+    if cells.properties.get("cell_parameters") != CellConfig(method=method).parameters():
+        return "cell parameters changed"
+    return None
+
+
+@schedule(
+    job=cell_job,
+    cron_schedule="30 2 * * *",
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Nightly, half an hour after the stale-segmentation backfill: grows the cells of every partition "
+    "whose plate asks for cells (cell_method) and whose cells are missing, failed, grown from nuclei segmented "
+    "again since, or made with other cell parameters than its defaults'; one cell_job run per partition. "
+    "Partitions being segmented are left to the cell sensor, which grows their cells once their nuclei land.",
+)
+def stale_cell_schedule(context: ScheduleEvaluationContext, entity_store: EntityStoreResource) -> list[RunRequest]:
+    store = entity_store.store()
+    partition_keys = image_directory_partitions.get_partition_keys(dynamic_partitions_store=context.instance)
+    cell_status = context.instance.get_status_by_partition(
+        cell_masks.key, partition_keys, image_directory_partitions
+    ) or {}
+    nuclei_status = context.instance.get_status_by_partition(
+        segmentation_masks.key, partition_keys, image_directory_partitions
+    ) or {}
+    night = context.scheduled_execution_time.strftime("%Y%m%d") if context.scheduled_execution_time else "now"
+    with store.session():
+        entities = {entity.entity_id: entity for entity in store.list(IMAGE_DIRECTORY)}
+        nuclei = store.current_outputs(SEGMENTATION_PIPELINE, MASK_DIRECTORY)
+        cells = store.current_outputs(CELL_PIPELINE, MASK_DIRECTORY)
+    requests = []
+    for key in partition_keys:
+        entity = entities.get(entity_id_of(key))
+        if entity is None or nuclei_status.get(key) == AssetPartitionStatus.IN_PROGRESS:
+            continue
+        failed = cell_status.get(key) == AssetPartitionStatus.FAILED
+        reason = stale_cell_reason(entity, nuclei.get(entity.entity_id), cells.get(entity.entity_id), failed)
+        if reason is not None:
+            requests.append(RunRequest(
+                run_key=f"stale-cells-{key}-{night}",
+                partition_key=key,
+                run_config=cell_run_config(CellConfig(method=cell_method(entity))),
+                tags=automatic_run_tags() | {"mantle/stale_reason": reason},
+            ))
+    return requests
 
 
 @schedule(

@@ -4,6 +4,7 @@ import json
 import time
 
 from dagster import (
+    AssetKey,
     AssetRecordsFilter,
     DefaultSensorStatus,
     RunRequest,
@@ -11,14 +12,22 @@ from dagster import (
     SensorResult,
     sensor,
 )
+from dagster._core.event_api import EventLogRecord
 
 from mantle_assets.entities import Entity
 from mantle_assets.imaging.fields import ImageDirectoryError
 from mantle_assets.inbox import inbox_folders, read_sidecar, scan_folder
-from mantle_assets.orchestration.assets import SEGMENTATION_PIPELINE, segmentation_masks
-from mantle_assets.orchestration.config import SegmentationConfig
+from mantle_assets.orchestration.assets import MASK_DIRECTORY, SEGMENTATION_PIPELINE, segmentation_masks
+from mantle_assets.orchestration.cells import CELL_PIPELINE, CellConfig, cell_masks, grown_from
+from mantle_assets.orchestration.config import NO_CELLS, PLATFORM_DEFAULTS, SegmentationConfig
 from mantle_assets.orchestration.instance import automatic_run_tags
-from mantle_assets.orchestration.jobs import measurement_job, segmentation_job, segmentation_run_config
+from mantle_assets.orchestration.jobs import (
+    cell_job,
+    cell_run_config,
+    measurement_job,
+    segmentation_job,
+    segmentation_run_config,
+)
 from mantle_assets.orchestration.measurements import needs_measuring
 from mantle_assets.orchestration.partitions import (
     entity_id_of,
@@ -154,36 +163,102 @@ def inbox_sensor(
 EVENTS_PER_TICK = 200
 
 
+def new_materializations(
+    context: SensorEvaluationContext, asset_keys: dict[str, AssetKey]
+) -> tuple[dict[str, dict[str, EventLogRecord]], str]:
+    """Each asset's materializations since the cursor, the newest per partition, and the cursor after them.
+
+    The cursor holds a position per asset (``asset_keys``' names); a bare number, as a sensor with one asset
+    wrote it, is that position for every asset (storage ids are the event log's, so that reads nothing twice).
+    """
+    stored = context.cursor or "{}"
+    positions = json.loads(stored) if stored.startswith("{") else dict.fromkeys(asset_keys, int(stored))
+    latest = {}
+    for name, key in asset_keys.items():
+        after = AssetRecordsFilter(asset_key=key, after_storage_id=positions.get(name))
+        records = context.instance.fetch_materializations(after, limit=EVENTS_PER_TICK, ascending=True).records
+        latest[name] = {record.partition_key: record for record in records}  # ascending: the newest wins
+        if records:
+            positions[name] = records[-1].storage_id
+    return latest, json.dumps(positions, sort_keys=True)
+
+
+def cell_method(entity: Entity) -> str | None:
+    """The cell method the plate's defaults ask the automation for (``cell_method``), None for no cells."""
+    method = (entity.properties.get("segmentation_defaults") or {}).get("cell_method", PLATFORM_DEFAULTS["cell_method"])
+    return None if method == NO_CELLS else method
+
+
 @sensor(
     job=measurement_job,
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Measures every image directory whose segmentation_masks were materialized (by any run: "
-    "the new-directory sensor's, the nightly schedule's, a backfill's, the UI's, the CLI's) and whose masks "
-    "no cell measurement table measured yet: one measurement_job run per directory.",
+    description="Measures every image directory whose segmentation_masks or cell_masks were materialized (by any "
+    "run: the sensors', the nightly schedules', a backfill's, the UI's, the CLI's) and whose masks no cell "
+    "measurement table measured yet, or measured before the cells grown from them (cytoplasm: ring, then cell): "
+    "one measurement_job run per directory. A plate whose defaults ask for cells (cell_method) is measured once "
+    "its cells are grown, not on its nuclei alone.",
 )
 def segmented_directory_sensor(
     context: SensorEvaluationContext, entity_store: EntityStoreResource
 ) -> SensorResult:
-    after = int(context.cursor) if context.cursor else None
-    records = context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=segmentation_masks.key, after_storage_id=after),
-        limit=EVENTS_PER_TICK,
-        ascending=True,
-    ).records
-    if not records:
-        return SensorResult(skip_reason="no new segmentation masks")
+    latest, cursor = new_materializations(context, {"nuclei": segmentation_masks.key, "cells": cell_masks.key})
+    if not latest["nuclei"] and not latest["cells"]:
+        return SensorResult(skip_reason="no new segmentation or cell masks")
     partitions = set(context.instance.get_dynamic_partitions(image_directory_partitions.name))
-    latest = {record.partition_key: record for record in records}  # ascending: the newest wins
-    unmeasured = needs_measuring(entity_store.store(), [entity_id_of(key) for key in latest if key in partitions])
+    store = entity_store.store()
+    with store.session():
+        nuclei_ids = [entity_id_of(key) for key in latest["nuclei"] if key in partitions]
+        # Nuclei of a plate that asks for cells wait for them: the cells' materialization asks for the measuring.
+        asking = {e.entity_id for e in store.list(IMAGE_DIRECTORY, entity_ids=nuclei_ids) if cell_method(e)}
+        candidates = {
+            **{key: record for key, record in latest["nuclei"].items() if entity_id_of(key) not in asking},
+            **latest["cells"],
+        }
+        unmeasured = needs_measuring(store, [entity_id_of(key) for key in candidates if key in partitions])
     return SensorResult(
         run_requests=[
             RunRequest(
                 run_key=f"measure-{entity_id_of(key)}-{record.storage_id}", partition_key=key,
                 tags=automatic_run_tags(),
             )
-            for key, record in latest.items()
+            for key, record in candidates.items()
             if entity_id_of(key) in unmeasured
         ],
-        cursor=str(records[-1].storage_id),
+        cursor=cursor,
+    )
+
+
+@sensor(
+    job=cell_job,
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Grows whole cells around new segmentation_masks (materialized by any run) of every image directory "
+    "whose defaults ask for cells (cell_method: propagate or cellpose) and whose current cells were not grown from "
+    "those nuclei: one cell_job run per directory, with that method and the platform's other cell parameters.",
+)
+def segmented_nuclei_cell_sensor(context: SensorEvaluationContext, entity_store: EntityStoreResource) -> SensorResult:
+    latest, cursor = new_materializations(context, {"nuclei": segmentation_masks.key})
+    if not latest["nuclei"]:
+        return SensorResult(skip_reason="no new segmentation masks")
+    partitions = set(context.instance.get_dynamic_partitions(image_directory_partitions.name))
+    keys = {entity_id_of(key): key for key in latest["nuclei"] if key in partitions}
+    store = entity_store.store()
+    with store.session():
+        methods = {e.entity_id: cell_method(e) for e in store.list(IMAGE_DIRECTORY, entity_ids=list(keys))}
+        asking = [entity_id for entity_id, method in methods.items() if method]
+        nuclei = store.current_outputs(SEGMENTATION_PIPELINE, MASK_DIRECTORY, asking)
+        cells = store.current_outputs(CELL_PIPELINE, MASK_DIRECTORY, list(nuclei))
+    return SensorResult(
+        run_requests=[
+            RunRequest(
+                run_key=f"cells-{entity_id}-{latest['nuclei'][keys[entity_id]].storage_id}",
+                partition_key=keys[entity_id],
+                run_config=cell_run_config(CellConfig(method=methods[entity_id])),
+                tags=automatic_run_tags(),
+            )
+            for entity_id, current in nuclei.items()
+            if not grown_from(cells.get(entity_id), current)
+        ],
+        cursor=cursor,
     )
