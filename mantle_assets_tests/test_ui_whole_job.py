@@ -7,7 +7,8 @@ segmentation defaults, plus a plate of another experiment; find the subset by ty
 into the Partitions tab's filter; materialise its masks and see the contact sheet and the counts per
 field; launch `measurement_job` for it and read Z' on the assay_readout partition; then launch a
 segmentation with ``nuclei_channel: 3`` on the two-channel plate and read the one-line reason on the
-failed run's page. What the pages showed is then compared with the entity store.
+failed run's page, refused by the run queue before any step started. What the pages showed is then
+compared with the entity store.
 
 Screenshots go to ``$MANTLE_TEST_ARTIFACTS/ui-whole-job`` (CI keeps them) or the test's temporary directory.
 """
@@ -23,7 +24,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import tifffile
-from dagster import DagsterInstance, DagsterRunStatus
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from mantle_assets.entities import EntityStore
 from mantle_assets_tests.conftest import CROP, bbbc014_images, missing_data
@@ -230,8 +231,12 @@ def test_the_whole_job_in_the_browser(mantle_home, sync_playwright, whole_job_ar
             launch_dialog.get_by_role("button", name="Launch 1 run").click()
             open_launched_run(page, url)
             failed_run_id = wait_for_run(page, "Failure")
-            reason = page.get_by_text("nuclei_channel=3 but the images have 2 channel(s)").first
-            expect(reason).to_be_visible()
+            # Refused by the run queue before it was queued: the run's one event is its failure, whose message is
+            # the reason, with no step started and no stack trace under it.
+            expect(page.get_by_text("RUN_FAILURE", exact=True)).to_have_count(1)
+            expect(page.get_by_text("nuclei_channel=3 but the images have 2 channel(s)", exact=True)).to_be_visible()
+            expect(page.get_by_text("STEP_START", exact=True)).to_have_count(0)
+            expect(page.get_by_text(re.compile("Traceback|dagster._core.errors"))).to_have_count(0)
             page.screenshot(path=shots / "10-bad-parameter-reason.png")
         finally:
             browser.close()
@@ -241,6 +246,7 @@ def test_the_whole_job_in_the_browser(mantle_home, sync_playwright, whole_job_ar
         runs = {run_id: instance.get_run_by_id(run_id) for run_id in (
             register_run_id, segmentation_run_id, measurement_run_id, failed_run_id)}
         assert [run.status for run in runs.values()] == [DagsterRunStatus.SUCCESS] * 3 + [DagsterRunStatus.FAILURE]
+        assert not instance.get_records_for_run(failed_run_id, of_type=DagsterEventType.RUN_ENQUEUED).records
         # With the sensors off, the runs launched in the browser are the only ones (a nightly schedule may tick).
         assert {run.run_id for run in instance.get_runs() if "dagster/schedule_name" not in run.tags} == {
             other_register_run_id, *runs}
