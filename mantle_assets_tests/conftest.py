@@ -38,8 +38,11 @@ def missing_data(reason: str):
 EIGHT_WELLS = ("01-A-01", "02-A-02", "03-A-03", "04-A-04", "09-A-09", "10-A-10", "11-A-11", "12-A-12")
 
 
-def register_crop_per_well(tmp_path: Path, store, wells, experiment_name: str) -> list:
-    """Register one directory per well holding its DNA channel (Channel2) cropped to ``CROP``."""
+def register_crop_per_well(tmp_path: Path, store, wells, experiment_name: str, **registration) -> list:
+    """Register one directory per well holding its DNA channel (Channel2) cropped to ``CROP``.
+
+    ``registration``: further arguments of ``register_image_directory`` (``segmentation_defaults``...).
+    """
     from mantle_assets.registration import register_image_directory
 
     images = bbbc014_images()
@@ -51,7 +54,7 @@ def register_crop_per_well(tmp_path: Path, store, wells, experiment_name: str) -
         directory.mkdir()
         pixels = tifffile.imread(images / f"Channel2-{well}.tif")
         tifffile.imwrite(directory / f"{well}.tif", np.ascontiguousarray(pixels[CROP]))
-        entities.append(register_image_directory(store, directory, experiment_name))
+        entities.append(register_image_directory(store, directory, experiment_name, **registration))
     return entities
 
 

@@ -57,13 +57,17 @@ from mantle_assets.webserver import PREVIEW_URL
 SEGMENTATION_PIPELINE = "cellpose-segmentation"
 MASK_DIRECTORY = "segmentation_mask_directory"
 
-# Tags of the GPU step: a marker for people and tooling, the pod resources a
-# Kubernetes executor requests for it, and (via ``pool``) the run queue's gpu limit.
+# Celery queue of the GPU steps under mantle_assets.celery: only the GPU machines' workers listen to it.
+GPU_QUEUE = "gpu"
+# Tags of the GPU step: a marker for people and tooling, the pod resources a Kubernetes
+# executor requests for it, the queue a Celery executor sends it to, and (via ``pool``)
+# the run queue's gpu limit.
 GPU_OP_TAGS = {
     "mantle/gpu": "true",
     "dagster-k8s/config": {
         "container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}},
     },
+    "dagster-celery/queue": GPU_QUEUE,
 }
 
 
