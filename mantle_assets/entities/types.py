@@ -264,7 +264,9 @@ _DATA_TYPE_DEFINITIONS: tuple[DataType, ...] = (
             "multinucleate": PropertySpec(
                 "json", description="Cells (cellpose): per field, each cell holding several nuclei and those nuclei."
             ),
-            "anucleate": PropertySpec("json", description="Cells (cellpose): per field, how many cells held no nucleus."),
+            "anucleate": PropertySpec(
+                "json", description="Cells (cellpose): per field, how many cells held no nucleus."
+            ),
             "estimated_diameter": PropertySpec("float", description="Diameter Cellpose estimated, in pixels."),
             "cellpose_version": PropertySpec("string", description="Version of Cellpose used."),
             "device": PropertySpec("string", description="Device the segmentation ran on."),
