@@ -1,13 +1,18 @@
 import numpy as np
 import pytest
+import tifffile
 from scipy import ndimage
+from skimage import measure
+from skimage.filters import gaussian, threshold_otsu
 
 from mantle_assets.imaging.cells import (
     cytoplasm_of_cells,
+    foreground_threshold,
     labels_touching_border,
     match_nuclei_to_cells,
     propagate_cells,
 )
+from mantle_assets_tests.conftest import CROP, TWO_WELLS, bbbc014_images, missing_data
 
 
 def disc(shape: tuple[int, int], center: tuple[float, float], radius: float) -> np.ndarray:
@@ -219,3 +224,32 @@ def test_cytoplasm_is_the_cell_minus_every_nucleus():
     assert cytoplasm_of_cells(cells, nuclei).tolist() == [[1, 0, 1, 0, 1, 0]]
     with pytest.raises(ValueError, match=r"cells have shape \(1, 5\), nuclei have shape \(1, 6\)"):
         cytoplasm_of_cells(cells[:, :5], nuclei)
+
+
+def test_bbbc014_crop_cells_hold_one_nucleus_each_and_are_larger_than_it():
+    """Cells of a 160x160 crop of an untreated (A01) and a treated (A12) BBBC014 well, nuclei by Otsu on the DNA.
+
+    The platform thresholds whole fields, so the crop takes its field's threshold: a crop's own threshold is
+    a different one (11.9 against the A01 field's 6.8, since a dense crop holds little background).
+    """
+    images = bbbc014_images()
+    if images is None:
+        missing_data("BBBC014 demo plate not found (set MANTLE_DEMO_DATA)")
+    larger = []
+    for well in TWO_WELLS:
+        dna = tifffile.imread(images / f"Channel2-{well}.tif")[CROP]
+        nf_kb_field = tifffile.imread(images / f"Channel1-{well}.tif")
+        field_threshold = foreground_threshold(gaussian(nf_kb_field.astype(float), sigma=0.75, preserve_range=True))
+        nuclei = measure.label(dna > threshold_otsu(dna))
+        cells = propagate_cells(nuclei, nf_kb_field[CROP], threshold=field_threshold).cells
+
+        matched = match_nuclei_to_cells(nuclei, cells)
+        ids = np.unique(nuclei[nuclei > 0])
+        assert matched.multinucleate == {} and matched.anucleate == ()
+        assert matched.cell_of_nucleus == {int(i): int(i) for i in ids}
+        assert (cells[nuclei > 0] == nuclei[nuclei > 0]).all()
+        cell_area = np.bincount(cells.ravel(), minlength=ids.max() + 1)[ids]
+        nucleus_area = np.bincount(nuclei.ravel(), minlength=ids.max() + 1)[ids]
+        larger.append(cell_area > nucleus_area)
+    assert len(np.concatenate(larger)) >= 30
+    assert np.concatenate(larger).mean() >= 0.95
