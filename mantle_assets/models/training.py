@@ -474,7 +474,7 @@ def learning_rate_at(step: int, n_steps: int, learning_rate: float, warmup_steps
     if step < warmup_steps:
         return learning_rate * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(n_steps - warmup_steps, 1)
-    return learning_rate * 0.5 * (1.0 + np.cos(np.pi * min(progress, 1.0)))
+    return float(learning_rate * 0.5 * (1.0 + np.cos(np.pi * min(progress, 1.0))))
 
 
 def train_augmented(
