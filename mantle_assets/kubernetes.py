@@ -10,7 +10,8 @@ Helm values and the image; the README explains the deployment.
 from dagster._record import replace
 from dagster_k8s import k8s_job_executor
 
-from mantle_assets.definitions import defs as local_defs
+from mantle_assets import definitions
 
-# Definitions.merge refuses two executors: the local location's is replaced.
-defs = replace(local_defs, executor=k8s_job_executor)
+# Definitions.merge refuses two executors: the local location's is replaced. The module holds no other
+# Definitions object, since the code server (`--module-name mantle_assets.kubernetes`) refuses two.
+defs = replace(definitions.defs, executor=k8s_job_executor)

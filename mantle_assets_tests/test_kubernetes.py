@@ -1,6 +1,7 @@
 """The Kubernetes code location: pod specs built by dagster-k8s's own code, no cluster needed."""
 
 import pytest
+from dagster._core.workspace.autodiscovery import loadable_targets_from_python_module
 from dagster_k8s.job import DagsterK8sJobConfig, construct_dagster_k8s_job, get_user_defined_k8s_config
 
 from mantle_assets.kubernetes import defs
@@ -44,3 +45,10 @@ def test_only_gpu_steps_request_a_gpu(step):
         assert limits.get("nvidia.com/gpu") == "1"  # a Kubernetes quantity
     else:
         assert "nvidia.com/gpu" not in limits
+
+
+@pytest.mark.parametrize("module", ["mantle_assets.kubernetes", "mantle_assets.celery", "mantle_assets.definitions"])
+def test_each_code_location_module_holds_one_definitions_object(module):
+    # How `dagster api grpc --module-name` (the Helm chart's code server) and `dagster dev -m` find the location.
+    targets = loadable_targets_from_python_module(module, working_directory=None)
+    assert [target.attribute for target in targets] == ["defs"]
