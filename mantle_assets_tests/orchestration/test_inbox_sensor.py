@@ -113,7 +113,7 @@ def test_sidecar_values_are_read_as_the_cli_reads_them(instance, inbox, defaults
         ("segmentation_defaults: abc", "segmentation_defaults must be a mapping of parameters, got 'abc'"),
         ("segmentation_defaults: {diameter: 12, diamter: 13}",
          "segmentation_defaults: unknown parameter 'diamter' (known: cellpose_model, nuclei_channel, "
-         "cytoplasm_channel, diameter, flow_threshold, cellprob_threshold, min_size, batch_size)"),
+         "cytoplasm_channel, diameter, flow_threshold, cellprob_threshold, min_size, batch_size, cell_method)"),
         ("experiment: TNF", "unknown key 'experiment' (known: experiment_name, segmentation_defaults, channel_names, "
          "plate_layout, naming_pattern)"),
         ("experiment_name: [TNF]", "experiment_name must be text, got ['TNF']"),
