@@ -11,8 +11,12 @@ would lock the pipeline out.
 
 Beyond one machine the same store runs on any catalog DuckDB can ``ATTACH``
 (``MANTLE_ENTITY_STORE=ducklake:postgres:...``, ``md:mantle``, ...): those
-serialise concurrent writers themselves, so no file lock is taken, and a
-write conflict surfaces as :class:`StoreBusyError`, which pipeline steps retry.
+serialise concurrent writers themselves, so no file lock is taken: a
+transaction that conflicts with a concurrent writer's is rerun
+(:meth:`StoreDatabase.run`) until the lock timeout, then raises
+:class:`StoreConflictError`, a :class:`StoreBusyError`, which pipeline steps
+retry. Their extensions (``ducklake``, ``postgres``, ``sqlite``) load from the
+``duckdb-ext-*`` packages, with no download.
 A store that no retry can mend (a full disk, a file that is not a Mantle store,
 a corrupted one) raises a :class:`StoreUnusableError` instead, naming the file.
 
@@ -25,13 +29,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 import filelock
@@ -40,6 +46,7 @@ from mantle_assets.entities.errors import (
     WHAT_TO_DO_WITH_A_FOREIGN_FILE,
     NotAStoreError,
     StoreBusyError,
+    StoreConflictError,
     StoreCorruptedError,
     StoreDiskFullError,
     StoreUnusableError,
@@ -47,12 +54,22 @@ from mantle_assets.entities.errors import (
 from mantle_assets.entities.schema import ensure_schema
 from mantle_assets.settings import mantle_home
 
-__all__ = ["STORE_ENVIRONMENT_VARIABLE", "StoreDatabase", "default_database_path", "is_catalog_uri"]
+__all__ = [
+    "DATA_PATH_ENVIRONMENT_VARIABLE",
+    "STORE_ENVIRONMENT_VARIABLE",
+    "StoreDatabase",
+    "default_database_path",
+    "is_catalog_uri",
+]
+
+Result = TypeVar("Result")
 
 _FIRST_RETRY_DELAY = 0.05
 _MAX_RETRY_DELAY = 1.0
 
 STORE_ENVIRONMENT_VARIABLE = "MANTLE_ENTITY_STORE"
+# Where a DuckLake catalog keeps its Parquet files: a folder or an object-store prefix that every writer reaches.
+DATA_PATH_ENVIRONMENT_VARIABLE = "MANTLE_ENTITY_STORE_DATA_PATH"
 _CATALOG_ALIAS = "mantle_store"
 # "ducklake:...", "md:...", "postgres:...", "duckdb:...": DuckDB ATTACH strings, not file paths.
 _CATALOG_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+_-]+:")
@@ -67,6 +84,14 @@ _DISK_FULL_REASONS = tuple(os.strerror(number) for number in _DISK_FULL_ERRNOS)
 # "Corrupt WAL file") and its read of a file cut short.
 _CORRUPTION_MARKERS = ("corrupt", "could not read enough bytes")
 _NOT_DUCKDB_MARKER = "not a valid duckdb database file"
+# A concurrent writer's transaction won: DuckLake's commit check, PostgreSQL's REPEATABLE READ (which DuckDB's
+# postgres extension uses), its deadlock detector, and its unique keys hit by two inserts of the same row.
+_CONFLICT_MARKERS = (
+    "transaction conflict",
+    "could not serialize access",
+    "deadlock detected",
+    "duplicate key value violates unique constraint",
+)
 # DuckDB quotes the file names in its messages; the markers are matched without them (a folder may be "corrupt").
 _QUOTED_NAME = re.compile(r'"[^"]*"')
 
@@ -109,6 +134,11 @@ def one_line(error: BaseException) -> str:
 def _is_foreign_lock_error(error: duckdb.Error) -> bool:
     message = str(error).lower()
     return "could not set lock" in message or "conflicting lock" in message
+
+
+def _is_conflict(error: duckdb.Error) -> bool:
+    message = str(error).lower()
+    return any(marker in message for marker in _CONFLICT_MARKERS)
 
 
 def _has_duckdb_header(path: Path) -> bool:
@@ -168,7 +198,7 @@ class StoreDatabase:
                 yield
             finally:
                 self._session_connection = None
-                connection.close()
+                self._close(connection)
 
     def snapshot(self, destination: str | os.PathLike) -> Path:
         """Copy the store as of its last commit to ``destination``.
@@ -205,7 +235,7 @@ class StoreDatabase:
             try:
                 yield connection
             finally:
-                connection.close()
+                self._close(connection)
             return
         with tempfile.TemporaryDirectory(prefix="mantle-sql-") as folder:
             copy = self.snapshot(Path(folder) / self.location.name)
@@ -238,9 +268,39 @@ class StoreDatabase:
                 raise
             try:
                 connection.execute("COMMIT")
-            except duckdb.TransactionException as error:
+            except duckdb.Error as error:
+                if _is_conflict(error):
+                    raise self._conflict(error) from None
+                if not isinstance(error, duckdb.TransactionException):
+                    raise
                 # A full disk fails the commit with the same exception type as a write conflict.
                 raise self._busy_unless_unusable(error, "write conflict on") from None
+
+    def run(self, work: Callable[[duckdb.DuckDBPyConnection], Result]) -> Result:
+        """Run ``work`` in one :meth:`transaction`, again while a concurrent writer's transaction wins over it.
+
+        Only shared catalogs conflict; the file lock keeps writers to a DuckDB
+        file apart. ``work`` must do nothing outside the transaction that a
+        rerun would repeat.
+
+        Raises
+        ------
+        StoreConflictError
+            If it still conflicts after the lock timeout.
+        """
+        deadline = time.monotonic() + self._lock_timeout
+        delay = _FIRST_RETRY_DELAY
+        while True:
+            try:
+                with self.transaction() as connection:
+                    return work(connection)
+            except StoreConflictError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                # Random: writers that conflicted together would otherwise rerun together.
+                time.sleep(min(random.uniform(0, delay), remaining))
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -253,7 +313,16 @@ class StoreDatabase:
             try:
                 yield connection
             finally:
-                connection.close()
+                self._close(connection)
+
+    def _close(self, connection: duckdb.DuckDBPyConnection) -> None:
+        # An attached catalog is detached first: closing with it attached leaves its own connections to end
+        # (DuckLake's to PostgreSQL) at interpreter exit, where they fail.
+        if self._lock is None:
+            with contextlib.suppress(duckdb.Error):
+                connection.execute("USE memory")
+                connection.execute(f"DETACH {_CATALOG_ALIAS}")
+        connection.close()
 
     @contextlib.contextmanager
     def _unusable_store_errors(self) -> Iterator[None]:
@@ -261,10 +330,15 @@ class StoreDatabase:
         try:
             yield
         except (duckdb.Error, OSError) as error:
+            if isinstance(error, duckdb.Error) and _is_conflict(error):
+                raise self._conflict(error) from None
             unusable = self._unusable(error)
             if unusable is None:
                 raise
             raise unusable from None
+
+    def _conflict(self, error: duckdb.Error) -> StoreConflictError:
+        return StoreConflictError(f"a concurrent writer changed {self.location} first: {one_line(error)}")
 
     def _unusable(self, error: BaseException) -> StoreUnusableError | None:
         """The store error meant by ``error``, or ``None`` when it does not say the store is unusable."""
@@ -351,13 +425,30 @@ class StoreDatabase:
                 delay = min(delay * 2, _MAX_RETRY_DELAY)
 
     def _attach(self, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-        connection = duckdb.connect()
+        import duckdb_ext
+
+        # The packaged extensions, never a download: a server without a network attaches the same.
+        connection = duckdb.connect(config={
+            "extension_directory": duckdb_ext.get_extension_dir(), "autoinstall_known_extensions": False})
+        options = ["READ_ONLY"] if read_only else []
+        data_path = os.environ.get(DATA_PATH_ENVIRONMENT_VARIABLE)
+        if data_path and str(self.location).startswith("ducklake:"):
+            options.append(f"DATA_PATH {_quoted(data_path)}")
         try:
             # ATTACH takes no bound parameters; the target is the operator's configuration, quoted here.
-            target = str(self.location).replace("'", "''")
-            connection.execute(f"ATTACH '{target}' AS {_CATALOG_ALIAS}" + (" (READ_ONLY)" if read_only else ""))
+            connection.execute(
+                f"ATTACH {_quoted(str(self.location))} AS {_CATALOG_ALIAS}"
+                + (f" ({', '.join(options)})" if options else "")
+            )
             connection.execute(f"USE {_CATALOG_ALIAS}")
         except duckdb.Error as error:
             connection.close()
+            if _is_conflict(error):
+                raise self._conflict(error) from None
             raise self._busy_unless_unusable(error, "cannot attach entity store") from None
         return connection
+
+
+def _quoted(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"

@@ -9,6 +9,7 @@ __all__ = [
     "NotAStoreError",
     "SchemaVersionError",
     "StoreBusyError",
+    "StoreConflictError",
     "StoreCorruptedError",
     "StoreDiskFullError",
     "StoreUnusableError",
@@ -35,6 +36,10 @@ class EntityNotFoundError(KeyError):
 
 class StoreBusyError(RuntimeError):
     """The database stayed locked by another process for longer than the lock timeout."""
+
+
+class StoreConflictError(StoreBusyError):
+    """A shared catalog (DuckLake, PostgreSQL) refused the transaction for a concurrent writer's; rerun it."""
 
 
 class StoreUnusableError(RuntimeError):

@@ -15,6 +15,14 @@ Versions:
    ``current_readout_wells``). Version 1 stores created these tables with
    their first measurements or readout, with the same definitions, which
    ``IF NOT EXISTS`` adopts with their rows.
+3. Counters in a table rather than sequences (``id_counters``: the last
+   entity number and property change id given out), and
+   ``current_assay_readouts`` without ``QUALIFY``: DuckLake has no sequences
+   and PostgreSQL, which keeps the views of a store in it, knows neither.
+
+A new store is created at the current version directly (:func:`current_schema`),
+in the dialect of its engine; the migrations bring older DuckDB files to it,
+and a test checks that both end with the same schema.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import duckdb
 
 from mantle_assets.entities.errors import WHAT_TO_DO_WITH_A_FOREIGN_FILE, NotAStoreError, SchemaVersionError
 
-__all__ = ["MIGRATIONS", "READOUT_WELL_COLUMNS", "SCHEMA_VERSION", "ensure_schema"]
+__all__ = ["ID_COUNTERS", "MIGRATIONS", "READOUT_WELL_COLUMNS", "SCHEMA_VERSION", "current_schema", "ensure_schema"]
 
 _ENTITY_TABLES: tuple[str, ...] = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -135,9 +143,103 @@ _MEASUREMENT_TABLES: tuple[str, ...] = (
     """,
 )
 
+# The rows of id_counters: entity numbers (E000001, ...) and property_history.change_id.
+ID_COUNTERS = ("entity", "property_change")
+
+# Standard SQL, which the PostgreSQL that holds the views of a store in it parses too.
+_CURRENT_VIEWS: tuple[str, ...] = (
+    """
+    CREATE VIEW current_assay_readouts AS
+    SELECT entity_id, run_id, image_directory, readout, n_cells, z_prime, ec50, ec50_ci95_low, ec50_ci95_high,
+           hill, bottom, top, r_squared, recorded_at
+    FROM (SELECT a.*, row_number() OVER (PARTITION BY a.image_directory
+                                         ORDER BY a.recorded_at DESC, a.run_id DESC) AS newest
+          FROM assay_readouts a JOIN entity_records e ON e.entity_id = a.entity_id AND NOT e.archived) ranked
+    WHERE newest = 1
+    """,
+    """
+    CREATE VIEW current_readout_wells AS
+    SELECT w.* FROM readout_wells w JOIN current_assay_readouts c ON c.entity_id = w.entity_id AND c.run_id = w.run_id
+    """,
+)
+
+_COUNTERS_TABLE = "CREATE TABLE id_counters (name VARCHAR NOT NULL, value BIGINT NOT NULL{key})"
+
+_COUNTERS_FROM_SEQUENCES: tuple[str, ...] = (
+    _COUNTERS_TABLE.format(key=", PRIMARY KEY (name)"),
+    # The highest ids in use, not the sequences' values: numbers a rolled-back transaction took stay unused.
+    "INSERT INTO id_counters "
+    "SELECT 'entity', coalesce(max(CAST(substr(entity_id, 2) AS BIGINT)), 0) FROM entity_records "
+    "UNION ALL SELECT 'property_change', coalesce(max(change_id), 0) FROM property_history",
+    "DROP SEQUENCE entity_id_seq",
+    "DROP SEQUENCE property_change_seq",
+    "DROP VIEW current_readout_wells",
+    "DROP VIEW current_assay_readouts",
+    *_CURRENT_VIEWS,
+)
+
 # Version -> the statements that bring a store of the version before it to it.
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _ENTITY_TABLES, 2: _MEASUREMENT_TABLES}
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _ENTITY_TABLES, 2: _MEASUREMENT_TABLES, 3: _COUNTERS_FROM_SEQUENCES}
 SCHEMA_VERSION = max(MIGRATIONS)
+
+# The current tables: name, columns, primary key. In the column order that the migrations leave.
+_CURRENT_TABLES: tuple[tuple[str, str, str], ...] = (
+    ("schema_version", "version INTEGER NOT NULL", ""),
+    ("entity_records",
+     "entity_id VARCHAR NOT NULL, data_type VARCHAR NOT NULL, name VARCHAR NOT NULL, "
+     "properties VARCHAR NOT NULL, version INTEGER NOT NULL, archived BOOLEAN NOT NULL, "
+     "created_at TIMESTAMP NOT NULL, updated_at TIMESTAMP NOT NULL", "entity_id"),
+    ("property_history",
+     "change_id BIGINT NOT NULL, entity_id VARCHAR NOT NULL, property VARCHAR NOT NULL, old_value VARCHAR, "
+     "new_value VARCHAR, changed_at TIMESTAMP NOT NULL, run_id VARCHAR", "change_id"),
+    ("lineage_edges",
+     "parent_id VARCHAR NOT NULL, child_id VARCHAR NOT NULL, pipeline VARCHAR NOT NULL, run_id VARCHAR NOT NULL, "
+     "parameters VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL", "parent_id, child_id, run_id"),
+    ("cell_measurements",
+     "entity_id VARCHAR NOT NULL, field VARCHAR NOT NULL, label BIGINT NOT NULL, well VARCHAR, "
+     "measurement VARCHAR NOT NULL, value DOUBLE", "entity_id, field, label, measurement"),
+    ("assay_readouts",
+     "entity_id VARCHAR NOT NULL, run_id VARCHAR NOT NULL, image_directory VARCHAR NOT NULL, readout VARCHAR NOT NULL, "
+     "n_cells BIGINT NOT NULL, z_prime DOUBLE, ec50 DOUBLE, ec50_ci95_low DOUBLE, ec50_ci95_high DOUBLE, "
+     "hill DOUBLE, bottom DOUBLE, top DOUBLE, r_squared DOUBLE, recorded_at TIMESTAMP NOT NULL", "entity_id, run_id"),
+    ("readout_wells",
+     "entity_id VARCHAR NOT NULL, run_id VARCHAR NOT NULL, image_directory VARCHAR NOT NULL, well VARCHAR NOT NULL, "
+     "treatment VARCHAR, dose DOUBLE, control INTEGER, n_cells BIGINT NOT NULL, median DOUBLE, "
+     "too_few_cells BOOLEAN NOT NULL, low_count_vs_plate BOOLEAN NOT NULL, used BOOLEAN NOT NULL",
+     "entity_id, run_id, well"),
+)
+
+
+def current_schema(*, constraints: bool) -> list[str]:
+    """The statements that create an empty store of :data:`SCHEMA_VERSION`, what the migrations end with.
+
+    The column meanings are those of the migrations' statements, commented there.
+
+    Parameters
+    ----------
+    constraints : bool
+        Whether to declare the primary keys: DuckLake supports none (there,
+        each writer's transaction conflicts with a concurrent one that wrote
+        the same rows instead).
+
+    Examples
+    --------
+    >>> [statement for statement in current_schema(constraints=True) if "id_counters (" in statement]
+    ['CREATE TABLE id_counters (name VARCHAR NOT NULL, value BIGINT NOT NULL, PRIMARY KEY (name))']
+    >>> [statement for statement in current_schema(constraints=False) if "id_counters (" in statement]
+    ['CREATE TABLE id_counters (name VARCHAR NOT NULL, value BIGINT NOT NULL)']
+    """
+    def key(columns: str) -> str:
+        return f", PRIMARY KEY ({columns})" if constraints and columns else ""
+
+    return [
+        *(f"CREATE TABLE {name} ({columns}{key(primary_key)})" for name, columns, primary_key in _CURRENT_TABLES),
+        _COUNTERS_TABLE.format(key=key("name")),
+        "INSERT INTO id_counters VALUES " + ", ".join(f"('{counter}', 0)" for counter in ID_COUNTERS),
+        # The views of version 1, whose bodies PostgreSQL parses too.
+        *(statement for statement in _ENTITY_TABLES if "CREATE VIEW" in statement),
+        *_CURRENT_VIEWS,
+    ]
 
 
 def ensure_schema(connection: duckdb.DuckDBPyConnection, database: Path | str) -> None:
@@ -176,11 +278,15 @@ def ensure_schema(connection: duckdb.DuckDBPyConnection, database: Path | str) -
             )
         if version == SCHEMA_VERSION:
             return
+        statements = [statement for step in range(version + 1, SCHEMA_VERSION + 1) for statement in MIGRATIONS[step]]
     else:
         _refuse_foreign(connection, database)
-    for step in range(version + 1, SCHEMA_VERSION + 1):
-        for statement in MIGRATIONS[step]:
-            connection.execute(statement)
+        engine = connection.execute(
+            "SELECT type FROM duckdb_databases() WHERE database_name = current_database()"
+        ).fetchone()[0]
+        statements = current_schema(constraints=engine != "ducklake")
+    for statement in statements:
+        connection.execute(statement)
     connection.execute("DELETE FROM schema_version")
     connection.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
 

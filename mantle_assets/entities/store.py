@@ -23,6 +23,7 @@ import duckdb
 from mantle_assets.entities.database import StoreDatabase, one_line, utc_now
 from mantle_assets.entities.errors import EntityNotFoundError
 from mantle_assets.entities.measurement_tables import record_readout, replace_measurements
+from mantle_assets.entities.schema import ID_COUNTERS
 from mantle_assets.entities.types import PropertyValidationError, get_data_type
 
 __all__ = [
@@ -179,6 +180,19 @@ def _edge_from_row(row: tuple[Any, ...]) -> LineageEdge:
     )
 
 
+def _take_ids(connection: duckdb.DuckDBPyConnection, counter: str, count: int) -> int:
+    """Reserve ``count`` consecutive ids of one of :data:`ID_COUNTERS`, in the caller's transaction: the first.
+
+    Two transactions taking ids at once both update the counter's row: a
+    shared catalog lets one of them commit and fails the other, which reruns
+    (see :meth:`StoreDatabase.run`), so no id is given twice.
+    """
+    assert counter in ID_COUNTERS, counter
+    connection.execute("UPDATE id_counters SET value = value + ? WHERE name = ?", [count, counter])
+    (last,) = connection.execute("SELECT value FROM id_counters WHERE name = ?", [counter]).fetchone()
+    return int(last) - count + 1
+
+
 def _check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} must be a non-empty string, got {value!r}")
@@ -307,26 +321,25 @@ class EntityStore:
                 raise PropertyValidationError(f"{data_type}: property {prop!r} refers to unknown entity {value}")
 
     @staticmethod
-    def _record_change(
+    def _record_changes(
         connection: duckdb.DuckDBPyConnection,
-        entity_id: str,
-        prop: str,
-        old_value: Any,
-        new_value: Any,
+        changes: Sequence[tuple[str, str, Any, Any]],
         changed_at: datetime,
         run_id: str | None,
     ) -> None:
+        """Add ``(entity_id, property, old_value, new_value)`` rows to the history, change ids in their order."""
+        if not changes:
+            return
+        first = _take_ids(connection, "property_change", len(changes))
+        entity_ids, props, old_values, new_values = (list(column) for column in zip(*changes, strict=True))
+        # One statement for all rows: unnested parallel lists.
         connection.execute(
             "INSERT INTO property_history (change_id, entity_id, property, old_value, new_value, changed_at, run_id) "
-            "VALUES (nextval('property_change_seq'), ?, ?, ?, ?, ?, ?)",
-            [
-                entity_id,
-                prop,
-                None if old_value is None else _to_json(old_value),
-                None if new_value is None else _to_json(new_value),
-                changed_at,
-                run_id,
-            ],
+            "SELECT unnest(CAST(? AS BIGINT[])), unnest(CAST(? AS VARCHAR[])), unnest(CAST(? AS VARCHAR[])), "
+            "unnest(CAST(? AS VARCHAR[])), unnest(CAST(? AS VARCHAR[])), ?, ?",
+            [list(range(first, first + len(changes))), entity_ids, props,
+             [None if value is None else _to_json(value) for value in old_values],
+             [None if value is None else _to_json(value) for value in new_values], changed_at, run_id],
         )
 
     def _insert(
@@ -338,16 +351,15 @@ class EntityStore:
         run_id: str | None,
     ) -> Entity:
         self._check_references(connection, data_type, properties)
-        # Taken last: a sequence value is not given back on rollback.
-        number = connection.execute("SELECT nextval('entity_id_seq')").fetchone()[0]
-        entity_id = f"E{number:06d}"
+        entity_id = f"E{_take_ids(connection, 'entity', 1):06d}"
         now = utc_now()
         connection.execute(
             f"INSERT INTO entity_records ({_ENTITY_COLUMNS}) VALUES (?, ?, ?, ?, 1, FALSE, ?, ?)",
             [entity_id, data_type, name, _to_json(properties), now, now],
         )
-        for prop, value in properties.items():
-            self._record_change(connection, entity_id, prop, None, value, now, run_id)
+        self._record_changes(
+            connection, [(entity_id, prop, None, value) for prop, value in properties.items()], now, run_id
+        )
         return self._fetch(connection, entity_id)
 
     def _apply_changes(
@@ -373,8 +385,12 @@ class EntityStore:
             "UPDATE entity_records SET properties = ?, version = version + 1, updated_at = ? WHERE entity_id = ?",
             [_to_json(merged), now, entity.entity_id],
         )
-        for prop, value in changed.items():
-            self._record_change(connection, entity.entity_id, prop, entity.properties.get(prop), value, now, run_id)
+        self._record_changes(
+            connection,
+            [(entity.entity_id, prop, entity.properties.get(prop), value) for prop, value in changed.items()],
+            now,
+            run_id,
+        )
         return self._fetch(connection, entity.entity_id)
 
     @staticmethod
@@ -429,8 +445,7 @@ class EntityStore:
         """
         validated = get_data_type(data_type).validate(properties)
         _check_name(name, "name")
-        with self._transaction() as connection:
-            return self._insert(connection, data_type, name, validated, run_id)
+        return self._database.run(lambda connection: self._insert(connection, data_type, name, validated, run_id))
 
     def get(self, entity_id: str) -> Entity:
         """Read one entity.
@@ -629,13 +644,12 @@ class EntityStore:
         validated = [(_check_name(name, "name"), spec.validate(properties)) for name, properties in entities]
         if not validated:
             return []
-        with self._transaction() as connection:
+
+        def write(connection: duckdb.DuckDBPyConnection) -> list[str]:
             for _, properties in validated:
                 self._check_references(connection, data_type, properties)
-            numbers = connection.execute(
-                "SELECT nextval('entity_id_seq') FROM range(?) ORDER BY 1", [len(validated)]
-            ).fetchall()
-            ids = [f"E{number:06d}" for (number,) in numbers]
+            first = _take_ids(connection, "entity", len(validated))
+            ids = [f"E{number:06d}" for number in range(first, first + len(validated))]
             now = utc_now()
             connection.execute(
                 f"INSERT INTO entity_records ({_ENTITY_COLUMNS}) "
@@ -643,17 +657,17 @@ class EntityStore:
                 [ids, data_type, [name for name, _ in validated],
                  [_to_json(properties) for _, properties in validated], now, now],
             )
-            changes = [(entity_id, prop, _to_json(value))
-                       for entity_id, (_, properties) in zip(ids, validated, strict=True)
-                       for prop, value in properties.items()]
-            if changes:
-                # A subquery keeps the registration order of the unnested rows for the change ids.
-                connection.execute(
-                    "INSERT INTO property_history (change_id, entity_id, property, old_value, new_value, changed_at, "
-                    "run_id) SELECT nextval('property_change_seq'), entity_id, property, NULL, new_value, ?, ? FROM ("
-                    "SELECT unnest(?) AS entity_id, unnest(?) AS property, unnest(?) AS new_value)",
-                    [now, run_id, *(list(column) for column in zip(*changes, strict=True))],
-                )
+            self._record_changes(
+                connection,
+                [(entity_id, prop, None, value)
+                 for entity_id, (_, properties) in zip(ids, validated, strict=True)
+                 for prop, value in properties.items()],
+                now,
+                run_id,
+            )
+            return ids
+
+        ids = self._database.run(write)
         by_id = {entity.entity_id: entity for entity in self.list(data_type, entity_ids=ids)}
         return [by_id[entity_id] for entity_id in ids]
 
@@ -798,10 +812,12 @@ class EntityStore:
         PropertyValidationError
             If a change is invalid; nothing is written.
         """
-        with self._transaction() as connection:
+        def write(connection: duckdb.DuckDBPyConnection) -> Entity:
             entity = self._fetch(connection, entity_id)
             validated = get_data_type(entity.data_type).validate(changes, partial=True)
             return self._apply_changes(connection, entity, validated, run_id)
+
+        return self._database.run(write)
 
     def archive(self, entity_id: str, *, run_id: str | None = None) -> Entity:
         """Mark an entity archived, hiding it from :meth:`list` by default.
@@ -824,7 +840,7 @@ class EntityStore:
         EntityNotFoundError
             If no entity has that id.
         """
-        with self._transaction() as connection:
+        def write(connection: duckdb.DuckDBPyConnection) -> Entity:
             entity = self._fetch(connection, entity_id)
             if entity.archived:
                 return entity
@@ -834,8 +850,10 @@ class EntityStore:
                 "WHERE entity_id = ?",
                 [now, entity_id],
             )
-            self._record_change(connection, entity_id, _ARCHIVED_PROPERTY, False, True, now, run_id)
+            self._record_changes(connection, [(entity_id, _ARCHIVED_PROPERTY, False, True)], now, run_id)
             return self._fetch(connection, entity_id)
+
+        return self._database.run(write)
 
     def history(self, entity_id: str) -> list[PropertyChange]:
         """Read the property changes of an entity, oldest first.
@@ -963,7 +981,7 @@ class EntityStore:
                 f"parameters of pipeline {pipeline!r} are not JSON-serialisable: {one_line(error)}"
             ) from None
 
-        with self._transaction() as connection:
+        def write(connection: duckdb.DuckDBPyConnection) -> Entity:
             if before_writing is not None:
                 before_writing()
             for parent_id in unique_parents:
@@ -974,6 +992,11 @@ class EntityStore:
             else:
                 child = self._apply_changes(
                     connection, self._fetch(connection, child_id), validated, run_id, replace=True
+                )
+                # A write to the child's row, even one changing nothing, makes a concurrent recorder of the same
+                # child conflict: without it, on DuckLake (no unique keys) both would add the edge they both lack.
+                connection.execute(
+                    "UPDATE entity_records SET updated_at = updated_at WHERE entity_id = ?", [child.entity_id]
                 )
             now = utc_now()
             for parent_id in unique_parents:
@@ -989,6 +1012,8 @@ class EntityStore:
             if readout is not None:
                 record_readout(connection, child.entity_id, run_id, readout)
             return child
+
+        return self._database.run(write)
 
     def parents(self, entity_id: str) -> list[LineageEdge]:
         """Read the edges from which an entity was made.

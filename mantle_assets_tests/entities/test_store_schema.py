@@ -10,16 +10,25 @@ import pytest
 from mantle_assets.entities import SCHEMA_VERSION, EntityNotFoundError, EntityStore
 from mantle_assets_tests.entities.test_store_measurements import objects, plate_readout_json
 
-VERSION_1 = Path(__file__).parent / "fixtures" / "store_schema_v1.sql"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def store_of_version(folder: Path, version: int) -> Path:
+    """A DuckDB file holding what the store of a schema version wrote (see the fixture's header)."""
+    database = folder / "mantle.duckdb"
+    with duckdb.connect(str(database)) as connection:
+        connection.execute((FIXTURES / f"store_schema_v{version}.sql").read_text())
+    return database
 
 
 @pytest.fixture
 def version_1_store(tmp_path) -> Path:
-    """A DuckDB file holding what the store of schema version 1 wrote (see the fixture's header)."""
-    database = tmp_path / "mantle.duckdb"
-    with duckdb.connect(str(database)) as connection:
-        connection.execute(VERSION_1.read_text())
-    return database
+    return store_of_version(tmp_path, 1)
+
+
+@pytest.fixture
+def version_2_store(tmp_path) -> Path:
+    return store_of_version(tmp_path, 2)
 
 
 def query(database: Path, sql: str) -> list:
@@ -42,7 +51,7 @@ def catalog(database: Path) -> dict[str, list]:
 
 
 def test_the_fixture_is_of_the_previous_version():
-    assert SCHEMA_VERSION == 2  # a new version needs a fixture of this one and a test of its migration
+    assert SCHEMA_VERSION == 3  # a new version needs a fixture of this one and a test of its migration
 
 
 def test_a_version_1_store_is_migrated_keeping_its_rows(version_1_store, tmp_path):
@@ -68,18 +77,38 @@ def test_a_version_1_store_is_migrated_keeping_its_rows(version_1_store, tmp_pat
         pipeline="assay-readout", run_id="run-2", parameters={}, readout=plate_readout_json(0.5, (1.0, 4.0)),
         measurements=objects(),
     )
-    assert readout.entity_id == "E000003"  # the sequences carry on from the old store's
+    assert readout.entity_id == "E000003"  # the counters carry on from the old store's sequences
     assert query(version_1_store, "SELECT entity_id, run_id, z_prime FROM current_assay_readouts") == [
         ("E000003", "run-2", 0.5)]
     assert query(version_1_store, "SELECT DISTINCT entity_id FROM cell_measurements ORDER BY 1") == [
         ("E000002",), ("E000003",)]
 
 
-def test_a_migrated_store_has_the_schema_of_a_new_one(version_1_store, tmp_path):
-    EntityStore(version_1_store).list()
+def test_a_version_2_store_is_migrated_keeping_its_rows_and_its_ids_unique(version_2_store, tmp_path):
+    readouts_before = query(version_2_store, "SELECT * FROM current_assay_readouts")
+    assert readouts_before and query(version_2_store, "SELECT count(*) FROM duckdb_sequences()") == [(2,)]
+    store = EntityStore(version_2_store)
+
+    assert [entity.entity_id for entity in store.list()] == ["E000001", "E000002", "E000003"]
+    assert query(version_2_store, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+    assert query(version_2_store, "SELECT count(*) FROM duckdb_sequences()") == [(0,)]
+    assert query(version_2_store, "SELECT * FROM current_assay_readouts") == readouts_before
+    assert query(version_2_store, "SELECT count(*) FROM current_readout_wells") == [(2,)]
+    folder = tmp_path / "new images"
+    folder.mkdir()
+    new = store.register("annotated_image_directory", "new", {"annotated_directory": folder})
+    assert new.entity_id == "E000004"
+    assert query(version_2_store, "SELECT change_id, entity_id FROM property_history ORDER BY 1") == [
+        (1, "E000001"), (2, "E000002"), (3, "E000003"), (4, "E000004")]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_migrated_store_has_the_schema_of_a_new_one(version, tmp_path):
+    old = store_of_version(tmp_path, version)
+    EntityStore(old).list()
     new = tmp_path / "new.duckdb"
     EntityStore(new).list()
-    migrated, created = catalog(version_1_store), catalog(new)
+    migrated, created = catalog(old), catalog(new)
     assert {name for name, *_ in created["views"]} >= {"entities", "lineage", "current_readout_wells"}
     assert {table for table, *_ in created["columns"]} >= {"entity_records", "cell_measurements", "readout_wells"}
     assert migrated == created
