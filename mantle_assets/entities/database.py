@@ -84,6 +84,7 @@ _DISK_FULL_REASONS = tuple(os.strerror(number) for number in _DISK_FULL_ERRNOS)
 # "Corrupt WAL file") and its read of a file cut short.
 _CORRUPTION_MARKERS = ("corrupt", "could not read enough bytes")
 _NOT_DUCKDB_MARKER = "not a valid duckdb database file"
+_NO_DATA_PATH_MARKER = "data_path is not set"
 # A concurrent writer's transaction won: DuckLake's commit check, PostgreSQL's REPEATABLE READ (which DuckDB's
 # postgres extension uses), its deadlock detector, and its unique keys hit by two inserts of the same row.
 _CONFLICT_MARKERS = (
@@ -428,8 +429,10 @@ class StoreDatabase:
         import duckdb_ext
 
         # The packaged extensions, never a download: a server without a network attaches the same.
+        # No progress bar: a query of a busy catalog may run long enough for DuckDB to draw one on the step's output.
         connection = duckdb.connect(config={
             "extension_directory": duckdb_ext.get_extension_dir(), "autoinstall_known_extensions": False})
+        connection.execute("SET enable_progress_bar = false")
         options = ["READ_ONLY"] if read_only else []
         data_path = os.environ.get(DATA_PATH_ENVIRONMENT_VARIABLE)
         if data_path and str(self.location).startswith("ducklake:"):
@@ -445,6 +448,11 @@ class StoreDatabase:
             connection.close()
             if _is_conflict(error):
                 raise self._conflict(error) from None
+            if _NO_DATA_PATH_MARKER in str(error).lower():
+                raise StoreUnusableError(
+                    f"{self.location} is a new DuckLake catalog: set {DATA_PATH_ENVIRONMENT_VARIABLE} to the folder "
+                    "or object-store prefix for its data files, one that every writer reaches"
+                ) from None
             raise self._busy_unless_unusable(error, "cannot attach entity store") from None
         return connection
 

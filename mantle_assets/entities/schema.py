@@ -16,9 +16,9 @@ Versions:
    their first measurements or readout, with the same definitions, which
    ``IF NOT EXISTS`` adopts with their rows.
 3. Counters in a table rather than sequences (``id_counters``: the last
-   entity number and property change id given out), and
-   ``current_assay_readouts`` without ``QUALIFY``: DuckLake has no sequences
-   and PostgreSQL, which keeps the views of a store in it, knows neither.
+   entity number and property change id given out), and the views in SQL
+   that PostgreSQL parses too: DuckLake has no sequences, DuckDB's postgres
+   extension creates none, and PostgreSQL keeps the views of a store in it.
 
 A new store is created at the current version directly (:func:`current_schema`),
 in the dialect of its engine; the migrations bring older DuckDB files to it,
@@ -146,8 +146,20 @@ _MEASUREMENT_TABLES: tuple[str, ...] = (
 # The rows of id_counters: entity numbers (E000001, ...) and property_history.change_id.
 ID_COUNTERS = ("entity", "property_change")
 
-# Standard SQL, which the PostgreSQL that holds the views of a store in it parses too.
+# Standard SQL, which the PostgreSQL that holds the views of a store in it parses too: no QUALIFY, and json in
+# lower case (DuckDB quotes type names when it passes a view on, and PostgreSQL's are case-sensitive when quoted).
 _CURRENT_VIEWS: tuple[str, ...] = (
+    """
+    CREATE VIEW entities AS
+    SELECT entity_id, data_type, name, CAST(properties AS json) AS properties,
+           version, archived, created_at, updated_at
+    FROM entity_records
+    """,
+    """
+    CREATE VIEW lineage AS
+    SELECT parent_id, child_id, pipeline, run_id, CAST(parameters AS json) AS parameters, created_at
+    FROM lineage_edges
+    """,
     """
     CREATE VIEW current_assay_readouts AS
     SELECT entity_id, run_id, image_directory, readout, n_cells, z_prime, ec50, ec50_ci95_low, ec50_ci95_high,
@@ -175,6 +187,8 @@ _COUNTERS_FROM_SEQUENCES: tuple[str, ...] = (
     "DROP SEQUENCE property_change_seq",
     "DROP VIEW current_readout_wells",
     "DROP VIEW current_assay_readouts",
+    "DROP VIEW entities",
+    "DROP VIEW lineage",
     *_CURRENT_VIEWS,
 )
 
@@ -236,8 +250,6 @@ def current_schema(*, constraints: bool) -> list[str]:
         *(f"CREATE TABLE {name} ({columns}{key(primary_key)})" for name, columns, primary_key in _CURRENT_TABLES),
         _COUNTERS_TABLE.format(key=key("name")),
         "INSERT INTO id_counters VALUES " + ", ".join(f"('{counter}', 0)" for counter in ID_COUNTERS),
-        # The views of version 1, whose bodies PostgreSQL parses too.
-        *(statement for statement in _ENTITY_TABLES if "CREATE VIEW" in statement),
         *_CURRENT_VIEWS,
     ]
 

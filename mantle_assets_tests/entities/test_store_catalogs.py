@@ -1,7 +1,6 @@
-"""The entity store on an attached catalog (the seam for Postgres/DuckLake/MotherDuck backends).
+"""The entity store on an attached catalog: a DuckDB file attached through its ``duckdb:`` URI.
 
-A DuckDB file attached through its ``duckdb:`` URI takes the same code path as
-``ducklake:``/``md:``/``postgres:`` targets, whose extensions need a network.
+It takes the code path of ``ducklake:``/``postgres:`` targets, which ``test_store_postgres`` runs on a real server.
 """
 
 import duckdb
