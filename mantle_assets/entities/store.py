@@ -20,7 +20,7 @@ from typing import Any
 
 import duckdb
 
-from mantle_assets.entities.database import StoreDatabase, one_line, utc_now
+from mantle_assets.entities.database import StoreDatabase, one_line, sql_literal, utc_now
 from mantle_assets.entities.errors import EntityNotFoundError
 from mantle_assets.entities.measurement_tables import record_readout, replace_measurements
 from mantle_assets.entities.schema import ID_COUNTERS
@@ -193,6 +193,16 @@ def _take_ids(connection: duckdb.DuckDBPyConnection, counter: str, count: int) -
     return int(last) - count + 1
 
 
+def _entity_filter(data_type: str | None, include_archived: bool, entity_ids: list[str] | None = None) -> str:
+    """The WHERE clause of a listing of entity_records, its values as literals (see :func:`sql_literal`)."""
+    conditions = [] if include_archived else ["NOT archived"]
+    if data_type is not None:
+        conditions.append(f"data_type = {sql_literal(data_type)}")
+    if entity_ids is not None:
+        conditions.append(f"list_contains({sql_literal(entity_ids)}, entity_id)")
+    return f"WHERE {' AND '.join(conditions)}" if conditions else ""
+
+
 def _check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} must be a non-empty string, got {value!r}")
@@ -304,7 +314,7 @@ class EntityStore:
     @staticmethod
     def _fetch(connection: duckdb.DuckDBPyConnection, entity_id: str) -> Entity:
         row = connection.execute(
-            f"SELECT {_ENTITY_COLUMNS} FROM entity_records WHERE entity_id = ?", [entity_id]
+            f"SELECT {_ENTITY_COLUMNS} FROM entity_records WHERE entity_id = {sql_literal(str(entity_id))}"
         ).fetchone()
         if row is None:
             raise EntityNotFoundError(entity_id)
@@ -497,10 +507,7 @@ class EntityStore:
         with self._transaction() as connection:
             rows = connection.execute(
                 f"SELECT {_ENTITY_COLUMNS} FROM entity_records "
-                "WHERE (? IS NULL OR data_type = ?) AND (? OR NOT archived) "
-                "AND (CAST(? AS VARCHAR[]) IS NULL OR list_contains(CAST(? AS VARCHAR[]), entity_id)) "
-                "ORDER BY entity_id",
-                [data_type, data_type, include_archived, wanted, wanted],
+                f"{_entity_filter(data_type, include_archived, wanted)} ORDER BY entity_id"
             ).fetchall()
         return [_entity_from_row(row) for row in rows]
 
@@ -530,8 +537,7 @@ class EntityStore:
         with self._transaction() as connection:
             rows = connection.execute(
                 "SELECT entity_id, data_type, name, version, archived, created_at, updated_at, properties "
-                "FROM entity_records WHERE (? IS NULL OR data_type = ?) AND (? OR NOT archived) ORDER BY entity_id",
-                [data_type, data_type, include_archived],
+                f"FROM entity_records {_entity_filter(data_type, include_archived)} ORDER BY entity_id"
             ).fetchall()
         # Properties are stored as json.dumps wrote them (see _to_json), so they go in unparsed. The
         # times are naive UTC: their isoformat() plus the offset is the aware time's.
@@ -562,9 +568,7 @@ class EntityStore:
             get_data_type(data_type)
         with self._transaction() as connection:
             rows = connection.execute(
-                "SELECT entity_id FROM entity_records WHERE (? IS NULL OR data_type = ?) AND (? OR NOT archived) "
-                "ORDER BY entity_id",
-                [data_type, data_type, include_archived],
+                f"SELECT entity_id FROM entity_records {_entity_filter(data_type, include_archived)} ORDER BY entity_id"
             ).fetchall()
         return [entity_id for (entity_id,) in rows]
 
@@ -878,8 +882,7 @@ class EntityStore:
             self._fetch(connection, entity_id)
             rows = connection.execute(
                 "SELECT entity_id, property, old_value, new_value, changed_at, run_id "
-                "FROM property_history WHERE entity_id = ? ORDER BY change_id",
-                [entity_id],
+                f"FROM property_history WHERE entity_id = {sql_literal(str(entity_id))} ORDER BY change_id"
             ).fetchall()
         return [
             PropertyChange(
@@ -1061,9 +1064,8 @@ class EntityStore:
         with self._transaction() as connection:
             self._fetch(connection, entity_id)
             rows = connection.execute(
-                f"SELECT {_EDGE_COLUMNS} FROM lineage_edges WHERE {column} = ? "
-                f"ORDER BY created_at, {order}, run_id",
-                [entity_id],
+                f"SELECT {_EDGE_COLUMNS} FROM lineage_edges WHERE {column} = {sql_literal(str(entity_id))} "
+                f"ORDER BY created_at, {order}, run_id"
             ).fetchall()
         return [_edge_from_row(row) for row in rows]
 
