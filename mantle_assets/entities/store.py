@@ -952,7 +952,8 @@ class EntityStore:
             Called with no argument inside the transaction, under the store's
             lock, before anything is written; an exception from it ends the
             record with nothing written. For checks that must be as late as
-            possible, such as whether the run is still wanted.
+            possible, such as whether the run is still wanted. Called again
+            when a shared catalog reruns the transaction after a conflict.
 
         Returns
         -------
