@@ -238,12 +238,15 @@ def test_a_writer_killed_mid_transaction_leaves_no_partial_entity(shared_store, 
     writer = multiprocessing.get_context("spawn").Process(
         target=record_and_hang, args=(str(tmp_path), str(signal_file)))
     writer.start()
-    deadline = time.monotonic() + 120
-    while not signal_file.exists() and writer.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert signal_file.exists(), f"the writer never reached the readout's wells (exit code {writer.exitcode})"
-    os.kill(writer.pid, signal.SIGKILL)
-    writer.join()
+    try:
+        deadline = time.monotonic() + 120
+        while not signal_file.exists() and writer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert signal_file.exists(), f"the writer never reached the readout's wells (exit code {writer.exitcode})"
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.join()
+    assert writer.exitcode == -signal.SIGKILL
 
     # The entity, its history, edge and measurements were written in the killed transaction: none is left.
     assert [e.name for e in store.list()] == ["plate"]
