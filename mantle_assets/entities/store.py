@@ -23,7 +23,6 @@ import duckdb
 from mantle_assets.entities.database import StoreDatabase, one_line, sql_literal, utc_now
 from mantle_assets.entities.errors import EntityNotFoundError
 from mantle_assets.entities.measurement_tables import record_readout, replace_measurements
-from mantle_assets.entities.schema import ID_COUNTERS
 from mantle_assets.entities.types import PropertyValidationError, get_data_type
 
 __all__ = [
@@ -181,13 +180,14 @@ def _edge_from_row(row: tuple[Any, ...]) -> LineageEdge:
 
 
 def _take_ids(connection: duckdb.DuckDBPyConnection, counter: str, count: int) -> int:
-    """Reserve ``count`` consecutive ids of one of :data:`ID_COUNTERS`, in the caller's transaction: the first.
+    """Reserve ``count`` consecutive ids of a counter, in the caller's transaction: the first.
+
+    ``counter`` is one of :data:`~mantle_assets.entities.schema.ID_COUNTERS`.
 
     Two transactions taking ids at once both update the counter's row: a
     shared catalog lets one of them commit and fails the other, which reruns
     (see :meth:`StoreDatabase.run`), so no id is given twice.
     """
-    assert counter in ID_COUNTERS, counter
     connection.execute("UPDATE id_counters SET value = value + ? WHERE name = ?", [count, counter])
     (last,) = connection.execute("SELECT value FROM id_counters WHERE name = ?", [counter]).fetchone()
     return int(last) - count + 1
