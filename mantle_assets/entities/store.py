@@ -703,7 +703,8 @@ class EntityStore:
         Returns
         -------
         dict of str to Entity
-            Parent id to its current output, for the parents that have one.
+            Parent id to its current output, for the parents that have one, in parent id order
+            (so that sensors request runs in the order the plates were registered).
         """
         wanted = None if parents is None else [str(parent) for parent in parents]
         columns = ", ".join(f"e.{column.strip()}" for column in _ENTITY_COLUMNS.split(","))
@@ -713,7 +714,8 @@ class EntityStore:
                 "WHERE l.pipeline = ? AND e.data_type = ? AND NOT e.archived "
                 "AND (CAST(? AS VARCHAR[]) IS NULL OR list_contains(CAST(? AS VARCHAR[]), l.parent_id)) "
                 "QUALIFY row_number() OVER ("
-                "  PARTITION BY l.parent_id ORDER BY l.created_at DESC, l.child_id DESC, l.run_id DESC) = 1",
+                "  PARTITION BY l.parent_id ORDER BY l.created_at DESC, l.child_id DESC, l.run_id DESC) = 1 "
+                "ORDER BY l.parent_id",
                 [pipeline, data_type, wanted, wanted],
             ).fetchall()
         return {row[0]: _entity_from_row(row[1:]) for row in rows}
