@@ -40,6 +40,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-seconds", type=float, default=240.0)
     parser.add_argument("--size-model", action="store_true", help="fit Cellpose's size model after the last step")
+    defaults = Augmentation()
+    parser.add_argument("--scale-range", type=float, default=defaults.scale_range,
+                        help="Cellpose's scale_range (crops resized by 1 +- scale_range / 2); train_seg uses 0.5")
+    parser.add_argument("--augment-probability", type=float, default=defaults.probability,
+                        help="probability of each intensity change per crop; 0 turns them all off")
+    parser.add_argument("--max-blur-sigma", type=float, default=defaults.max_blur_sigma, help="0 turns blur off")
+    parser.add_argument("--no-renormalise", action="store_true",
+                        help="keep the whole image's normalisation instead of renormalising each changed crop")
     args = parser.parse_args()
 
     dsb = load_annotated_set(args.data / "dsb2018_fluo")
@@ -50,7 +58,10 @@ def main() -> None:
         learning_rate=args.learning_rate, seed=args.seed, initial_model=args.init,
         set_weights={"bbbc039_train": args.bbbc039_share},
     )
-    augmentation = Augmentation()
+    augmentation = Augmentation(
+        scale_range=args.scale_range, probability=args.augment_probability, max_blur_sigma=args.max_blur_sigma,
+        renormalise=not args.no_renormalise,
+    )
     print(json.dumps({"train": {k: len(v) for k, v in train_sets.items()},
                       "held_out": {k: len(v) for k, v in held_out.items()},
                       "styles": [split.clusters.describe(k) for k in range(len(split.clusters.centres))],

@@ -721,7 +721,8 @@ class EntityStore:
         Returns
         -------
         dict of str to Entity
-            Parent id to its current output, for the parents that have one, in the order of their ids.
+            Parent id to its current output, for the parents that have one, in parent id order
+            (so that sensors request runs in the order the plates were registered).
         """
         wanted = None if parents is None else [str(parent) for parent in parents]
         columns = ", ".join(f"e.{column.strip()}" for column in _ENTITY_COLUMNS.split(","))

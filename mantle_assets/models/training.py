@@ -391,7 +391,7 @@ class Augmentation:
     """Random changes to each training crop, beyond Cellpose's rotations and flips.
 
     Intensity changes are applied to the crop Cellpose's normalisation made (1st/99th
-    percentile at 0/1), and the crop is normalised again, as inference normalises an image:
+    percentile at 0/1), and the crop is normalised again (``renormalise``), as inference normalises an image:
     so what is learnt is what survives normalisation (a nonlinear response, a background
     that is uneven or high against the signal, blur, noise), not an overall gain.
     Each change is applied to a crop with probability ``probability``.
@@ -409,6 +409,9 @@ class Augmentation:
     max_blur_sigma: float = 2.0
     # Gaussian noise of up to this standard deviation, as a share of the signal.
     max_noise: float = 0.15
+    # Whether the changed crop is normalised to its own 1st/99th percentiles; without it the crop keeps the
+    # whole image's normalisation, which is what inference applies (and, with probability 0, what train_seg sees).
+    renormalise: bool = True
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -430,16 +433,19 @@ def augment_intensity(crop: np.ndarray, rng: np.random.Generator, augmentation: 
     Returns
     -------
     ndarray
-        The crop, float32, channel 0 normalised to its 1st/99th percentiles (0 and 1) like
-        ``cellpose.transforms.normalize99``; a flat crop stays flat.
+        The crop, float32. With ``augmentation.renormalise``, channel 0 is clipped at 0 and normalised
+        to its 1st/99th percentiles (0 and 1) like ``cellpose.transforms.normalize99`` (a flat crop stays
+        flat); without it, channel 0 keeps the crop's scale, and a crop no change was drawn for is returned
+        as it came.
     """
     from scipy.ndimage import gaussian_filter
 
     out = crop.astype(np.float32, copy=True)
-    x = np.clip(out[0], 0.0, None)
+    x = np.clip(out[0], 0.0, None) if augmentation.renormalise else out[0]
     draw = rng.random(4) < augmentation.probability
     if draw[0]:
-        x = x ** np.exp(rng.uniform(-1.0, 1.0) * np.log(augmentation.max_gamma))
+        # Gamma is defined on non-negative values; whole-image normalisation leaves some below 0.
+        x = np.clip(x, 0.0, None) ** np.exp(rng.uniform(-1.0, 1.0) * np.log(augmentation.max_gamma))
     if draw[1]:
         tilt = rng.uniform(-1.0, 1.0, 2)
         ys, xs = np.linspace(-0.5, 0.5, x.shape[0]), np.linspace(-0.5, 0.5, x.shape[1])
@@ -449,8 +455,10 @@ def augment_intensity(crop: np.ndarray, rng: np.random.Generator, augmentation: 
         x = gaussian_filter(x, rng.uniform(0.0, augmentation.max_blur_sigma))
     if draw[3]:
         x = x + rng.normal(0.0, rng.uniform(0.0, augmentation.max_noise), x.shape)
-    low, high = np.percentile(x, [1.0, 99.0])
-    out[0] = (x - low) / (high - low) if high - low > 1e-6 else x - low
+    if augmentation.renormalise:
+        low, high = np.percentile(x, [1.0, 99.0])
+        x = (x - low) / (high - low) if high - low > 1e-6 else x - low
+    out[0] = x
     return out
 
 

@@ -279,6 +279,19 @@ def test_augmentation_is_a_function_of_the_generator_state():
     assert low == pytest.approx(0.0, abs=1e-5) and high == pytest.approx(1.0, abs=1e-5)
 
 
+def test_without_renormalisation_a_crop_keeps_the_whole_images_normalisation():
+    crop = normalised_crop()
+    crop[0, :4] = -0.2  # whole-image normalisation leaves a crop's darkest pixels below 0
+    kept = Augmentation(probability=0.0, renormalise=False)
+    np.testing.assert_array_equal(augment_intensity(crop, np.random.default_rng(0), kept), crop)
+
+    offset_only = Augmentation(probability=1.0, max_gamma=1.0, max_blur_sigma=0.0, max_noise=0.0, renormalise=False)
+    shifted = augment_intensity(crop, np.random.default_rng(3), offset_only)
+    assert (shifted[0] - crop[0]).min() > 0.0  # the background offset stays, nothing maps it back to 0
+    assert np.percentile(shifted[0], 1) > 0.01
+    np.testing.assert_array_equal(shifted[1], crop[1])
+
+
 def test_noise_and_blur_change_what_normalisation_cannot_undo():
     crop = np.zeros((2, 64, 64), np.float32)
     crop[0, 16:48, 16:48] = 1.0

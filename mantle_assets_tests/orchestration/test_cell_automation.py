@@ -50,20 +50,20 @@ def materialized(instance, asset: str, entity) -> None:
 
 
 def cell_tick(instance, cursor=None):
-    return segmented_nuclei_cell_sensor(
-        build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources)
-    )
+    with build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources) as context:
+        return segmented_nuclei_cell_sensor(context)
 
 
 def measurement_tick(instance, cursor=None):
-    return segmented_directory_sensor(build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources))
+    with build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources) as context:
+        return segmented_directory_sensor(context)
 
 
 def stale_cells(instance) -> dict[str, str]:
-    context = build_schedule_context(
+    with build_schedule_context(
         instance=instance, scheduled_execution_time=datetime(2026, 11, 27, 2, 30, tzinfo=UTC), resources=defs.resources
-    )
-    return {request.partition_key: request.tags["mantle/stale_reason"] for request in stale_cell_schedule(context)}
+    ) as context:
+        return {request.partition_key: request.tags["mantle/stale_reason"] for request in stale_cell_schedule(context)}
 
 
 def test_new_nuclei_of_a_plate_that_asks_for_cells_get_one_automatic_cell_run(instance, plates, tmp_path):  # noqa: F811

@@ -49,8 +49,8 @@ def tick(instance, inbox, cursor=None):
         "entity_store": EntityStoreResource(),
         "inbox": InboxResource(directory=str(inbox), quiet_seconds=QUIET),
     }
-    context = build_sensor_context(instance=instance, cursor=cursor, resources=resources)
-    return inbox_sensor(context)
+    with build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        return inbox_sensor(context)
 
 
 def registered_paths():
@@ -226,9 +226,10 @@ def test_bad_sidecar_is_one_line_naming_the_file(tmp_path):
 
 def test_no_inbox_configured_skips(instance, monkeypatch):
     monkeypatch.delenv("MANTLE_INBOX", raising=False)
-    context = build_sensor_context(
-        instance=instance, resources={"entity_store": EntityStoreResource(), "inbox": InboxResource()})
-    assert "MANTLE_INBOX is not set" in inbox_sensor(context).skip_reason.skip_message
+    with build_sensor_context(
+        instance=instance, resources={"entity_store": EntityStoreResource(), "inbox": InboxResource()}
+    ) as context:
+        assert "MANTLE_INBOX is not set" in inbox_sensor(context).skip_reason.skip_message
 
 
 def test_a_sidecar_registers_as_mantle_register_does(instance, inbox):

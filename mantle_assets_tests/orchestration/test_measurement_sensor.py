@@ -34,7 +34,8 @@ def measured(entity, tmp_path):
 
 
 def tick(instance, cursor=None):
-    return segmented_directory_sensor(build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources))
+    with build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources) as context:
+        return segmented_directory_sensor(context)
 
 
 def test_nothing_segmented_skips(instance, plates):  # noqa: F811

@@ -60,10 +60,10 @@ def record_current_masks(entity, tmp_path, run_id=None):
 
 
 def requests(instance):
-    context = build_schedule_context(
+    with build_schedule_context(
         instance=instance, scheduled_execution_time=datetime(2026, 11, 27, 2, tzinfo=UTC), resources=defs.resources
-    )
-    return stale_segmentation_schedule(context)
+    ) as context:
+        return stale_segmentation_schedule(context)
 
 
 def requested_partitions(instance, request) -> list[str]:

@@ -30,8 +30,8 @@ def register(tmp_path):
 
 
 def tick(instance, cursor=None):
-    context = build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources)
-    result = new_image_directory_sensor(context)
+    with build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources) as context:
+        result = new_image_directory_sensor(context)
     for request in result.dynamic_partitions_requests or []:
         # Apply what the daemon would apply, so the next tick sees it.
         if isinstance(request, AddDynamicPartitionsRequest):
