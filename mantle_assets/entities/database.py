@@ -128,9 +128,26 @@ def utc_now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+# libpq's "password=..." (quoted or not) and a URI's "user:password@": kept out of every message and listing.
+_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)|(://[^:/@\s]*:)[^@\s]+(@)", re.IGNORECASE)
+
+
+def without_password(text: str) -> str:
+    """``text`` with the passwords of connection strings in it masked.
+
+    Examples
+    --------
+    >>> without_password("postgres:dbname=mantle host=db user=mantle password=s3cret")
+    'postgres:dbname=mantle host=db user=mantle password=***'
+    >>> without_password("ducklake:postgres:postgresql://mantle:s3cret@db/mantle")
+    'ducklake:postgres:postgresql://mantle:***@db/mantle'
+    """
+    return _PASSWORD.sub(lambda m: f"{m[1]}***" if m[1] else f"{m[3]}***{m[4]}", text)
+
+
 def one_line(error: BaseException) -> str:
-    """The error's message on one line."""
-    return " ".join(str(error).split())
+    """The error's message on one line, without passwords."""
+    return without_password(" ".join(str(error).split()))
 
 
 def _is_foreign_lock_error(error: duckdb.Error) -> bool:
@@ -173,7 +190,9 @@ class StoreDatabase:
             raise ValueError("EntityStore needs a database file; ':memory:' would vanish between operations")
         self._lock_timeout = float(lock_timeout)
         if is_catalog_uri(str(database)):
-            self.location: Path | str = str(database)
+            # What messages, listings and repr show; the catalog itself is attached from _catalog.
+            self.location: Path | str = without_password(str(database))
+            self._catalog = str(database)
             self._lock = None
         else:
             # Absolute now, so that a later chdir does not move the store.
@@ -436,12 +455,12 @@ class StoreDatabase:
         connection.execute("SET enable_progress_bar = false")
         options = ["READ_ONLY"] if read_only else []
         data_path = os.environ.get(DATA_PATH_ENVIRONMENT_VARIABLE)
-        if data_path and str(self.location).startswith("ducklake:"):
+        if data_path and self._catalog.startswith("ducklake:"):
             options.append(f"DATA_PATH {_quoted(data_path)}")
         try:
             # ATTACH takes no bound parameters; the target is the operator's configuration, quoted here.
             connection.execute(
-                f"ATTACH {_quoted(str(self.location))} AS {_CATALOG_ALIAS}"
+                f"ATTACH {_quoted(self._catalog)} AS {_CATALOG_ALIAS}"
                 + (f" ({', '.join(options)})" if options else "")
             )
             connection.execute(f"USE {_CATALOG_ALIAS}")

@@ -45,3 +45,14 @@ def test_unreachable_catalog_is_a_one_line_busy_error(tmp_path):
     with pytest.raises(StoreBusyError, match="cannot attach entity store duckdb:") as raised:
         store.list()
     assert "\n" not in str(raised.value)
+
+
+def test_a_catalogs_password_is_in_no_message_nor_listing(tmp_path):
+    # No server answers on this socket folder: attaching fails, and the error names the store.
+    catalog = f"postgres:dbname=mantle host={tmp_path} user=mantle password=s3cret-word"
+    store = EntityStore(catalog, lock_timeout=0)
+    with pytest.raises(StoreBusyError) as refused:
+        store.list()
+    assert "host=" in str(refused.value) and "s3cret-word" not in str(refused.value)
+    assert "s3cret-word" not in str(store.database) + repr(store)
+    assert "password=***" in str(store.database)
