@@ -3,10 +3,11 @@
 One machine plays README's deployment: a Redis broker and a PostgreSQL instance of their own, a
 ``dagster-webserver`` and a ``dagster-daemon`` serving ``mantle_assets.celery``, and two Celery
 workers, one per queue (``gpu``, and the default ``dagster``), each a process group of its own,
-started with README's commands and environment. The instance is PostgreSQL's, not SQLite's: the
-workers open the instance the run's process hands them, which on other machines is reachable
-only as a database server (SQLite files on a network share lock unreliably), and that is what
-the guide deploys. Everything the test starts it stops.
+started with README's commands and environment. The instance and the entity store are
+PostgreSQL's, not SQLite's and DuckDB's files: the workers open the instance the run's process
+hands them and write entities, which on other machines is reachable only as a database server
+(files on a network share lock unreliably), and that is what the guide deploys. Everything the
+test starts it stops.
 """
 
 from __future__ import annotations
@@ -250,12 +251,15 @@ def test_gpu_steps_run_on_the_gpu_worker_and_a_lost_worker_fails_its_step_and_fr
 ):
     began = time.monotonic()
     dagster_home = mantle_home / "dagster"
-    # README's server environment: one gpu slot (one GPU worker), a backfill's three plates in one run.
+    # README's server environment: one gpu slot (one GPU worker), a backfill's three plates in one run, and the
+    # entity store in PostgreSQL beside the instance, written by the workers of both queues and by this process.
+    entity_store = f"postgres:{postgres_server.dsn(postgres_server.create_database())}"
     env = os.environ | {
         "CELERY_BROKER_URL": redis_broker, "MANTLE_GPUS": "1", "MANTLE_PLATES_PER_RUN": "3",
-        "DAGSTER_HOME": str(dagster_home),
+        "DAGSTER_HOME": str(dagster_home), "MANTLE_ENTITY_STORE": entity_store,
     }
     monkeypatch.setenv("CELERY_BROKER_URL", redis_broker)  # for this process's pings
+    monkeypatch.setenv("MANTLE_ENTITY_STORE", entity_store)
     subprocess.run([sys.executable, "-c", "from mantle_assets.orchestration.instance import write_instance_settings; "
                     "from mantle_assets.settings import dagster_home; write_instance_settings(dagster_home())"],
                    env=env, check=True, timeout=120)
