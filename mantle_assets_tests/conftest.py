@@ -17,6 +17,9 @@ from dagster import DagsterInstance
 
 from mantle_assets.demo import default_data_candidates
 
+# One throwaway PostgreSQL server per session, for every test that asks (a module importing these would start its own).
+from mantle_assets_tests.postgres import postgres_database, postgres_server  # noqa: F401 (fixtures pytest finds here)
+
 CROP = (slice(200, 360), slice(200, 360))
 TWO_WELLS = ("01-A-01", "12-A-12")
 

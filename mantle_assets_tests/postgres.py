@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL server for tests: initdb in a temporary folder, reached on a unix socket there.
 
-A folder's ``conftest.py`` imports the fixtures for its tests (``mantle_assets_tests/orchestration``).
+``mantle_assets_tests/conftest.py`` imports the fixtures, so that the session has one server.
 Where no PostgreSQL binaries are found the tests are skipped, except with ``MANTLE_REQUIRE_POSTGRES=1``
 (set by ``.ci/run``, which installs them), where that is a failure.
 """

@@ -41,7 +41,6 @@ from mantle_assets.orchestration.measurements import (
 from mantle_assets.orchestration.partitions import image_directory_partitions, partition_key
 from mantle_assets.registration import register_image_directory
 from mantle_assets_tests.conftest import EIGHT_WELLS, register_crop_per_well
-from mantle_assets_tests.postgres import postgres_database, postgres_server  # noqa: F401 (fixtures)
 from mantle_assets_tests.test_crash_safety import wait_for_first_mask
 from mantle_assets_tests.test_interrupts import WELLS, plate
 from mantle_assets_tests.ui_server import free_port, stop_process_group
@@ -246,7 +245,7 @@ def finished_backfill(instance, backfill_id: str):
 
 @pytest.mark.slow
 def test_gpu_steps_run_on_the_gpu_worker_and_a_lost_worker_fails_its_step_and_frees_the_slot(
-    tmp_path, mantle_home, bundled_model_name, postgres_server, postgres_database, redis_broker,  # noqa: F811
+    tmp_path, mantle_home, bundled_model_name, postgres_server, postgres_database, redis_broker,
     monkeypatch,
 ):
     began = time.monotonic()

@@ -21,7 +21,6 @@ import pytest
 
 from mantle_assets.entities import EntityStore, StoreUnusableError
 from mantle_assets_tests.entities.test_store_measurements import objects, plate_readout_json
-from mantle_assets_tests.postgres import postgres_database, postgres_server  # noqa: F401 (fixtures)
 
 WRITERS = 8
 OUTPUTS_PER_WRITER = 2
@@ -29,7 +28,7 @@ SHARED_RUN = "run-shared"
 
 
 @pytest.fixture(params=["ducklake", "postgres"])
-def shared_store(request, postgres_server, postgres_database, tmp_path, monkeypatch) -> str:  # noqa: F811
+def shared_store(request, postgres_server, postgres_database, tmp_path, monkeypatch) -> str:
     """The store's URI, also in ``$MANTLE_ENTITY_STORE`` (and the data path), which spawned writers inherit."""
     uri = f"postgres:{postgres_server.dsn(postgres_database)}"
     if request.param == "ducklake":
@@ -101,7 +100,7 @@ def test_store_operations_round_trip(shared_store, tmp_path):
 
 
 def test_a_new_ducklake_catalog_without_a_data_path_is_refused_in_one_line(
-    postgres_server, postgres_database, monkeypatch  # noqa: F811
+    postgres_server, postgres_database, monkeypatch
 ):
     monkeypatch.delenv("MANTLE_ENTITY_STORE_DATA_PATH", raising=False)
     store = EntityStore(f"ducklake:postgres:{postgres_server.dsn(postgres_database)}")
