@@ -32,7 +32,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="nuclei_gt folder")
     parser.add_argument("--work", type=Path, default=Path("runs/v2-train"))
     parser.add_argument("--name", default="mantle-nuclei-v2")
-    parser.add_argument("--init", default="mantle-nuclei-v1")
+    parser.add_argument("--init", default="mantle-nuclei-v1", help="model to start from; 'none' for a fresh network")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
+                        help="a further annotated training set (images/ and masks/), e.g. mnfinder's training images")
+    parser.add_argument("--weight", action="append", default=[], metavar="NAME=SHARE",
+                        help="share of each batch drawn from a training set; the others share the rest")
+    parser.add_argument("--diameter-min-area", type=int, default=0,
+                        help="objects under this area (px) do not set an image's scale (e.g. 60 with micronuclei)")
+    parser.add_argument("--include-held-out", action="store_true",
+                        help="train on the held-out styles too (a final model; its held-out scores are then in-sample)")
     parser.add_argument("--steps", type=int, default=120, help="batches of 8 crops in all")
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--learning-rate", type=float, default=0.003)
@@ -53,10 +61,16 @@ def main() -> None:
     dsb = load_annotated_set(args.data / "dsb2018_fluo")
     split = split_annotated_by_style(dsb.images, dsb.masks)
     train_styles, held_out = sets_by_style("dsb2018_fluo", dsb, split)
-    train_sets = {"bbbc039_train": load_annotated_set(args.data / "bbbc039_train"), **train_styles}
+    if args.include_held_out:
+        train_styles, held_out = {**train_styles, **held_out}, {}
+    extra = dict(item.split("=", 1) for item in args.extra)
+    train_sets = {"bbbc039_train": load_annotated_set(args.data / "bbbc039_train"), **train_styles,
+                  **{name: load_annotated_set(directory) for name, directory in extra.items()}}
     params = TrainingParameters(
-        learning_rate=args.learning_rate, seed=args.seed, initial_model=args.init,
-        set_weights={"bbbc039_train": args.bbbc039_share},
+        learning_rate=args.learning_rate, seed=args.seed, initial_model=None if args.init == "none" else args.init,
+        diameter_min_area=args.diameter_min_area,
+        set_weights={"bbbc039_train": args.bbbc039_share,
+                     **{name: float(share) for name, share in (item.split("=", 1) for item in args.weight)}},
     )
     augmentation = Augmentation(
         scale_range=args.scale_range, probability=args.augment_probability, max_blur_sigma=args.max_blur_sigma,

@@ -194,6 +194,9 @@ class TrainingParameters:
     initial_model: str | None = None
     # Network arithmetic (see mantle_assets.imaging.precision); "auto" is bfloat16 on AMX CPUs.
     precision: str = "auto"
+    # Objects under this area (px) do not count towards an image's diameter in train_augmented's rescaling:
+    # annotated micronuclei would otherwise shrink it and blow the nuclei up. 0 counts all, as Cellpose does.
+    diameter_min_area: int = 0
 
 
 def sampling_probabilities(
@@ -237,6 +240,37 @@ def sampling_probabilities(
         probabilities.extend([share / size] * size)
     p = np.asarray(probabilities, dtype=np.float64)
     return p / p.sum()
+
+
+def scale_diameter(mask: np.ndarray, min_area: int = 0) -> float:
+    """An image's object diameter as Cellpose's training rescales by it, leaving out objects under ``min_area``.
+
+    Cellpose (``utils.diameters``, ``train._process_train_test``) takes the median over objects of
+    ``sqrt(area)``, divided by ``sqrt(pi) / 2`` (a disc's diameter), and at least 5 px.
+
+    Parameters
+    ----------
+    mask : ndarray
+        Instance labels, 0 = background.
+    min_area : int
+        Objects with fewer pixels do not count; 0 counts every object.
+
+    Returns
+    -------
+    float
+        The diameter in pixels (5 if no object counts).
+
+    Examples
+    --------
+    >>> mask = np.zeros((40, 40), int); mask[:10, :10] = 1; mask[20:22, 20:22] = 2; mask[30:32, 30:32] = 3
+    >>> round(scale_diameter(mask), 2), round(scale_diameter(mask, min_area=10), 2)
+    (5.0, 11.28)
+    """
+    areas = np.bincount(mask.ravel())[1:]
+    areas = areas[(areas > 0) & (areas >= min_area)]
+    if areas.size == 0:
+        return 5.0
+    return max(float(np.median(np.sqrt(areas))) / (np.pi**0.5 / 2), 5.0)
 
 
 @dataclass(frozen=True)
@@ -519,7 +553,8 @@ def train_augmented(
         File name of the weights.
     params : TrainingParameters
         ``learning_rate``, ``weight_decay``, ``batch_size``, ``crop_size``, ``diam_mean``,
-        ``seed``, ``min_train_masks``, ``set_weights``, ``initial_model`` and ``precision`` apply.
+        ``seed``, ``min_train_masks``, ``set_weights``, ``initial_model``, ``precision`` and
+        ``diameter_min_area`` (see :func:`scale_diameter`) apply.
     augmentation : Augmentation
     n_steps : int
         Batches to train on in all (resumed runs count the steps already done).
@@ -558,13 +593,22 @@ def train_augmented(
         probabilities = sampling_probabilities(
             {name: len(s) for name, s in train_sets.items()}, params.set_weights, balanced=balanced
         )
+        # Images with too few objects are dropped here, as Cellpose would, so that diameters match images one to one.
+        counts = [np.count_nonzero(np.bincount(m.ravel())[1:]) for m in masks]
+        keep = [k for k, count in enumerate(counts) if count >= params.min_train_masks]
+        if len(keep) < len(masks):
+            log(f"{len(masks) - len(keep)} images with fewer than {params.min_train_masks} objects left out")
         out = train._process_train_test(
-            train_data=images, train_labels=masks, train_probs=probabilities, min_train_masks=params.min_train_masks,
+            train_data=[images[k] for k in keep], train_labels=[masks[k] for k in keep],
+            train_probs=probabilities[keep] / probabilities[keep].sum(), min_train_masks=0,
             channels=[0, 0], normalize_params={**models.normalize_default, "normalize": True}, device=device,
         )
+        diameters = out[5]
+        if params.diameter_min_area > 0:
+            diameters = np.array([scale_diameter(masks[k], params.diameter_min_area) for k in keep])
         # Kept in float16 (half the memory of ~650 images with their flows), widened per batch.
         prepared = {"data": [d.astype(np.float16) for d in out[0]],
-                    "labels": [lbl[1:].astype(np.float16) for lbl in out[1]], "probs": out[4], "diams": out[5]}
+                    "labels": [lbl[1:].astype(np.float16) for lbl in out[1]], "probs": out[4], "diams": diameters}
         torch.save(prepared, prepared_path.with_suffix(".partial"))
         os.replace(prepared_path.with_suffix(".partial"), prepared_path)
     net.diam_labels.data = torch.tensor([float(np.mean(prepared["diams"]))], device=device)

@@ -25,6 +25,7 @@ from mantle_assets.models.training import (
     load_annotated_set,
     parse_named_path,
     sampling_probabilities,
+    scale_diameter,
     sets_by_style,
     small_object_recall,
     train_augmented,
@@ -329,6 +330,51 @@ def test_augmented_training_checkpoints_resumes_and_writes_a_cellpose_model(tmp_
     assert model.net.diam_labels.item() == pytest.approx(resumed.diam_labels)
     masks_out = model.eval(images[0], channels=[0, 0], diameter=17.0)[0]
     assert masks_out.shape == images[0].shape
+
+
+def discs(radius, centres, shape=(128, 128), first_label=1):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    for label, (y, x) in enumerate(centres, start=first_label):
+        labels[(yy - y) ** 2 + (xx - x) ** 2 <= radius**2] = label
+    return labels
+
+
+def test_scale_diameter_is_cellposes_and_leaves_out_small_objects_when_asked():
+    from cellpose.utils import diameters
+
+    nuclei = discs(10, [(20, 20), (20, 60), (60, 20)])
+    micronuclei = discs(2, [(100, 100), (100, 110), (110, 100), (110, 110), (120, 120)], first_label=4)
+    mask = nuclei + micronuclei
+    assert scale_diameter(mask) == pytest.approx(max(diameters(mask)[0], 5.0))
+    # Five micronuclei outnumber three nuclei, so Cellpose's median is a micronucleus's; a disc of radius 10 is ~20 px.
+    assert scale_diameter(mask) < 6
+    assert scale_diameter(mask, min_area=60) == pytest.approx(20, abs=0.5)
+    assert scale_diameter(mask, min_area=60) == pytest.approx(scale_diameter(nuclei))
+    assert scale_diameter(np.zeros((8, 8), np.int32)) == 5.0
+
+
+def test_augmented_training_rescales_by_the_diameter_of_objects_above_the_minimum_area(tmp_path):
+    import torch
+
+    nuclei = discs(10, [(20, 20), (20, 60), (60, 20), (60, 60)])
+    micronuclei = discs(2, [(100, 100), (100, 110), (110, 100), (110, 110), (120, 120)], first_label=5)
+    mask = nuclei + micronuclei
+    image = np.where(mask > 0, 200.0, 20.0).astype(np.float32)
+    few = discs(10, [(20, 20)])
+    train_sets = {"a": AnnotatedSet(["0", "few"], [image, np.where(few > 0, 200.0, 20.0)], [mask, few])}
+    diameters = {}
+    for min_area in (0, 60):
+        params = TrainingParameters(batch_size=1, crop_size=64, min_train_masks=2, precision="float32",
+                                    diameter_min_area=min_area)
+        lines = []
+        train_augmented(train_sets, tmp_path / str(min_area), "tiny", params, n_steps=1, warmup_steps=1,
+                        log=lines.append)
+        assert "1 images with fewer than 2 objects left out" in lines
+        diameters[min_area] = torch.load(tmp_path / str(min_area) / "prepared.pt", weights_only=False)["diams"]
+    assert len(diameters[0]) == len(diameters[60]) == 1
+    assert diameters[0][0] == pytest.approx(scale_diameter(mask)) and diameters[0][0] < 6
+    assert diameters[60][0] == pytest.approx(20, abs=0.5)
 
 
 class LabelsAsMasks:
