@@ -10,7 +10,8 @@ a second run only repeats the cell step. Prints figures and the seconds per
 field of the cell step; asserts nothing. ``--nuclei otsu`` takes the classical
 nuclei of ``plate_readout_baseline.py`` instead (about 30 s for the plate, where
 Cellpose needs minutes to hours on a busy CPU), so that ring and cells can be
-compared on the same nuclei quickly. Example:
+compared on the same nuclei quickly; ``--model`` segments with another Cellpose model (its
+name or file) instead of the bundled default. Example:
 
     nice -n 10 python benchmarks/cells_vs_ring.py --plate ../shared/data/bbbc014 --out runs/cells-vs-ring
     python benchmarks/cells_vs_ring.py --plate ../shared/data/bbbc014 --out runs/cells-vs-ring --nuclei otsu
@@ -50,21 +51,22 @@ def summary(readout) -> dict:
     }
 
 
-def cellpose_nuclei():
-    """The bundled nuclei model, as segmentation_masks runs it by default (``diameter=None``)."""
+def cellpose_nuclei(model: str | None):
+    """A Cellpose nuclei model (the bundled default when None), as segmentation_masks runs it (``diameter=None``)."""
     from mantle_assets.models.cellpose_import import import_cellpose
-    from mantle_assets.models.registry import bundled_specs
+    from mantle_assets.models.registry import bundled_specs, resolve_model
 
     import_cellpose()
-    segmenter = CellposeSegmenter(next(s for s in bundled_specs() if s.offline).path)
+    path = next(s for s in bundled_specs() if s.offline).path if model is None else resolve_model(model).path
+    segmenter = CellposeSegmenter(path)
     return lambda dna: segmenter.segment(dna, SegmentationSettings()).masks
 
 
-def segment_nuclei(grouping, nuclei_dir: Path, method: str) -> None:
+def segment_nuclei(grouping, nuclei_dir: Path, method: str, model: str | None) -> None:
     missing = [f for f in grouping.fields if not (nuclei_dir / f"{f.name}{MASK_SUFFIX}").exists()]
     if not missing:
         return
-    segment = cellpose_nuclei() if method == "cellpose" else otsu_watershed
+    segment = cellpose_nuclei(model) if method == "cellpose" else otsu_watershed
     for field in missing:
         start = time.perf_counter()
         masks = segment(select_channels(read_field(field), 0, DNA))
@@ -91,15 +93,18 @@ def main() -> None:
     parser.add_argument("--plate", type=Path, required=True, help="BBBC014 folder (images/, plate_layout.csv)")
     parser.add_argument("--out", type=Path, required=True, help="folder for nuclei/ and cells/ masks and results")
     parser.add_argument("--nuclei", choices=("cellpose", "otsu"), default="cellpose", help="how nuclei are found")
+    parser.add_argument("--model", help="Cellpose nuclei model (name or file); the bundled default if not given")
     args = parser.parse_args()
+    if args.model and args.nuclei != "cellpose":
+        parser.error("--model names a Cellpose model; it does not apply to --nuclei otsu")
 
     grouping = group_fields(args.plate / "images")
-    suffix = "" if args.nuclei == "cellpose" else f"-{args.nuclei}"
+    suffix = f"-{args.nuclei}" if args.nuclei != "cellpose" else f"-{Path(args.model).name}" if args.model else ""
     nuclei_dir, cells_dir = args.out / f"nuclei{suffix}", args.out / f"cells{suffix}"
     nuclei_dir.mkdir(parents=True, exist_ok=True)
     cells_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    segment_nuclei(grouping, nuclei_dir, args.nuclei)
+    segment_nuclei(grouping, nuclei_dir, args.nuclei, args.model)
     print(f"nuclei: {len(grouping.fields)} fields ready after {time.perf_counter() - start:.0f} s", flush=True)
     cell_seconds = propagate_directory(grouping, nuclei_dir, cells_dir)
     layout = read_plate_layout(args.plate / "plate_layout.csv")
