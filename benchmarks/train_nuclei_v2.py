@@ -39,6 +39,8 @@ def main() -> None:
                         help="share of each batch drawn from a training set; the others share the rest")
     parser.add_argument("--diameter-min-area", type=int, default=0,
                         help="objects under this area (px) do not set an image's scale (e.g. 60 with micronuclei)")
+    parser.add_argument("--object-weight-max", type=float, default=1.0,
+                        help="weigh objects smaller than their image's median up to this factor in the loss (1 = off)")
     parser.add_argument("--include-held-out", action="store_true",
                         help="train on the held-out styles too (a final model; its held-out scores are then in-sample)")
     parser.add_argument("--steps", type=int, default=120, help="batches of 8 crops in all")
@@ -68,7 +70,7 @@ def main() -> None:
                   **{name: load_annotated_set(directory) for name, directory in extra.items()}}
     params = TrainingParameters(
         learning_rate=args.learning_rate, seed=args.seed, initial_model=None if args.init == "none" else args.init,
-        diameter_min_area=args.diameter_min_area,
+        diameter_min_area=args.diameter_min_area, object_weight_max=args.object_weight_max,
         set_weights={"bbbc039_train": args.bbbc039_share,
                      **{name: float(share) for name, share in (item.split("=", 1) for item in args.weight)}},
     )

@@ -197,6 +197,9 @@ class TrainingParameters:
     # Objects under this area (px) do not count towards an image's diameter in train_augmented's rescaling:
     # annotated micronuclei would otherwise shrink it and blow the nuclei up. 0 counts all, as Cellpose does.
     diameter_min_area: int = 0
+    # In train_augmented's loss the pixels of an object weigh median object area of its image / its area, at least
+    # 1 and at most this (see object_weights), so micronuclei are not lost among nuclei; 1 weighs all pixels alike.
+    object_weight_max: float = 1.0
 
 
 def sampling_probabilities(
@@ -271,6 +274,70 @@ def scale_diameter(mask: np.ndarray, min_area: int = 0) -> float:
     if areas.size == 0:
         return 5.0
     return max(float(np.median(np.sqrt(areas))) / (np.pi**0.5 / 2), 5.0)
+
+
+def object_weights(mask: np.ndarray, max_weight: float) -> np.ndarray:
+    """Per-pixel loss weights that give an object smaller than its image's median the weight of a median one.
+
+    A pixel of an object of area ``a`` weighs ``median / a`` (the median object area of the image),
+    clipped to ``[1, max_weight]``; background and objects at or above the median weigh 1.
+
+    Parameters
+    ----------
+    mask : ndarray
+        Instance labels, 0 = background.
+    max_weight : float
+        The largest weight (>= 1); 1 gives every pixel weight 1.
+
+    Returns
+    -------
+    ndarray
+        float32 weights, the shape of ``mask``.
+
+    Examples
+    --------
+    >>> mask = np.zeros((20, 20), int); mask[:10, :10] = 1; mask[12:14, 12:14] = 2; mask[15:19, 15:19] = 3
+    >>> w = object_weights(mask, 3.0); [float(w[p]) for p in ((0, 0), (12, 12), (16, 16), (19, 0))]
+    [1.0, 3.0, 1.0, 1.0]
+    """
+    if max_weight < 1.0:
+        raise ValueError(f"object_weight_max must be at least 1, got {max_weight}")
+    areas = np.bincount(mask.ravel()).astype(np.float64)
+    per_label = np.ones(areas.size, np.float32)
+    present = np.flatnonzero(areas[1:]) + 1
+    if present.size:
+        ratio = np.median(areas[present]) / areas[present]
+        per_label[present] = np.clip(ratio, 1.0, max_weight)
+    return per_label[mask]
+
+
+def weighted_segmentation_loss(labels, output, weights):
+    """Cellpose's segmentation loss (``cellpose.train._loss_fn_seg``) with a weight per pixel.
+
+    The flow term (mean squared error against 5x the flows, halved) and the cell-probability term
+    (binary cross-entropy against ``cellprob > 0.5``) are each a weighted mean over pixels; with all
+    weights equal it is Cellpose's loss.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        ``(B, 3, Y, X)``: cell probability, flow Y, flow X, as Cellpose's training labels.
+    output : torch.Tensor
+        The network's ``(B, 3, Y, X)`` output: flow Y, flow X, cell-probability logit.
+    weights : torch.Tensor
+        ``(B, Y, X)`` non-negative pixel weights, not all 0.
+
+    Returns
+    -------
+    torch.Tensor
+        The scalar loss.
+    """
+    import torch.nn.functional as F
+
+    w = weights / weights.mean()
+    flow_error = ((output[:, :2] - 5.0 * labels[:, 1:]) ** 2).mean(dim=1)
+    cell_error = F.binary_cross_entropy_with_logits(output[:, -1], (labels[:, 0] > 0.5).float(), reduction="none")
+    return (w * flow_error).mean() / 2.0 + (w * cell_error).mean()
 
 
 @dataclass(frozen=True)
@@ -537,7 +604,8 @@ def train_augmented(
     Cellpose's own pieces do the Cellpose parts: ``cellpose.train._process_train_test``
     (normalisation, flows, diameters, dropping images under ``params.min_train_masks``),
     ``cellpose.transforms.random_rotate_and_resize`` (with ``augmentation.scale_range``) and
-    ``cellpose.train._loss_fn_seg``; the loop adds :func:`augment_intensity`, balanced
+    ``cellpose.train._loss_fn_seg`` (:func:`weighted_segmentation_loss` with
+    :func:`object_weights` when ``params.object_weight_max`` > 1); the loop adds :func:`augment_intensity`, balanced
     sampling (:func:`sampling_probabilities`) and the schedule of :func:`learning_rate_at`
     (AdamW). The weights are a standard Cellpose file (``CellposeModel(pretrained_model=FILE)``).
 
@@ -548,13 +616,13 @@ def train_augmented(
     work_dir : path
         Holds ``models/<model_name>`` (the weights, rewritten at each checkpoint),
         ``checkpoint.pt`` (weights, optimiser, step, losses) and ``prepared.pt`` (the normalised
-        images and flows, computed once). A ``checkpoint.pt`` present is resumed from.
+        images, flows and object weights, computed once). A ``checkpoint.pt`` present is resumed from.
     model_name : str
         File name of the weights.
     params : TrainingParameters
         ``learning_rate``, ``weight_decay``, ``batch_size``, ``crop_size``, ``diam_mean``,
-        ``seed``, ``min_train_masks``, ``set_weights``, ``initial_model``, ``precision`` and
-        ``diameter_min_area`` (see :func:`scale_diameter`) apply.
+        ``seed``, ``min_train_masks``, ``set_weights``, ``initial_model``, ``precision``,
+        ``diameter_min_area`` (see :func:`scale_diameter`) and ``object_weight_max`` apply.
     augmentation : Augmentation
     n_steps : int
         Batches to train on in all (resumed runs count the steps already done).
@@ -570,6 +638,11 @@ def train_augmented(
     Returns
     -------
     LoopResult
+
+    Raises
+    ------
+    ValueError
+        If ``prepared.pt`` holds object weights of another ``object_weight_max``.
     """
     import torch
     import_cellpose()
@@ -609,8 +682,17 @@ def train_augmented(
         # Kept in float16 (half the memory of ~650 images with their flows), widened per batch.
         prepared = {"data": [d.astype(np.float16) for d in out[0]],
                     "labels": [lbl[1:].astype(np.float16) for lbl in out[1]], "probs": out[4], "diams": diameters}
+        if params.object_weight_max > 1.0:
+            prepared["object_weights"] = [object_weights(masks[k], params.object_weight_max).astype(np.float16)
+                                          for k in keep]
+            prepared["object_weight_max"] = params.object_weight_max
         torch.save(prepared, prepared_path.with_suffix(".partial"))
         os.replace(prepared_path.with_suffix(".partial"), prepared_path)
+    if prepared.get("object_weight_max", 1.0) != params.object_weight_max:
+        raise ValueError(f"{prepared_path} holds object weights for object_weight_max "
+                         f"{prepared.get('object_weight_max', 1.0)}, not {params.object_weight_max}: "
+                         "use a new work folder or delete it")
+    weighted = "object_weights" in prepared
     net.diam_labels.data = torch.tensor([float(np.mean(prepared["diams"]))], device=device)
     precision = run_network_in(net, params.precision)
     optimizer = torch.optim.AdamW(net.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
@@ -637,16 +719,27 @@ def train_augmented(
         rng = np.random.default_rng([params.seed, step])
         np.random.seed(rng.integers(2**31))
         indices = rng.choice(len(prepared["data"]), size=params.batch_size, p=prepared["probs"])
+        targets = [prepared["labels"][i].astype(np.float32) for i in indices]
+        if weighted:
+            # Cellpose rotates the last two channels as flows and warps the first one nearest-neighbour; the cell
+            # probability, second now, is warped linearly and thresholded at 0.5 by the loss.
+            targets = [np.concatenate([prepared["object_weights"][i][None].astype(np.float32), target])
+                       for i, target in zip(indices, targets, strict=True)]
         crops, flows = transforms.random_rotate_and_resize(
-            [prepared["data"][i].astype(np.float32) for i in indices],
-            Y=[prepared["labels"][i].astype(np.float32) for i in indices],
+            [prepared["data"][i].astype(np.float32) for i in indices], Y=targets,
             rescale=np.asarray(prepared["diams"])[indices] / params.diam_mean,
             scale_range=augmentation.scale_range, xy=(params.crop_size, params.crop_size),
         )[:2]
         crops = np.stack([augment_intensity(crop, rng, augmentation) for crop in crops])
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, n_steps, params.learning_rate, warmup_steps)
-        loss = train._loss_fn_seg(flows, net(torch.from_numpy(crops).to(device))[0], device)
+        output = net(torch.from_numpy(crops).to(device))[0]
+        if weighted:
+            # Weights are >= 1 in the image; 0 is the warp's fill beyond it, background that weighs 1 as everywhere.
+            pixel_weights = torch.from_numpy(np.where(flows[:, 0] > 0, flows[:, 0], 1.0)).to(device)
+            loss = weighted_segmentation_loss(torch.from_numpy(flows[:, 1:]).to(device), output, pixel_weights)
+        else:
+            loss = train._loss_fn_seg(flows, output, device)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

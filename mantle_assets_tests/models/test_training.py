@@ -23,12 +23,14 @@ from mantle_assets.models.training import (
     find_annotated_pairs,
     initial_weights,
     load_annotated_set,
+    object_weights,
     parse_named_path,
     sampling_probabilities,
     scale_diameter,
     sets_by_style,
     small_object_recall,
     train_augmented,
+    weighted_segmentation_loss,
 )
 from mantle_assets.settings import OutsideDataRootsError
 
@@ -375,6 +377,92 @@ def test_augmented_training_rescales_by_the_diameter_of_objects_above_the_minimu
     assert len(diameters[0]) == len(diameters[60]) == 1
     assert diameters[0][0] == pytest.approx(scale_diameter(mask)) and diameters[0][0] < 6
     assert diameters[60][0] == pytest.approx(20, abs=0.5)
+
+
+def test_object_weights_lift_objects_under_the_median_area_up_to_the_maximum():
+    nuclei = discs(10, [(20, 20), (20, 60), (60, 20)])
+    micronuclei = discs(2, [(100, 100)], first_label=4)
+    tiny = np.zeros_like(nuclei)
+    tiny[120, 120] = 5
+    mask = nuclei + micronuclei + tiny
+    areas = np.bincount(mask.ravel())
+    median = np.median(areas[1:])
+    weights = object_weights(mask, 50.0)
+    assert weights.dtype == np.float32 and weights.shape == mask.shape
+    assert np.all(weights[mask == 0] == 1.0) and np.all(weights[nuclei > 0] == 1.0)
+    assert weights[100, 100] == pytest.approx(median / areas[4])
+    assert weights[120, 120] == 50.0  # median / 1 pixel, clipped
+    assert np.all(object_weights(mask, 1.0) == 1.0)
+    with pytest.raises(ValueError, match="object_weight_max"):
+        object_weights(mask, 0.5)
+
+
+def test_weighted_segmentation_loss_with_equal_weights_is_cellposes_and_scales_an_objects_errors():
+    import torch
+    from cellpose import train
+
+    rng = np.random.default_rng(0)
+    labels = np.stack([(rng.random((2, 32, 32)) > 0.5).astype(np.float32),
+                       *rng.normal(size=(2, 2, 32, 32)).astype(np.float32).transpose(1, 0, 2, 3)], axis=1)
+    output = torch.from_numpy(rng.normal(size=(2, 3, 32, 32)).astype(np.float32))
+    ones = torch.ones(2, 32, 32)
+    expected = train._loss_fn_seg(labels, output, torch.device("cpu"))
+    assert weighted_segmentation_loss(torch.from_numpy(labels), output, ones).item() == pytest.approx(expected.item())
+    assert weighted_segmentation_loss(torch.from_numpy(labels), output, 3 * ones).item() == pytest.approx(
+        expected.item())
+    # A flow error on one object only: weighting the object by w multiplies the loss by w / mean weight.
+    exact = np.zeros((1, 3, 32, 32), np.float32)
+    predicted = torch.full((1, 3, 32, 32), -20.0)
+    predicted[:, :2] = 0.0
+    predicted[0, 0, 4:8, 4:8] = 1.0
+    weights = torch.ones(1, 32, 32)
+    weights[0, 4:8, 4:8] = 9.0
+    plain = weighted_segmentation_loss(torch.from_numpy(exact), predicted, torch.ones(1, 32, 32)).item()
+    weighted = weighted_segmentation_loss(torch.from_numpy(exact), predicted, weights).item()
+    cell_term = torch.nn.functional.softplus(torch.tensor(-20.0)).item()
+    assert (weighted - cell_term) / (plain - cell_term) == pytest.approx(9.0 / weights.mean().item(), rel=1e-4)
+
+
+def test_object_weights_travel_with_their_objects_through_cellposes_warp():
+    import torch
+    from cellpose import dynamics, transforms
+
+    mask = discs(10, [(30, 30), (30, 90), (90, 30)]) + discs(3, [(90, 90)], first_label=4)
+    flows = dynamics.labels_to_flows([mask], device=torch.device("cpu"))[0][1:].astype(np.float32)
+    target = np.concatenate([object_weights(mask, 20.0)[None], flows])
+    np.random.seed(3)
+    _, warped, _ = transforms.random_rotate_and_resize([np.zeros((2, 128, 128), np.float32)], Y=[target],
+                                                      scale_range=0.5, xy=(96, 96))
+    lifted = warped[0, 0] > 1.0
+    assert lifted.any()
+    # The lifted weights lie on the micronucleus: inside the warped cell probability, in one blob of its size.
+    assert np.mean(warped[0, 1][lifted] > 0.5) > 0.9
+    assert lifted.sum() == pytest.approx((mask == 4).sum(), rel=0.6)
+
+
+def test_augmented_training_with_object_weights_weighs_the_same_batch_differently(tmp_path):
+    import torch
+
+    nuclei = discs(10, [(20, 20), (20, 60), (60, 20), (60, 60)])
+    micronuclei = discs(2, [(100, 100), (110, 110)], first_label=5)
+    mask = nuclei + micronuclei
+    train_sets = {"a": AnnotatedSet(["0"], [np.where(mask > 0, 200.0, 20.0).astype(np.float32)], [mask])}
+    losses = {}
+    for max_weight in (1.0, 10.0):
+        params = TrainingParameters(batch_size=1, crop_size=64, min_train_masks=2, precision="float32",
+                                    object_weight_max=max_weight)
+        work = tmp_path / str(max_weight)
+        losses[max_weight] = train_augmented(train_sets, work, "tiny", params, n_steps=1, warmup_steps=1,
+                                             log=lambda line: None).losses[0]
+    prepared = torch.load(tmp_path / "10.0" / "prepared.pt", weights_only=False)
+    assert np.array_equal(prepared["object_weights"][0], object_weights(mask, 10.0).astype(np.float16))
+    assert "object_weights" not in torch.load(tmp_path / "1.0" / "prepared.pt", weights_only=False)
+    # Same network, same crop: only the weighting differs.
+    assert np.isfinite(losses[10.0]) and losses[10.0] != pytest.approx(losses[1.0], rel=1e-3)
+    with pytest.raises(ValueError, match="object_weight_max 10.0, not 5.0"):
+        train_augmented(train_sets, tmp_path / "10.0", "tiny",
+                        TrainingParameters(batch_size=1, crop_size=64, min_train_masks=2, precision="float32",
+                                           object_weight_max=5.0), n_steps=2, warmup_steps=1, log=lambda line: None)
 
 
 class LabelsAsMasks:
