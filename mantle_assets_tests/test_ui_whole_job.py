@@ -28,7 +28,13 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from mantle_assets.entities import EntityStore
 from mantle_assets_tests.conftest import CROP, bbbc014_images, missing_data
-from mantle_assets_tests.test_ui_browser import CHROMIUM, RUN_SECONDS, UI_TIMEOUT_MS, sync_playwright  # noqa: F401
+from mantle_assets_tests.test_ui_browser import (  # noqa: F401
+    CHROMIUM,
+    RUN_SECONDS,
+    UI_TIMEOUT_MS,
+    sync_playwright,
+    wait_visible,
+)
 from mantle_assets_tests.ui_server import running_ui
 
 pytestmark = pytest.mark.slow
@@ -203,8 +209,15 @@ def test_the_whole_job_in_the_browser(mantle_home, sync_playwright, whole_job_ar
 
             # Measure it: measurement_job's launchpad, partition picked by name, min_cells lowered for the crops.
             page.goto(f"{url}/locations/mantle_assets/jobs/measurement_job/playground")
-            page.get_by_placeholder("Partition").fill("tnf dose")
-            page.get_by_role("menuitem", name=key).click()
+            partition_box = page.get_by_placeholder("Partition")
+            choice = page.get_by_role("menuitem", name=key)
+            # Under load the picker can mount before its partitions arrive and keep an empty menu: type again.
+            for _ in range(3):
+                partition_box.fill("")
+                partition_box.fill("tnf dose")
+                if wait_visible(choice, 30_000):
+                    break
+            choice.click()
             expect(page.get_by_text(f"partition: {key}")).to_be_visible()
             launchpad_yaml(page, f"ops:\n  assay_readout:\n    config:\n      min_cells: {MIN_CELLS}\n")
             page.screenshot(path=shots / "07-measurement-launchpad.png")
