@@ -682,7 +682,7 @@ def train_augmented(
         # Kept in float16 (half the memory of ~650 images with their flows), widened per batch.
         prepared = {"data": [d.astype(np.float16) for d in out[0]],
                     "labels": [lbl[1:].astype(np.float16) for lbl in out[1]], "probs": out[4], "diams": diameters}
-        if params.object_weight_max > 1.0:
+        if params.object_weight_max != 1.0:  # object_weights refuses a maximum under 1
             prepared["object_weights"] = [object_weights(masks[k], params.object_weight_max).astype(np.float16)
                                           for k in keep]
             prepared["object_weight_max"] = params.object_weight_max
